@@ -1,0 +1,44 @@
+"""One table of tolerances for every comparison in the tests, keyed by (what, dtype).
+
+`rel` bounds the relative error ||out - ref|| / ||ref|| (Frobenius norms); `atol` bounds the
+worst element where an absolute bound is what the source promises (golden vectors: 1e-4).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOL: dict[tuple[str, str], dict[str, float]] = {
+    # reference op vs a direct float64 formula
+    ("upfirdn2d", "float32"): {"rel": 1e-6},
+    ("bias_act", "float32"): {"rel": 1e-7},
+    # the two modulated-conv formulations (grouped vs activation modulation)
+    ("modulated_conv2d", "float32"): {"rel": 2e-6},
+    ("modulated_conv2d", "float64"): {"rel": 1e-12},
+    ("generator_formulations", "float32"): {"rel": 1e-5},
+    # against the official implementation's outputs (shared/golden/README.md: atol 1e-4)
+    ("golden", "float32"): {"atol": 1e-4},
+}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; inf when either holds NaN/Inf (NaN never passes)."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    if not (torch.isfinite(out64).all() and torch.isfinite(ref64).all()):
+        return float("inf")
+    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300))
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, what: str, dtype: str = "float32") -> None:
+    """Assert `out` matches `ref` within TOL[(what, dtype)]; reports the worst element."""
+    tol = TOL[(what, dtype)]
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    diff = (out.detach().double() - ref.detach().double()).abs()
+    worst = float(diff.max()) if diff.numel() else 0.0
+    finite = bool(torch.isfinite(out).all())
+    assert finite, f"{what}: output has NaN/Inf"
+    if "rel" in tol:
+        err = rel_error(out, ref)
+        assert err <= tol["rel"], f"{what} [{dtype}]: rel error {err:.3e} > {tol['rel']:.1e} (worst |diff| {worst:.3e})"
+    if "atol" in tol:
+        assert worst <= tol["atol"], f"{what} [{dtype}]: max |diff| {worst:.3e} > {tol['atol']:.1e}"
