@@ -1,0 +1,54 @@
+"""Shared test helpers: the one path helper for ../shared, and the session-wide 256 px pSp model.
+
+`shared_dir()` and the `shared` fixture are the only way tests find the shared test data
+(`data/`, `golden/`); files there are read in place, never copied into the repo.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shared_dir() -> Path:
+    """The shared test-data folder: `$PSP_SHARED` if set, else `<repo>/../shared`."""
+    env = os.environ.get("PSP_SHARED")
+    return Path(env) if env else REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """`shared_dir()`; skips when it is missing, except in CI (`CI=true`), where it fails."""
+    d = shared_dir()
+    if not d.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"../shared not found at {d}: CI needs it; set PSP_SHARED to the shared test-data folder")
+        pytest.skip("../shared not found: set PSP_SHARED to the shared test-data folder")
+    return d
+
+
+@pytest.fixture(scope="session")
+def ffhq256_checkpoint(tmp_path_factory) -> Path:
+    """`make_checkpoint("ffhq_encode_256", 0)` saved once per session (about 1 GB, ~10 s).
+
+    The weights of `shared/golden/public_ffhq_encode_256_seed0.npz`. Removed at the end of the
+    session (pytest keeps old tmp folders; they should not each hold 1 GB).
+    """
+    from reference import make_checkpoint, save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "ffhq_encode_256_seed0.pt"
+    save_checkpoint(make_checkpoint("ffhq_encode_256", 0), path)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def psp256(ffhq256_checkpoint):
+    """`reference.PSP` of config ffhq_encode_256, seed 0 (eval, fp32, CPU), loaded from `ffhq256_checkpoint`."""
+    from reference import load_psp
+
+    return load_psp(ffhq256_checkpoint)
