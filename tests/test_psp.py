@@ -146,8 +146,13 @@ def test_face_pool_is_a_box_mean():
 # checkpoint files
 
 
+def file_ckpt():
+    """The smallest official-layout checkpoint (W encoder, 16 px generator, ~145 MB) for file tests."""
+    return small_ckpt("BackboneEncoderUsingLastLayerIntoW", output_size=16, learn_in_w=True)
+
+
 def test_roundtrip_through_a_file(tmp_path):
-    ckpt = small_ckpt()
+    ckpt = file_ckpt()
     path = save_checkpoint(ckpt, tmp_path / "model.pt")
     assert not list(tmp_path.glob("*.tmp"))
     x = rand_input(1, 3)
@@ -199,7 +204,7 @@ def test_unreadable_files(tmp_path, content, match):
 
 
 def test_truncated_file(tmp_path):
-    path = save_checkpoint(small_ckpt(), tmp_path / "full.pt")
+    path = save_checkpoint(file_ckpt(), tmp_path / "full.pt")
     cut = tmp_path / "cut.pt"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="cut.pt"):
@@ -207,14 +212,14 @@ def test_truncated_file(tmp_path):
 
 
 def test_pickled_objects_need_explicit_trust(tmp_path):
-    ckpt = small_ckpt()
+    ckpt = file_ckpt()
     old = dict(ckpt, opts=argparse.Namespace(**ckpt["opts"]))  # as some old training scripts saved it
     path = tmp_path / "old.pt"
     torch.save(old, path)
     with pytest.raises(CheckpointError, match="trust_pickle=True"):
         load_psp(path)
     model = load_psp(path, trust_pickle=True)
-    assert model.output_size == 32
+    assert model.output_size == 16
 
 
 def test_bare_state_dict_and_fp16_checkpoint():

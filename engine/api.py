@@ -1,0 +1,195 @@
+"""The engine's Python API: `engine.load(...) -> Engine`, `Engine.invert(x) -> (img, w_plus)`.
+
+Source: Richardson et al., "Encoding in Style" (CVPR 2021), Sec. 3: `pSp(x) = G(E(x) + w_avg)`;
+inference as official `scripts/inference.py` (`randomize_noise=False`, `resize_outputs` default
+False). The "reference" backend runs `reference.PSP` as is; faster backends will plug in behind the
+same `Engine` with the same arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from reference import PSP, load_psp
+from reference.errors import CheckpointError, PSPError
+
+from . import demo
+
+ENCODER_SIZE = 256  # px, side of the encoder input
+
+
+class UsageError(PSPError, ValueError):
+    """A bad option or argument (backend, device, --input ...): a ValueError the CLI reports in one line."""
+
+
+def _load_reference(path: Path, device: torch.device, trust_pickle: bool) -> PSP:
+    return load_psp(path, trust_pickle=trust_pickle).to(device)
+
+
+BACKENDS: dict[str, Callable[[Path, torch.device, bool], torch.nn.Module]] = {
+    "reference": _load_reference,
+}
+DEVICES = ("cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Check a device name against what this machine has.
+
+    Args:
+        device: "cpu", "cuda" or "cuda:<index>".
+
+    Returns:
+        The `torch.device`.
+
+    Raises:
+        UsageError: an unknown device type, or CUDA asked for where torch has none.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"unknown device {device!r}; use one of: {', '.join(DEVICES)}") from None
+    if dev.type not in DEVICES:
+        raise UsageError(f"device {dev.type!r} is not supported; use one of: {', '.join(DEVICES)}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"device {str(device)!r} requested but CUDA is not available (torch {torch.__version__}, "
+                "no usable GPU or a CPU-only build); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
+
+
+class Engine:
+    """A loaded pSp model ready for inference. Build with `engine.load`.
+
+    Attributes:
+        checkpoint: `Path` of the checkpoint file.
+        is_demo: True for the built-in random-weight demo checkpoint.
+        backend: backend name; device: `torch.device`.
+        input_nc: encoder input channels (3 RGB, 1 sketch, label_nc for segmentation).
+        label_nc: 0 RGB, 1 sketch, >1 number of segmentation classes.
+        output_size: generator resolution R (256, 512 or 1024).
+        n_styles: number of W+ style vectors (`2*log2(R) - 2`).
+        opts: the checkpoint's opts (dict).
+    """
+
+    def __init__(self, model: torch.nn.Module, checkpoint: Path, backend: str, device: torch.device,
+                 is_demo: bool):
+        self.model = model
+        self.checkpoint = checkpoint
+        self.backend = backend
+        self.device = device
+        self.is_demo = is_demo
+        self.opts: dict = dict(model.opts)
+        self.input_nc: int = int(model.input_nc)
+        self.label_nc: int = int(model.label_nc)
+        self.output_size: int = int(model.output_size)
+        self.n_styles: int = int(model.n_styles)
+
+    def __repr__(self) -> str:
+        return (f"Engine(checkpoint={str(self.checkpoint)!r}, backend={self.backend!r}, device={str(self.device)!r}, "
+                f"input_nc={self.input_nc}, label_nc={self.label_nc}, output_size={self.output_size}, "
+                f"n_styles={self.n_styles}, is_demo={self.is_demo})")
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (self.input_nc, ENCODER_SIZE, ENCODER_SIZE):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected x [B, {self.input_nc}, 256, 256] (input_nc={self.input_nc}), got {shape}")
+        if x.dtype != torch.float32:
+            raise ValueError(f"expected x float32, got {x.dtype}")
+        return x.to(self.device)
+
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode inputs into W+ (latent_avg added).
+
+        Args:
+            x: `[B, input_nc, 256, 256]` float32 from `engine.images.to_input_tensor`: RGB in
+                [-1, 1], sketch in [0, 1], segmentation one-hot in {0, 1}.
+
+        Returns:
+            w_plus `[B, n_styles, 512]` float32 on `self.device`.
+
+        Raises:
+            ValueError: x of the wrong shape or dtype.
+        """
+        return self.model.encode(self._check_input(x))
+
+    @torch.inference_mode()
+    def synthesize(self, w_plus: torch.Tensor, resize: bool = False) -> torch.Tensor:
+        """Render W+ latents with the checkpoint's fixed noise buffers.
+
+        Args:
+            w_plus: `[B, n_styles, 512]` float32.
+            resize: average-pool the output to 256x256 (official `--resize_outputs`).
+
+        Returns:
+            img `[B, 3, R, R]` float32 on `self.device`, unclamped (about [-1, 1] for trained
+            weights); R = output_size, or 256 with `resize`.
+
+        Raises:
+            ValueError: w_plus of the wrong shape.
+        """
+        if w_plus.ndim != 3 or tuple(w_plus.shape[1:]) != (self.n_styles, 512):
+            raise ValueError(f"expected w_plus [B, {self.n_styles}, 512], got {tuple(w_plus.shape)}")
+        return self.model.synthesize(w_plus.to(self.device), resize=resize)
+
+    @torch.inference_mode()
+    def invert(self, x: torch.Tensor, resize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode and re-synthesize: the official pSp inference forward.
+
+        Args:
+            x: `[B, input_nc, 256, 256]` float32 (see `encode`).
+            resize: average-pool the output to 256x256.
+
+        Returns:
+            `(img, w_plus)`: img `[B, 3, R, R]` float32 unclamped, w_plus `[B, n_styles, 512]`
+            float32, both on `self.device` (inference tensors: no autograd; `.clone()` outside
+            inference mode to differentiate through them).
+
+        Raises:
+            ValueError: x of the wrong shape or dtype.
+        """
+        w_plus = self.encode(x)
+        return self.synthesize(w_plus, resize=resize), w_plus
+
+
+def load(checkpoint: str | os.PathLike | None = None, backend: str = "reference", device: str = "cpu",
+         trust_pickle: bool = False, announce: Callable[[str], None] | None = None) -> Engine:
+    """Load a pSp checkpoint into an `Engine`.
+
+    Args:
+        checkpoint: an official pSp `.pt` (`{'state_dict', 'opts', 'latent_avg'}`), or None for
+            the built-in demo checkpoint (random weights; see `engine.demo`).
+        backend: implementation; one of `BACKENDS` ("reference").
+        device: "cpu" or "cuda[:i]".
+        trust_pickle: allow full unpickling of old checkpoints that safe loading refuses; it
+            runs code from the file, so only for files you trust.
+        announce: receives one-line progress notes (e.g. the demo checkpoint being built).
+
+    Returns:
+        An `Engine` in inference mode, fp32.
+
+    Raises:
+        UsageError: unknown backend or unavailable device (also a ValueError).
+        CheckpointError: missing/unreadable file, a StyleGAN2 (not pSp) checkpoint, missing or
+            mis-shaped keys (named in the message).
+    """
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    dev = resolve_device(device)
+    is_demo = checkpoint is None
+    path = demo.demo_checkpoint_path(announce) if is_demo else Path(checkpoint)
+    try:
+        model = BACKENDS[backend](path, dev, trust_pickle)
+    except CheckpointError as e:
+        if is_demo:
+            raise CheckpointError(f"{e} (this is the cached demo checkpoint: delete {path} to rebuild it)") from None
+        raise
+    return Engine(model, path, backend, dev, is_demo)

@@ -1,0 +1,331 @@
+"""Batch inversion of image files: input discovery, output naming, the resumable run loop.
+
+Source: the job of official pSp `scripts/inference.py` (read, encode, synthesize, `tensor2im`,
+save), made robust: one bad file is recorded and skipped, every file is written atomically, and a
+manifest lets a rerun skip finished work (see `engine.manifest`).
+
+Output naming: each input's path relative to the deepest folder holding all inputs is mirrored
+under the output folder, with the extension replaced: `<rel>/<stem>.png` (lossless), the latent
+`<rel>/<stem>.npy` (float32 `[n_styles, 512]`) and, with couple, `<rel>/<stem>_coupled.jpg`.
+Inputs whose `<rel>/<stem>` would collide (`x.jpg` and `x.png` in one folder, compared
+case-insensitively) keep their whole name instead: `<rel>/x.jpg.png`, `<rel>/x.png.png`.
+The root depends on the set of inputs, so rerun with the same `--input` arguments to resume.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Protocol, Sequence
+
+import torch
+
+from reference.errors import CheckpointError, PSPError
+
+from .api import Engine, UsageError
+from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, atomic_write_image, atomic_write_npy, couple, display_rgb,
+                     input_channels, read_input, tensor_to_uint8, to_input_tensor)
+from .manifest import InputStat, Manifest, checkpoint_identity
+
+STAGES = ("read", "encode", "synthesize", "write")
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs and output names
+
+
+def find_inputs(specs: Sequence[str], exclude: str | os.PathLike | None = None) -> list[Path]:
+    """Expand `--input` arguments into image files.
+
+    Args:
+        specs: files (taken whatever their extension), folders (searched recursively for
+            `IMAGE_EXTENSIONS`, case-insensitive; hidden files and folders skipped), or glob
+            patterns (`**` recursive; matched folders are searched, matched files filtered by
+            extension).
+        exclude: a folder never searched (the output folder, so outputs are not re-read as inputs).
+
+    Returns:
+        Files in argument order (sorted within a folder or pattern), each once.
+
+    Raises:
+        UsageError: an argument that is not a file or folder and matches nothing, or no image
+            found at all.
+    """
+    skip = os.path.abspath(exclude) if exclude is not None else None
+    found: dict[str, Path] = {}
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            matches = _scan(p, skip)
+        elif p.is_file():
+            matches = [p]
+        elif glob.has_magic(spec):
+            hits = sorted(glob.glob(spec, recursive=True))
+            if not hits:
+                raise UsageError(f"--input {spec}: the pattern matches no file")
+            matches = []
+            for h in map(Path, hits):
+                if h.is_dir():
+                    matches += _scan(h, skip)
+                elif h.suffix.lower() in IMAGE_EXTENSIONS and not _under(h, skip):
+                    matches.append(h)
+        else:
+            raise UsageError(f"--input {spec}: no such file or folder")
+        for m in matches:
+            found.setdefault(os.path.abspath(m), m)
+    if not found:
+        raise UsageError(
+            f"no image found in --input {' '.join(specs)} (extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return list(found.values())
+
+
+def _under(path: Path, folder: str | None) -> bool:
+    if folder is None:
+        return False
+    a = os.path.abspath(path)
+    return a == folder or a.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _scan(folder: Path, skip: str | None) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _under(Path(dirpath, d), skip))
+        files += [Path(dirpath, f) for f in sorted(filenames)
+                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return files
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file and the base of its output names.
+
+    Attributes:
+        source: the input file as found.
+        base: output path relative to the output folder, without extension (POSIX).
+    """
+
+    source: Path
+    base: PurePosixPath
+
+    def outputs(self, out_dir: Path, save_latents: bool, couple_outputs: bool) -> dict[str, Path]:
+        """Output files of this job: "image" (.png), optional "latent" (.npy) and "coupled" (.jpg)."""
+        stem = out_dir / Path(self.base)
+        paths = {"image": stem.with_name(stem.name + ".png")}
+        if save_latents:
+            paths["latent"] = stem.with_name(stem.name + ".npy")
+        if couple_outputs:
+            paths["coupled"] = stem.with_name(stem.name + "_coupled.jpg")
+        return paths
+
+
+def plan_jobs(files: Sequence[Path]) -> list[Job]:
+    """Give each input file a collision-free output base (rule in the module docstring).
+
+    Args:
+        files: input files (relative or absolute).
+
+    Returns:
+        One `Job` per file, in order.
+    """
+    absolute = [Path(os.path.abspath(f)) for f in files]
+    root = Path(os.path.commonpath([str(f.parent) for f in absolute])) if absolute else Path()
+    rel = [PurePosixPath(f.relative_to(root).as_posix()) for f in absolute]
+    stems = [r.with_suffix("") if r.suffix else r for r in rel]
+    counts = Counter(str(s).casefold() for s in stems)
+    return [Job(f, s if counts[str(s).casefold()] == 1 else r) for f, s, r in zip(files, stems, rel)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The run loop
+
+
+@dataclass
+class RunOptions:
+    """Output options of a batch run (all but batch_size and max_pixels are in the fingerprint)."""
+
+    out_dir: Path
+    batch_size: int = 1
+    resize_outputs: bool = False
+    couple_outputs: bool = False
+    save_latents: bool = False
+    max_pixels: int = MAX_PIXELS
+
+    def config(self, eng: Engine) -> dict:
+        """The manifest config: what determines the output files (see `engine.manifest.fingerprint`)."""
+        return {
+            "checkpoint": checkpoint_identity(eng.checkpoint),
+            "backend": eng.backend,
+            "resize_outputs": self.resize_outputs,
+            "couple_outputs": self.couple_outputs,
+            "save_latents": self.save_latents,
+        }
+
+
+@dataclass
+class Summary:
+    """Counts and timings of a run.
+
+    Attributes:
+        ok, failed, skipped: image counts.
+        seconds: wall time of the loop (reading to writing; not the checkpoint load), s.
+        stage_ms: summed per-stage ms over the ok images.
+        failures: `(input, reason)` of each failed image.
+    """
+
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    stage_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        """Images written per second of loop time (img/s)."""
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    def format(self) -> str:
+        """Multi-line human summary."""
+        lines = [f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped; "
+                 f"{self.ok} images in {self.seconds:.1f} s = {self.images_per_s:.2f} img/s"]
+        if self.ok:
+            lines.append("mean ms per image: " + ", ".join(f"{s} {self.stage_ms[s] / self.ok:.1f}" for s in STAGES))
+        lines += [f"failed: {reason}" if reason.startswith(src) else f"failed: {src}: {reason}"
+                  for src, reason in self.failures]
+        return "\n".join(lines)
+
+
+class Progress(Protocol):
+    def update(self, n: int = 1) -> object: ...
+
+
+@dataclass
+class _Ready:
+    job: Job
+    stat: InputStat
+    image: object  # PIL.Image, kept only for --couple-outputs (else None: a batch of photos can be large)
+    x: torch.Tensor  # [1, C, 256, 256]
+    read_ms: float
+
+
+def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manifest,
+             progress: Progress | None = None) -> Summary:
+    """Invert every job's image, writing outputs and one manifest record per job.
+
+    Per batch: every item is read and converted on its own (a bad file is recorded "failed" and
+    the others go on), the good ones go through the model together, then each is written
+    atomically. Jobs the manifest marks done are recorded "skipped". The last partial batch runs.
+
+    Args:
+        eng: a loaded `Engine`.
+        jobs: from `plan_jobs`.
+        opts: output options; `opts.out_dir` must be `manifest.out_dir`.
+        manifest: an open `Manifest` (`with Manifest(...)`).
+        progress: anything with `update(n)` (a tqdm bar), advanced once per job.
+
+    Returns:
+        The run's `Summary`.
+
+    Raises:
+        CheckpointError: the checkpoint's label_nc and input_nc disagree (no input can fit it).
+        OSError: the manifest cannot be written.
+    """
+    if input_channels(eng.label_nc) != eng.input_nc:
+        raise CheckpointError(
+            f"{eng.checkpoint}: its opts say label_nc={eng.label_nc}, which means {input_channels(eng.label_nc)}-channel "
+            f"inputs, but its encoder takes input_nc={eng.input_nc}; the checkpoint's opts are inconsistent"
+        )
+    summary = Summary()
+    t_start = time.perf_counter()
+
+    def fail(job: Job, stat: InputStat, reason: str, timings: dict) -> None:
+        manifest.append(stat, "failed", error=reason, timings_ms=timings)
+        summary.failed += 1
+        summary.failures.append((str(job.source), reason))
+        if progress is not None:
+            progress.update(1)
+
+    todo = []
+    for job in jobs:
+        stat = InputStat.of(job.source)
+        done = manifest.done(stat)
+        if done is not None:
+            manifest.append(stat, "skipped", outputs=done["outputs"])
+            summary.skipped += 1
+            if progress is not None:
+                progress.update(1)
+        else:
+            todo.append((job, stat))
+
+    for start in range(0, len(todo), opts.batch_size):
+        ready: list[_Ready] = []
+        for job, stat in todo[start:start + opts.batch_size]:
+            t0 = time.perf_counter()
+            try:
+                image = read_input(job.source, eng.label_nc, max_pixels=opts.max_pixels)
+                x = to_input_tensor([image], eng.label_nc, names=[str(job.source)])
+            except PSPError as e:
+                fail(job, stat, str(e), {"read": _ms(t0)})
+            except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the run; recorded
+                fail(job, stat, f"{job.source}: unexpected {type(e).__name__} while reading: {e}", {"read": _ms(t0)})
+            else:
+                ready.append(_Ready(job, stat, image if opts.couple_outputs else None, x, _ms(t0)))
+        if not ready:
+            continue
+
+        x = torch.cat([r.x for r in ready])  # [B, C, 256, 256]
+        try:
+            t0 = time.perf_counter()
+            w_plus = eng.encode(x)  # [B, n_styles, 512]
+            _sync(eng)
+            encode_ms = _ms(t0) / len(ready)
+            t0 = time.perf_counter()
+            img = eng.synthesize(w_plus, resize=opts.resize_outputs)  # [B, 3, R, R]
+            _sync(eng)
+            synth_ms = _ms(t0) / len(ready)
+        except RuntimeError as e:  # e.g. out of memory: every image of this batch fails, the run goes on
+            for r in ready:
+                fail(r.job, r.stat, f"model failed on this batch: {type(e).__name__}: {e}", {"read": r.read_ms})
+            continue
+        out_u8 = tensor_to_uint8(img)  # [B, R, R, 3]
+        latents = w_plus.to("cpu", torch.float32).numpy()  # [B, n_styles, 512]
+
+        for i, r in enumerate(ready):
+            t0 = time.perf_counter()
+            paths = r.job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs)
+            try:
+                if "latent" in paths:
+                    atomic_write_npy(paths["latent"], latents[i])
+                if "coupled" in paths:
+                    atomic_write_image(paths["coupled"], couple(display_rgb(r.image, eng.label_nc), out_u8[i]))
+                atomic_write_image(paths["image"], out_u8[i])
+            except (OSError, ValueError) as e:
+                fail(r.job, r.stat, f"{paths['image']}: cannot write ({type(e).__name__}: {e})",
+                     {"read": r.read_ms, "encode": encode_ms, "synthesize": synth_ms})
+                continue
+            timings = {"read": r.read_ms, "encode": encode_ms, "synthesize": synth_ms, "write": _ms(t0)}
+            manifest.append(r.stat, "ok", outputs=[Path(os.path.abspath(p)) for p in paths.values()],
+                            timings_ms=timings)
+            summary.ok += 1
+            for s in STAGES:
+                summary.stage_ms[s] += timings[s]
+            if progress is not None:
+                progress.update(1)
+
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _sync(eng: Engine) -> None:
+    if eng.device.type == "cuda":
+        torch.cuda.synchronize(eng.device)
+
