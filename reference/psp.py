@@ -198,11 +198,7 @@ def load_psp(path_or_dict: str | os.PathLike | Mapping[str, Any], trust_pickle: 
         CheckpointError: unreadable file; a StyleGAN2 or encoder-only checkpoint; keys missing,
             unexpected or mis-shaped (all named, with the likely cause); a bad latent_avg.
     """
-    if isinstance(path_or_dict, Mapping):
-        ckpt, source = dict(path_or_dict), "<checkpoint dict>"
-    else:
-        source = str(path_or_dict)
-        ckpt = ckio.read_checkpoint(path_or_dict, trust_pickle=trust_pickle)
+    ckpt, source = _read(path_or_dict, trust_pickle)
 
     kind = ckio.checkpoint_kind(ckpt)
     if kind in ("stylegan2", "stylegan2_state_dict"):
@@ -269,11 +265,7 @@ def load_stylegan2(path_or_dict: str | os.PathLike | Mapping[str, Any], trust_pi
         CheckpointError: not a StyleGAN2 checkpoint (a pSp one is named as such), or keys/shapes
             that do not fit a `Generator(size, 512, 8, channel_multiplier=2)`.
     """
-    if isinstance(path_or_dict, Mapping):
-        ckpt, source = dict(path_or_dict), "<checkpoint dict>"
-    else:
-        source = str(path_or_dict)
-        ckpt = ckio.read_checkpoint(path_or_dict, trust_pickle=trust_pickle)
+    ckpt, source = _read(path_or_dict, trust_pickle)
     kind = ckio.checkpoint_kind(ckpt)
     if kind in ("psp", "psp_state_dict"):
         raise CheckpointError(f"{source}: this is a pSp checkpoint, not a StyleGAN2 one: load it with load_psp")
@@ -298,6 +290,13 @@ def load_stylegan2(path_or_dict: str | os.PathLike | Mapping[str, Any], trust_pi
     if latent_avg is not None:
         latent_avg = latent_avg.detach().float().reshape(-1, 512)[0]
     return gen, latent_avg
+
+
+def _read(path_or_dict: str | os.PathLike | Mapping[str, Any], trust_pickle: bool) -> tuple[dict, str]:
+    """`(checkpoint dict, name for messages)` from a path (read safely) or an already loaded dict."""
+    if isinstance(path_or_dict, Mapping):
+        return dict(path_or_dict), "<checkpoint dict>"
+    return ckio.read_checkpoint(path_or_dict, trust_pickle=trust_pickle), str(path_or_dict)
 
 
 def _float32(sd: Mapping[str, torch.Tensor]) -> dict:
