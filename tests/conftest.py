@@ -11,6 +11,18 @@ from pathlib import Path
 
 import pytest
 
+# Triton kernels run in Triton's CPU interpreter where no GPU exists. The switch is read when a
+# kernel is decorated, so it must be set before any test module imports `kernels`.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+
+        _has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        _has_cuda = False
+    if not _has_cuda:
+        os.environ["TRITON_INTERPRET"] = "1"
+
 REPO = Path(__file__).resolve().parent.parent
 
 
