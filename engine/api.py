@@ -30,8 +30,24 @@ def _load_reference(path: Path, device: torch.device, trust_pickle: bool) -> PSP
     return load_psp(path, trust_pickle=trust_pickle).to(device)
 
 
+def _load_triton(path: Path, device: torch.device, trust_pickle: bool) -> torch.nn.Module:
+    """Reference encoder + the synthesis network on the Triton kernels (fp16 activations on CUDA;
+    fp32 in Triton's CPU interpreter, which only runs with TRITON_INTERPRET=1 and is for tests)."""
+    from kernels._triton import check_impl, interpret_mode
+
+    try:
+        check_impl("engine backend 'triton'", "triton", torch.empty(0, device=device))
+    except RuntimeError as e:  # KernelUnavailableError: no triton, no CUDA, no interpreter
+        raise UsageError(str(e)) from None
+    from kernels.generator import TritonPSP
+
+    dtype = torch.float32 if interpret_mode() else torch.float16
+    return TritonPSP(_load_reference(path, device, trust_pickle), dtype=dtype, impl="triton").to(device)
+
+
 BACKENDS: dict[str, Callable[[Path, torch.device, bool], torch.nn.Module]] = {
     "reference": _load_reference,
+    "triton": _load_triton,
 }
 DEVICES = ("cpu", "cuda")
 
@@ -167,7 +183,9 @@ def load(checkpoint: str | os.PathLike | None = None, backend: str = "reference"
     Args:
         checkpoint: an official pSp `.pt` (`{'state_dict', 'opts', 'latent_avg'}`), or None for
             the built-in demo checkpoint (random weights; see `engine.demo`).
-        backend: implementation; one of `BACKENDS` ("reference").
+        backend: implementation; one of `BACKENDS`: "reference" (the official formulation, fp32)
+            or "triton" (reference encoder, synthesis on the Triton kernels: CUDA, fp16 activations;
+            on a CPU only under TRITON_INTERPRET=1, Triton's slow interpreter, for tests).
         device: "cpu" or "cuda[:i]".
         trust_pickle: allow full unpickling of old checkpoints that safe loading refuses; it
             runs code from the file, so only for files you trust.
@@ -177,7 +195,8 @@ def load(checkpoint: str | os.PathLike | None = None, backend: str = "reference"
         An `Engine` in inference mode, fp32.
 
     Raises:
-        UsageError: unknown backend or unavailable device (also a ValueError).
+        UsageError: unknown backend, unavailable device, or a backend that cannot run here (also a
+            ValueError).
         CheckpointError: missing/unreadable file, a StyleGAN2 (not pSp) checkpoint, missing or
             mis-shaped keys (named in the message).
     """

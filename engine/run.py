@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per forward pass (default 1; the last partial batch is run)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default cpu)")
     p.add_argument("--backend", default="reference", choices=sorted(api.BACKENDS),
-                   help="implementation (default reference)")
+                   help="implementation (default reference): reference = the official formulation, fp32; "
+                        "triton = the synthesis on the Triton kernels (CUDA, fp16; on a CPU only under "
+                        "TRITON_INTERPRET=1, Triton's slow interpreter, for tests)")
     p.add_argument("--resize-outputs", action="store_true",
                    help="average-pool outputs to 256x256 (official --resize_outputs)")
     p.add_argument("--couple-outputs", action="store_true",

@@ -97,6 +97,8 @@ class KernelSpec:
             written once).
         layer: the generator layer(s) this configuration serves.
         calls: how many times one 1024 generator forward calls it.
+        used: False for a configuration the triton generator does not launch (e.g. bias_act,
+            fused into the convolution's epilogue): inspected, left out of the roofline sum.
     """
 
     kernel: str
@@ -109,3 +111,4 @@ class KernelSpec:
     min_bytes: float = 0.0
     layer: str = ""
     calls: int = 1
+    used: bool = True

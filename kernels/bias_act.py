@@ -252,6 +252,7 @@ def aot_specs(output_size: int = 1024) -> list[KernelSpec]:
                 layer=f"{NOT_USED} FusedLeakyReLU after {convs} at {r}px "
                 f"[1, {c}, {r}, {r}] (fused into the modulated-conv epilogue)",
                 calls=calls,
+                used=False,
             )
         )
     return specs

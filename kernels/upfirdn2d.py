@@ -269,6 +269,7 @@ def _spec(c: int, in_size: int, kh: int, up: int, pad: Sequence[int], layer: str
         min_bytes=2.0 * c * in_size * in_size + 2.0 * out_px + 4.0 * kh * kh,
         layer=layer,
         calls=calls,
+        used=False,  # see aot_specs: nothing of this op is launched by the triton generator
     )
 
 

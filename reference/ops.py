@@ -275,6 +275,7 @@ def modulated_conv2d(
         if demodulate:
             demod = torch.rsqrt(wmod.pow(2).sum([2, 3, 4]) + 1e-8)  # [N, O]
             wmod = wmod * demod[:, :, None, None, None]
+        wmod = wmod.to(x.dtype)  # styles may be fp32 while activations are fp16
         if up == 2:
             wt = wmod.transpose(1, 2).reshape(n * c_in, c_out, kh, kw)
             out = F.conv_transpose2d(x.reshape(1, n * c_in, h, w), wt, padding=0, stride=2, groups=n)

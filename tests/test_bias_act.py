@@ -7,10 +7,6 @@ NCHW / NHWC / channels_last, fp32/fp16/bf16, lrelu/linear, gain, clamp.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +15,9 @@ pytest.importorskip("triton")
 
 from kernels import bias_act as ba  # noqa: E402
 from kernels._triton import interpret_mode, jit_function  # noqa: E402
+from triton_trace import trace
 from tolerances import assert_close  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 DEVICE = "cpu" if interpret_mode() else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 13, 7, 7), (3, 5, 13, 7), (8, 37, 3, 5)]  # the last spans 5 programs of 1024
@@ -124,43 +120,17 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, f(x, b), rtol=0, atol=0)
 
 
-TRACE = """
-import torch
-from torch._dynamo.backends.common import aot_autograd
-from torch._library.triton import get_triton_kernels_for_op
-import kernels._triton as kt
-kt.interpret_mode = lambda: True  # lets check_impl accept CPU tensors; @triton.jit stays a JITFunction
-import kernels.bias_act as ba
-graphs = []
-class Captured(Exception):
-    pass
-def fw(gm, inputs):
-    graphs.append(gm.code)
-    def run(*args):
-        raise Captured  # the graph is not run: no GPU here
-    return run
-f = torch.compile(lambda x, b: ba.bias_act(x, b, clamp=2.0, impl="triton"),
-                  backend=aot_autograd(fw_compiler=fw), fullgraph=True)
-try:
-    f(torch.randn(2, 3, 5, 5), torch.randn(3))
-except Captured:
-    pass
-print("KERNELS", [k.fn.__name__ for k in get_triton_kernels_for_op("psp::bias_act")])
-print(graphs[0])
-"""
 
 
 def test_triton_op_traces_to_the_kernel():
     """Without the interpreter (the GPU path), `torch.compile(fullgraph=True)` traces the public
     op through `check_impl` and the custom op `psp::bias_act` down to its kernel launch
     (captured in AOTAutograd's forward graph, not run)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    p = subprocess.run([sys.executable, "-c", TRACE], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "KERNELS ['_bias_act_kernel']" in p.stdout, p.stdout
-    assert "triton_kernel_wrapper_functional" in p.stdout and "'HAS_CLAMP': True" in p.stdout, p.stdout
+    out = trace('import kernels.bias_act as ba', 'lambda x, b: ba.bias_act(x, b, clamp=2.0, impl="triton")',
+                'torch.randn(2, 3, 5, 5), torch.randn(3)', 'psp::bias_act')
+    assert "KERNELS ['_bias_act_kernel']" in out, out
+    assert "triton_kernel_wrapper_functional" in out and "'HAS_CLAMP': True" in out, out
+
 
 
 def test_aot_specs():

@@ -10,10 +10,6 @@ two StyleGAN2 uses); strided inputs.
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +19,9 @@ pytest.importorskip("triton")
 from kernels import upfirdn2d as ud  # noqa: E402
 from kernels._triton import interpret_mode, jit_function  # noqa: E402
 from reference.ops import setup_filter  # noqa: E402
+from triton_trace import trace
 from tolerances import assert_close  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 DEVICE = "cpu" if interpret_mode() else "cuda"
 FILTERS = {
     "blur4": setup_filter([1, 3, 3, 1], gain=4),  # 2-D, symmetric (StyleGAN2's)
@@ -143,43 +139,17 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, f(x), rtol=0, atol=0)
 
 
-TRACE = """
-import torch
-from torch._dynamo.backends.common import aot_autograd
-from torch._library.triton import get_triton_kernels_for_op
-import kernels._triton as kt
-kt.interpret_mode = lambda: True  # lets check_impl accept CPU tensors; @triton.jit stays a JITFunction
-import kernels.upfirdn2d as ud
-graphs = []
-class Captured(Exception):
-    pass
-def fw(gm, inputs):
-    graphs.append(gm.code)
-    def run(*args):
-        raise Captured  # the graph is not run: no GPU here
-    return run
-f = torch.compile(lambda x, fir: ud.upfirdn2d(x, fir, up=2, padding=(2, 1, 2, 1), impl="triton"),
-                  backend=aot_autograd(fw_compiler=fw), fullgraph=True)
-try:
-    f(torch.randn(1, 3, 8, 8), torch.tensor([1.0, 3.0, 3.0, 1.0]))
-except Captured:
-    pass
-print("KERNELS", [k.fn.__name__ for k in get_triton_kernels_for_op("psp::upfirdn2d")])
-print(graphs[0])
-"""
 
 
 def test_triton_op_traces_to_the_kernel():
     """Without the interpreter (the GPU path), `torch.compile(fullgraph=True)` traces the public
     op through `check_impl` and the custom op `psp::upfirdn2d` down to its kernel launch
     (captured in AOTAutograd's forward graph, not run)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    p = subprocess.run([sys.executable, "-c", TRACE], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "KERNELS ['_upfirdn2d_kernel']" in p.stdout, p.stdout
-    assert "triton_kernel_wrapper_functional" in p.stdout and "'UP': 2" in p.stdout, p.stdout
+    out = trace('import kernels.upfirdn2d as ud', 'lambda x, fir: ud.upfirdn2d(x, fir, up=2, padding=(2, 1, 2, 1), impl="triton")',
+                'torch.randn(1, 3, 8, 8), torch.tensor([1.0, 3.0, 3.0, 1.0])', 'psp::upfirdn2d')
+    assert "KERNELS ['_upfirdn2d_kernel']" in out, out
+    assert "triton_kernel_wrapper_functional" in out and "'UP': 2" in out, out
+
 
 
 def test_aot_specs():
