@@ -117,6 +117,11 @@ class GradualStyleEncoder(nn.Module):
 
     def __init__(self, input_nc: int, n_styles: int):
         super().__init__()
+        if n_styles < self.middle_ind:
+            raise ValueError(
+                f"GradualStyleEncoder needs n_styles >= {self.middle_ind} (output_size >= 32), got {n_styles}: "
+                "the official forward indexes the middle styles 3..6 unconditionally"
+            )
         self.input_layer = _input_layer(input_nc)
         self.body = _body()
         self.styles = nn.ModuleList()

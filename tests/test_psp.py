@@ -90,6 +90,12 @@ def test_latent_avg_shapes_and_flags():
         load_psp(dict(ckpt, latent_avg=torch.zeros(3, 512)))
 
 
+def test_gradual_encoder_needs_seven_styles():
+    with pytest.raises(CheckpointError, match="n_styles >= 7"):
+        load_psp(small_ckpt("BackboneEncoderUsingLastLayerIntoW", output_size=16, learn_in_w=True) | {
+            "opts": {**BASE_OPTS, "output_size": 16, "encoder_type": "GradualStyleEncoder"}})
+
+
 def test_encode_rejects_wrong_input():
     model = load_psp(small_ckpt())
     with pytest.raises(ValueError, match=r"\[B, 3, 256, 256\]"):

@@ -1,0 +1,418 @@
+"""The engine formulation of pSp: the same function as `reference.PSP`, with static weights everywhere.
+
+Source: Richardson et al. 2021 (pSp) and Karras et al. 2020 (StyleGAN2, Sec. 2.2, Eqs. 1-3); the
+reference it must equal is `reference/` (checked in `tests/test_engine_model.py` and against the
+official golden vectors).
+
+What changes against the official formulation (all exact up to fp32 rounding):
+  * Modulation on the activations, demodulation as a per-(sample, channel) output scale computed
+    in fp32 from a precomputed `wsq = Σ_k W²` (`dcoefs = rsqrt(s² @ wsq.T + 1e-8)`): one convolution
+    with a static weight for the whole batch instead of a grouped convolution with per-sample
+    weights. This is what makes export clean and per-image time flat in the batch size.
+  * The upsampling convolution as a transposed convolution with the static weight, then the FIR
+    blur as a depthwise convolution; the ToRGB skip upsample as a depthwise stride-2 transposed
+    convolution (equal to upfirdn2d(up=2, pad=(2,1)) for the symmetric 4x4 filter).
+  * Eval-mode BatchNorm folded into the convolution or linear layer that precedes it; a BatchNorm
+    that precedes a zero-padded convolution (the first op of each IR-SE residual branch) stays a
+    per-channel affine, since folding it would change the border pixels.
+  * The stored noise buffers as constants; `noise_strength * noise` precomputed.
+  * The map2style heads of a pyramid level batched: their first convolutions (same input) as one
+    convolution, the following ones as one grouped convolution, the final EqualLinears as one
+    batched matmul (the 11 fine heads of a 1024 model share one 512 -> 5632 convolution).
+
+Module names matter for export: the fp32-critical math lives in modules named `affine` (the style
+affines), `demod` (demodulation coefficients), `mapping` and `pixel_norm`, so ONNX node names carry
+them (TensorRT FP16 builds keep those layers in fp32: `export/tensorrt.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reference import encoders as enc
+from reference import stylegan2 as sg
+from reference.psp import PSP
+
+LRELU_GAIN = math.sqrt(2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# folding helpers
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as `x * scale + shift`, per channel, fp32."""
+    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.detach().float() + bn.eps)
+    shift = bn.bias.detach().float() - bn.running_mean.detach().float() * scale
+    return scale, shift
+
+
+def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> nn.Conv2d:
+    """A copy of `conv` with a following eval BatchNorm folded in (bias added)."""
+    w = conv.weight.detach().float()
+    b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(w.shape[0])
+    if bn is not None:
+        scale, shift = _bn_scale_shift(bn)
+        w = w * scale[:, None, None, None]
+        b = b * scale + shift
+    out = nn.Conv2d(w.shape[1] * conv.groups, w.shape[0], w.shape[2:], conv.stride, conv.padding,
+                    groups=conv.groups, bias=True)
+    out.weight.data.copy_(w)
+    out.bias.data.copy_(b)
+    return out.requires_grad_(False)
+
+
+class ChannelAffine(nn.Module):
+    """`x * scale[c] + shift[c]`: an eval BatchNorm that cannot be folded (it precedes a padded conv)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        scale, shift = _bn_scale_shift(bn)
+        self.register_buffer("scale", scale[None, :, None, None].contiguous())
+        self.register_buffer("shift", shift[None, :, None, None].contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder
+
+
+class Unit(nn.Module):
+    """IR-SE unit with folded BatchNorms (see module docstring)."""
+
+    def __init__(self, unit: enc.BottleneckIRSE):
+        super().__init__()
+        bn1, conv1, prelu, conv2, bn2, se = unit.res_layer
+        self.bn1 = ChannelAffine(bn1)
+        self.conv1 = _conv_bn(conv1, None)
+        self.prelu = prelu
+        self.conv2 = _conv_bn(conv2, bn2)
+        self.se_fc1, self.se_fc2 = se.fc1, se.fc2
+        if isinstance(unit.shortcut_layer, nn.MaxPool2d):
+            self.shortcut = None
+            self.stride = unit.shortcut_layer.stride
+        else:
+            self.shortcut = _conv_bn(unit.shortcut_layer[0], unit.shortcut_layer[1])
+            self.stride = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.conv2(self.prelu(self.conv1(self.bn1(x))))
+        s = torch.sigmoid(self.se_fc2(F.relu(self.se_fc1(r.mean(dim=(2, 3), keepdim=True)))))
+        short = self.shortcut(x) if self.shortcut is not None else x[:, :, :: self.stride, :: self.stride]
+        return r * s + short
+
+
+class Backbone(nn.Module):
+    """IR-SE-50 with folded BatchNorms; returns the taps the encoders use."""
+
+    def __init__(self, input_layer: nn.Sequential, body: nn.Sequential):
+        super().__init__()
+        conv, bn, prelu = input_layer
+        self.input_conv = _conv_bn(conv, bn)
+        self.input_prelu = prelu
+        self.units = nn.ModuleList(Unit(u) for u in body)
+
+    def forward(self, x: torch.Tensor, taps: tuple[int, ...] = ()) -> list[torch.Tensor]:
+        """x `[B, input_nc, 256, 256]` -> feature maps after the units in `taps`, then the last."""
+        x = self.input_prelu(self.input_conv(x))
+        out = []
+        for i, unit in enumerate(self.units):
+            x = unit(x)
+            if i in taps:
+                out.append(x)
+        return out + [x]
+
+
+class StyleHeads(nn.Module):
+    """The map2style heads of one pyramid level, batched: `[B, 512, s, s]` -> `[B, h, 512]`."""
+
+    def __init__(self, heads: list[enc.GradualStyleBlock]):
+        super().__init__()
+        self.h = len(heads)
+        n_convs = len(heads[0].convs) // 2
+        convs = []
+        for j in range(n_convs):
+            w = torch.cat([hd.convs[2 * j].weight.detach().float() for hd in heads])  # [h*512, 512, 3, 3]
+            b = torch.cat([hd.convs[2 * j].bias.detach().float() for hd in heads])
+            groups = 1 if j == 0 else self.h
+            conv = nn.Conv2d(512 * (1 if j == 0 else self.h), 512 * self.h, 3, 2, 1, groups=groups)
+            conv.weight.data.copy_(w)
+            conv.bias.data.copy_(b)
+            convs.append(conv.requires_grad_(False))
+        self.convs = nn.ModuleList(convs)
+        lin = [hd.linear for hd in heads]
+        self.register_buffer("lin_weight", torch.stack([l.weight.detach().float() * l.scale for l in lin]))  # [h,o,i]
+        self.register_buffer("lin_bias", torch.stack([l.bias.detach().float() * l.lr_mul for l in lin]))  # [h, o]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.01)
+        x = x.reshape(x.shape[0], self.h, 512)  # the spatial size is 1x1 now
+        return torch.einsum("bhi,hoi->bho", x, self.lin_weight) + self.lin_bias
+
+
+class GradualStyleEncoderE(nn.Module):
+    """`GradualStyleEncoder` in the engine formulation: codes `[B, n_styles, 512]`."""
+
+    def __init__(self, e: enc.GradualStyleEncoder):
+        super().__init__()
+        self.backbone = Backbone(e.input_layer, e.body)
+        self.coarse = StyleHeads(list(e.styles[: e.coarse_ind]))
+        self.middle = StyleHeads(list(e.styles[e.coarse_ind : e.middle_ind]))
+        self.fine = StyleHeads(list(e.styles[e.middle_ind :])) if e.style_count > e.middle_ind else None
+        self.latlayer1 = _conv_bn(e.latlayer1, None)
+        self.latlayer2 = _conv_bn(e.latlayer2, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c1, c2, c3 = self.backbone(x, taps=(6, 20))
+        p2 = F.interpolate(c3, size=c2.shape[-2:], mode="bilinear", align_corners=True) + self.latlayer1(c2)
+        codes = [self.coarse(c3), self.middle(p2)]
+        if self.fine is not None:
+            p1 = F.interpolate(p2, size=c1.shape[-2:], mode="bilinear", align_corners=True) + self.latlayer2(c1)
+            codes.append(self.fine(p1))
+        return torch.cat(codes, dim=1)
+
+
+def _adaptive_pool_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """`[out, in]` averaging matrix of `AdaptiveAvgPool1d(out)` (PyTorch's bin edges)."""
+    m = torch.zeros(out_size, in_size)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+class WPlusEncoderE(nn.Module):
+    """`BackboneEncoderUsingLastLayerIntoWPlus`: BN, 7x7 adaptive pool and Linear folded into one matmul."""
+
+    def __init__(self, e: enc.BackboneEncoderUsingLastLayerIntoWPlus, feature_size: int = 16):
+        super().__init__()
+        self.backbone = Backbone(e.input_layer, e.body)
+        bn, _, _, linear = e.output_layer_2
+        scale, shift = _bn_scale_shift(bn)
+        p = _adaptive_pool_matrix(feature_size, 7)  # [7, 16]
+        pool = torch.kron(p, p)  # [49, 256]: (h*7+w, y*16+x)
+        w = linear.weight.detach().float().reshape(512, 512, 49)  # [o, c, 49]
+        w_full = torch.einsum("ocq,qp->ocp", w, pool)  # [o, c, 256]
+        bias = linear.bias.detach().float() + torch.einsum("ocp,c->o", w_full, shift)
+        w_full = w_full * scale[None, :, None]
+        self.register_buffer("head_weight", w_full.reshape(512, 512 * feature_size**2).contiguous())
+        self.register_buffer("head_bias", bias)
+        self.n_styles = e.n_styles
+        self.register_buffer("lin_weight", (e.linear.weight.detach().float() * e.linear.scale).contiguous())
+        self.register_buffer("lin_bias", e.linear.bias.detach().float() * e.linear.lr_mul)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (f,) = self.backbone(x)
+        h = F.linear(f.flatten(1), self.head_weight, self.head_bias)
+        return F.linear(h, self.lin_weight, self.lin_bias).reshape(-1, self.n_styles, 512)
+
+
+class WEncoderE(nn.Module):
+    """`BackboneEncoderUsingLastLayerIntoW`: global average pool -> EqualLinear: `[B, 512]`."""
+
+    def __init__(self, e: enc.BackboneEncoderUsingLastLayerIntoW):
+        super().__init__()
+        self.backbone = Backbone(e.input_layer, e.body)
+        self.register_buffer("lin_weight", (e.linear.weight.detach().float() * e.linear.scale).contiguous())
+        self.register_buffer("lin_bias", e.linear.bias.detach().float() * e.linear.lr_mul)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (f,) = self.backbone(x)
+        return F.linear(f.mean(dim=(2, 3)), self.lin_weight, self.lin_bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# generator
+
+
+class Affine(nn.Module):
+    """Style affine of one layer: w `[B, 512]` -> styles `[B, C_in]`, fp32."""
+
+    def __init__(self, lin: sg.EqualLinear):
+        super().__init__()
+        self.register_buffer("weight", (lin.weight.detach().float() * lin.scale).contiguous())
+        self.register_buffer("bias", lin.bias.detach().float() * lin.lr_mul)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(w.float(), self.weight, self.bias)
+
+
+class Demod(nn.Module):
+    """Demodulation coefficients `rsqrt(styles² @ wsq.T + 1e-8)` `[B, C_out]`, fp32 (Eq. 3)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("wsq", weight.float().square().sum(dim=(2, 3)).contiguous())  # [O, I]
+
+    def forward(self, styles: torch.Tensor) -> torch.Tensor:
+        return torch.rsqrt(F.linear(styles.float().square(), self.wsq) + 1e-8)
+
+
+class ModConv(nn.Module):
+    """Modulated conv, activation form: `conv(x * s, W) * dcoefs` (+ noise, bias, lrelu for StyledConv)."""
+
+    def __init__(self, layer: sg.StyledConv | sg.ToRGB, noise: torch.Tensor | None = None):
+        super().__init__()
+        conv = layer.conv
+        weight = (conv.scale * conv.weight.detach()[0]).float()  # [O, I, k, k]
+        self.affine = Affine(conv.modulation)
+        self.demod = Demod(weight) if conv.demodulate else None
+        self.up = conv.upsample
+        self.padding = conv.padding
+        if self.up:
+            self.register_buffer("weight", weight.transpose(0, 1).contiguous())  # conv_transpose: [I, O, k, k]
+            fir = conv.blur.kernel.detach().float()
+            c = weight.shape[0]
+            self.register_buffer("blur", torch.flip(fir, [0, 1])[None, None].repeat(c, 1, 1, 1).contiguous())
+        else:
+            self.register_buffer("weight", weight.contiguous())
+        if isinstance(layer, sg.StyledConv):
+            self.register_buffer("noise", (layer.noise.weight.detach().float() * noise.float()).contiguous())
+            self.register_buffer("bias", layer.activate.bias.detach().float()[None, :, None, None].contiguous())
+        else:
+            self.noise = None
+            self.register_buffer("bias", layer.bias.detach().float().contiguous())
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        styles = self.affine(w)
+        x = x * styles[:, :, None, None].to(x.dtype)
+        if self.up:
+            x = F.conv_transpose2d(x, self.weight, stride=2)
+            x = F.conv2d(x, self.blur, padding=1, groups=x.shape[1])
+        else:
+            x = F.conv2d(x, self.weight, padding=self.padding)
+        if self.demod is not None:
+            x = x * self.demod(styles)[:, :, None, None].to(x.dtype)
+        if self.noise is not None:
+            return F.leaky_relu(x + self.noise + self.bias, 0.2) * LRELU_GAIN
+        return x + self.bias
+
+
+class SkipUp(nn.Module):
+    """ToRGB skip `upfirdn2d(up=2, pad=(2, 1))` as a depthwise stride-2 transposed convolution."""
+
+    def __init__(self, upsample: sg.Upsample):
+        super().__init__()
+        k = upsample.kernel.detach().float()
+        assert upsample.pad == (2, 1) and k.shape == (4, 4), "rosinality Upsample([1,3,3,1]) layout"
+        # conv_transpose correlates with the flipped kernel: a true convolution, as upfirdn2d
+        self.register_buffer("kernel", k[None, None].repeat(3, 1, 1, 1).contiguous())
+
+    def forward(self, skip: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(skip, self.kernel.to(skip.dtype), stride=2, padding=1, groups=3)
+
+
+class PixelNorm(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
+
+
+class Mapping(nn.Module):
+    """z `[B, 512]` -> w `[B, 512]`: PixelNorm + 8 EqualLinear (lr_mul 0.01, folded) with lrelu·√2."""
+
+    def __init__(self, style: nn.Sequential):
+        super().__init__()
+        self.pixel_norm = PixelNorm()
+        lins = list(style)[1:]
+        self.register_buffer("weights", torch.stack([l.weight.detach().float() * l.scale for l in lins]))
+        self.register_buffer("biases", torch.stack([l.bias.detach().float() * l.lr_mul for l in lins]))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.pixel_norm(z.float())
+        for i in range(self.weights.shape[0]):
+            x = F.leaky_relu(F.linear(x, self.weights[i], self.biases[i]), 0.2) * LRELU_GAIN
+        return x
+
+
+class Synthesis(nn.Module):
+    """StyleGAN2 synthesis in the engine formulation: w_plus `[B, n_latent, 512]` -> img `[B, 3, R, R]`."""
+
+    def __init__(self, g: sg.Generator):
+        super().__init__()
+        self.n_latent = g.n_latent
+        self.size = g.size
+        noise = g.stored_noise()
+        self.register_buffer("const", g.input.input.detach().float().contiguous())
+        self.conv1 = ModConv(g.conv1, noise[0])
+        self.to_rgb1 = ModConv(g.to_rgb1)
+        self.convs = nn.ModuleList(ModConv(c, noise[i + 1]) for i, c in enumerate(g.convs))
+        self.to_rgbs = nn.ModuleList(ModConv(t) for t in g.to_rgbs)
+        self.skip_ups = nn.ModuleList(SkipUp(t.upsample) for t in g.to_rgbs)
+
+    def forward(self, w_plus: torch.Tensor) -> torch.Tensor:
+        x = self.const.expand(w_plus.shape[0], -1, -1, -1)
+        x = self.conv1(x, w_plus[:, 0])
+        skip = self.to_rgb1(x, w_plus[:, 1])
+        i = 1
+        for k in range(len(self.to_rgbs)):
+            x = self.convs[2 * k](x, w_plus[:, i])
+            x = self.convs[2 * k + 1](x, w_plus[:, i + 1])
+            skip = self.to_rgbs[k](x, w_plus[:, i + 2]) + self.skip_ups[k](skip)
+            i += 2
+        return skip
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+class EnginePSP(nn.Module):
+    """pSp in the engine formulation, built from a loaded `reference.PSP`; the same interface.
+
+    Args:
+        psp: a `reference.PSP` (fp32, eval); its weights are copied and transformed.
+    """
+
+    def __init__(self, psp: PSP):
+        super().__init__()
+        for name in ("opts", "input_nc", "label_nc", "output_size", "n_styles", "dataset_type", "learn_in_w"):
+            setattr(self, name, getattr(psp, name))
+        e = psp.encoder
+        if isinstance(e, enc.GradualStyleEncoder):
+            self.encoder = GradualStyleEncoderE(e)
+        elif isinstance(e, enc.BackboneEncoderUsingLastLayerIntoWPlus):
+            self.encoder = WPlusEncoderE(e)
+        elif isinstance(e, enc.BackboneEncoderUsingLastLayerIntoW):
+            self.encoder = WEncoderE(e)
+        else:  # pragma: no cover - ENCODER_TYPES is closed
+            raise TypeError(f"unsupported encoder {type(e).__name__}")
+        self.synthesis = Synthesis(psp.decoder)
+        self.mapping = Mapping(psp.decoder.style)
+        la = psp.latent_avg.detach().float() if psp.start_from_latent_avg else torch.zeros(psp.n_styles, 512)
+        self.register_buffer("latent_avg", (la[0] if self.learn_in_w else la).contiguous())
+        self.eval().requires_grad_(False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[B, input_nc, 256, 256]` -> w_plus `[B, n_styles, 512]` (latent_avg added)."""
+        codes = self.encoder(x) + self.latent_avg
+        if self.learn_in_w:
+            codes = codes[:, None, :].expand(-1, self.n_styles, -1)
+        return codes
+
+    def synthesize(self, w_plus: torch.Tensor, resize: bool = False) -> torch.Tensor:
+        """w_plus `[B, n_styles, 512]` -> img `[B, 3, R, R]` (256x256 box mean with `resize`)."""
+        img = self.synthesis(w_plus)
+        return face_pool(img) if resize else img
+
+    def forward(self, x: torch.Tensor, resize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        w_plus = self.encode(x)
+        return self.synthesize(w_plus, resize), w_plus
+
+
+def face_pool(img: torch.Tensor) -> torch.Tensor:
+    """Official `AdaptiveAvgPool2d((256, 256))` for square power-of-two images: a box mean above 256,
+    the identity at 256, nearest repetition below (what adaptive pooling does there)."""
+    r = img.shape[-1]
+    if r > 256:
+        return F.avg_pool2d(img, r // 256)
+    if r < 256:
+        return img.repeat_interleave(256 // r, dim=2).repeat_interleave(256 // r, dim=3)
+    return img

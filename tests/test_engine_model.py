@@ -1,0 +1,69 @@
+"""export.engine_model.EnginePSP (static weights, folded BatchNorm, batched heads) equals the reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from export.engine_model import EnginePSP, _adaptive_pool_matrix, face_pool
+from reference import load_psp
+from reference.configs import BASE_OPTS
+from reference.encoders import ENCODER_TYPES
+from reference.weights import make_state_dict, psp_modules
+from tolerances import assert_close
+
+
+def small_psp(encoder_type: str, output_size: int = 32, input_nc: int = 3, seed: int = 0):
+    learn_in_w = encoder_type == "BackboneEncoderUsingLastLayerIntoW"
+    opts = {**BASE_OPTS, "encoder_type": encoder_type, "output_size": output_size, "input_nc": input_nc,
+            "learn_in_w": learn_in_w, "n_styles": int(math.log2(output_size)) * 2 - 2}
+    with torch.device("meta"):
+        model = psp_modules(opts)
+    v = 0.5 * torch.randn(512, generator=torch.Generator().manual_seed(seed + 1))
+    la = v[None] if learn_in_w else v.repeat(opts["n_styles"], 1)
+    return load_psp({"state_dict": make_state_dict(model, seed), "opts": opts, "latent_avg": la})
+
+
+@pytest.mark.parametrize("encoder_type,input_nc,output_size", [
+    ("GradualStyleEncoder", 3, 64), ("GradualStyleEncoder", 19, 32),
+    ("BackboneEncoderUsingLastLayerIntoW", 1, 32), ("BackboneEncoderUsingLastLayerIntoWPlus", 3, 32),
+])
+def test_engine_model_equals_reference(encoder_type, input_nc, output_size):
+    psp = small_psp(encoder_type, output_size, input_nc)
+    eng = EnginePSP(psp)
+    x = torch.rand(3, input_nc, 256, 256, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.inference_mode():
+        ref_w = psp.encode(x)
+        w = eng.encode(x)
+        ref_img = psp.synthesize(ref_w, resize=True)
+        img = eng.synthesize(ref_w, resize=True)
+    assert_close(w, ref_w, "engine_model")
+    assert_close(img, ref_img, "engine_model")
+
+
+def test_engine_model_golden(psp256, shared):
+    golden = np.load(shared / "golden" / "public_ffhq_encode_256_seed0.npz")
+    x = (torch.from_numpy(golden["inputs_rgb256_uint8"]).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    eng = EnginePSP(psp256)
+    with torch.inference_mode():
+        w_plus = eng.encode(x)
+        img = eng.synthesize(w_plus)
+        w = eng.mapping(torch.from_numpy(golden["stylemix_z"]))
+    assert_close(w_plus, torch.from_numpy(golden["latents"]), "golden")
+    assert_close(img, torch.from_numpy(golden["images_resize_false"]), "golden")
+    assert_close(w[:, None].expand(-1, 14, -1), torch.from_numpy(golden["stylemix_inject_latents"]), "golden")
+
+
+def test_adaptive_pool_matrix_is_adaptive_avg_pool():
+    x = torch.randn(2, 5, 16)
+    m = _adaptive_pool_matrix(16, 7)
+    torch.testing.assert_close(x @ m.t(), torch.nn.functional.adaptive_avg_pool1d(x, 7))
+
+
+@pytest.mark.parametrize("r", [64, 256, 1024])
+def test_face_pool_equals_adaptive_avg_pool(r):
+    img = torch.randn(1, 3, r, r)
+    torch.testing.assert_close(face_pool(img), torch.nn.functional.adaptive_avg_pool2d(img, 256))
