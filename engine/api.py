@@ -45,10 +45,59 @@ def _load_triton(path: Path, device: torch.device, trust_pickle: bool) -> torch.
     return TritonPSP(_load_reference(path, device, trust_pickle), dtype=dtype, impl="triton").to(device)
 
 
+def _load_engine(path: Path, device: torch.device, trust_pickle: bool) -> torch.nn.Module:
+    """The engine formulation (static weights, folded BatchNorm, batched heads) in torch eager."""
+    from export.engine_model import EnginePSP
+
+    return EnginePSP(_load_reference(path, device, trust_pickle)).to(device)
+
+
+def _load_onnxruntime(path: Path, device: torch.device, trust_pickle: bool) -> torch.nn.Module:
+    """The engine formulation exported to ONNX (cached under the engine cache) on ONNX Runtime's CPU provider."""
+    if device.type != "cpu":
+        raise UsageError("backend 'onnxruntime' runs on the CPU; use --device cpu (or backend 'triton'/'engine' on CUDA)")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise UsageError("backend 'onnxruntime' needs the onnxruntime package (pip install onnxruntime)") from None
+    from export.ort import load_ort
+
+    return load_ort(path, _load_reference(path, device, trust_pickle), demo.cache_dir() / "onnx")
+
+
+def _load_tensorrt(path: Path, device: torch.device, trust_pickle: bool):
+    """TensorRT plans built by `python -m export.tensorrt` (`<stem>.encoder.plan` + `<stem>.generator.plan`);
+    `path` names the plans, not a .pt checkpoint. CUDA only."""
+    from export.tensorrt import TensorRTError, load_tensorrt_backend
+
+    try:
+        return load_tensorrt_backend(path, device)
+    except TensorRTError as e:
+        raise UsageError(str(e)) from None
+
+
 BACKENDS: dict[str, Callable[[Path, torch.device, bool], torch.nn.Module]] = {
     "reference": _load_reference,
+    "engine": _load_engine,
+    "onnxruntime": _load_onnxruntime,
     "triton": _load_triton,
+    "tensorrt": _load_tensorrt,
 }
+# What "auto" picks per device (measured: benchmarks/RESULTS.md, "CPU engines")
+AUTO_BACKEND = {"cpu": "onnxruntime", "cuda": "engine"}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`backend`, or for "auto" the fastest measured backend for the device type."""
+    if backend == "auto":
+        choice = AUTO_BACKEND[device.type]
+        if choice == "onnxruntime":
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                return "engine"
+        return choice
+    return backend
 DEVICES = ("cpu", "cuda")
 
 
@@ -183,9 +232,12 @@ def load(checkpoint: str | os.PathLike | None = None, backend: str = "reference"
     Args:
         checkpoint: an official pSp `.pt` (`{'state_dict', 'opts', 'latent_avg'}`), or None for
             the built-in demo checkpoint (random weights; see `engine.demo`).
-        backend: implementation; one of `BACKENDS`: "reference" (the official formulation, fp32)
-            or "triton" (reference encoder, synthesis on the Triton kernels: CUDA, fp16 activations;
-            on a CPU only under TRITON_INTERPRET=1, Triton's slow interpreter, for tests).
+        backend: "auto" (the fastest measured for the device: `AUTO_BACKEND`) or one of `BACKENDS`:
+            "reference" (the official formulation, fp32), "engine" (static-weight formulation,
+            torch, fp32), "onnxruntime" (that formulation as ONNX, exported to the cache on first
+            use; CPU, fp32), "triton" (reference encoder, synthesis on the Triton kernels: CUDA,
+            fp16; on a CPU only under TRITON_INTERPRET=1, for tests), "tensorrt" (`checkpoint`
+            names TensorRT plans built by `python -m export.tensorrt`; CUDA).
         device: "cpu" or "cuda[:i]".
         trust_pickle: allow full unpickling of old checkpoints that safe loading refuses; it
             runs code from the file, so only for files you trust.
@@ -200,9 +252,10 @@ def load(checkpoint: str | os.PathLike | None = None, backend: str = "reference"
         CheckpointError: missing/unreadable file, a StyleGAN2 (not pSp) checkpoint, missing or
             mis-shaped keys (named in the message).
     """
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if backend not in BACKENDS and backend != "auto":
+        raise UsageError(f"unknown backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
     dev = resolve_device(device)
+    backend = resolve_backend(backend, dev)
     is_demo = checkpoint is None
     path = demo.demo_checkpoint_path(announce) if is_demo else Path(checkpoint)
     try:

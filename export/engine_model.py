@@ -27,6 +27,7 @@ them (TensorRT FP16 builds keep those layers in fp32: `export/tensorrt.py`).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -76,7 +77,7 @@ class ChannelAffine(nn.Module):
         self.register_buffer("shift", shift[None, :, None, None].contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, x, self.scale)
+        return x * self.scale + self.shift
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor, taps: tuple[int, ...] = ()) -> list[torch.Tensor]:
         """x `[B, input_nc, 256, 256]` -> feature maps after the units in `taps`, then the last."""
-        x = self.input_prelu(self.input_conv(x))
+        x = self.input_prelu(self.input_conv(x.to(self.input_conv.weight.dtype)))
         out = []
         for i, unit in enumerate(self.units):
             x = unit(x)
@@ -391,20 +392,38 @@ class EnginePSP(nn.Module):
         self.eval().requires_grad_(False)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[B, input_nc, 256, 256]` -> w_plus `[B, n_styles, 512]` (latent_avg added)."""
-        codes = self.encoder(x) + self.latent_avg
+        """x `[B, input_nc, 256, 256]` -> w_plus `[B, n_styles, 512]` fp32 (latent_avg added)."""
+        codes = self.encoder(x).float() + self.latent_avg
         if self.learn_in_w:
             codes = codes[:, None, :].expand(-1, self.n_styles, -1)
         return codes
 
     def synthesize(self, w_plus: torch.Tensor, resize: bool = False) -> torch.Tensor:
-        """w_plus `[B, n_styles, 512]` -> img `[B, 3, R, R]` (256x256 box mean with `resize`)."""
-        img = self.synthesis(w_plus)
+        """w_plus `[B, n_styles, 512]` -> img `[B, 3, R, R]` fp32 (256x256 box mean with `resize`)."""
+        img = self.synthesis(w_plus).float()
         return face_pool(img) if resize else img
 
     def forward(self, x: torch.Tensor, resize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         w_plus = self.encode(x)
         return self.synthesize(w_plus, resize), w_plus
+
+    def half_activations(self) -> "EnginePSP":
+        """A copy with fp16 convolution weights and activations; the style affines, demodulation,
+        mapping, PixelNorm and latent_avg stay fp32 (FORWARD_NOTES "FP16 hazards"); IO stays fp32."""
+        m = copy.deepcopy(self)
+        fp32_modules = {id(x) for mod in m.modules() if isinstance(mod, (Affine, Demod, Mapping)) for x in mod.modules()}
+        for mod in m.modules():
+            if id(mod) in fp32_modules:
+                continue
+            for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+                if t is None or not t.is_floating_point() or (mod is m and name == "latent_avg"):
+                    continue
+                half = t.detach().half()
+                if name in mod._parameters:
+                    mod._parameters[name] = nn.Parameter(half, requires_grad=False)
+                else:
+                    mod._buffers[name] = half
+        return m
 
 
 def face_pool(img: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,13 @@ TOL: dict[tuple[str, str], dict[str, float]] = {
     ("upfirdn2d_triton", "bfloat16"): {"rel": 8e-3},
     # export.engine_model (static weights, folded BN, batched heads) vs the reference, fp32
     ("engine_model", "float32"): {"rel": 1e-5},
+    # an AOTInductor package (export/aoti.py; Python loader and the C++ runner) vs the reference model
+    # in the official formulation: the package computes the activation-modulation formulation (as
+    # "generator_formulations") with inductor's fused, reordered fp32 arithmetic (measured ~1e-6)
+    ("aoti", "float32"): {"rel": 1e-5},
+    # exported graphs run by ONNX Runtime vs the reference (fp16: fp16 activations, fp32 style math)
+    ("onnx", "float32"): {"rel": 1e-5},
+    ("onnx", "float16"): {"rel": 1e-2},
     # against the official implementation's outputs (shared/golden/README.md: atol 1e-4)
     ("golden", "float32"): {"atol": 1e-4},
 }

@@ -1,0 +1,109 @@
+"""ONNX Runtime backend: the engine-formulation ONNX graphs run by ONNX Runtime's CPU provider.
+
+Source: ONNX Runtime Python API (`onnxruntime.InferenceSession`, `SessionOptions`); the graphs
+come from `export.onnx` (encoder and generator parts, fp32), exported once per checkpoint and
+cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .engine_model import EnginePSP, face_pool
+from .onnx import export_onnx
+
+EXPORT_VERSION = "1"  # part of the cache key: bump when the exported graph changes
+
+
+def physical_cores() -> int:
+    """Cores to use for intra-op threads: the CPUs this process may run on (2 on CI)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(threads: int | None = None):
+    """Tuned CPU session options: all graph optimisations, one intra-op thread per core, no inter-op
+    parallelism (the graph is a chain), memory pattern planning on."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or physical_cores()
+    so.inter_op_num_threads = 1
+    so.enable_mem_pattern = True
+    so.enable_cpu_mem_arena = True
+    so.log_severity_level = 3
+    return so
+
+
+def cached_onnx(checkpoint: Path, model: EnginePSP, part: str, cache: Path) -> Path:
+    """The `part` ONNX of `checkpoint` in `cache`, exported on first use (keyed by the checkpoint's
+    resolved path, size and mtime, and the export version)."""
+    st = checkpoint.stat()
+    key = hashlib.sha256(f"{checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}|{EXPORT_VERSION}".encode()).hexdigest()[:16]
+    path = cache / f"{checkpoint.stem}-{key}.{part}.onnx"
+    if not path.is_file():
+        export_onnx(model, path, part=part, checkpoint=checkpoint)
+    return path
+
+
+class OrtPSP(nn.Module):
+    """pSp on ONNX Runtime (CPU): `encode` and `synthesize` run the exported encoder and generator.
+
+    Exposes what `engine.Engine` uses: `opts`, `input_nc`, `label_nc`, `output_size`, `n_styles`,
+    `dataset_type`, `encode`, `synthesize`.
+
+    Args:
+        model: the `EnginePSP` the graphs were exported from (its attributes are copied; its
+            weights are not kept).
+        encoder_onnx, generator_onnx: the exported parts.
+        threads: intra-op threads (default: the CPUs available to this process).
+        max_generator_batch: the generator runs in chunks of at most this many images, which bounds
+            peak memory at 1024 px (activations of one 1024 image are ~0.5 GB) without costing speed
+            (static weights: per-image cost does not depend on the batch).
+    """
+
+    def __init__(self, model: EnginePSP, encoder_onnx: Path, generator_onnx: Path, threads: int | None = None,
+                 max_generator_batch: int = 2):
+        super().__init__()
+        import onnxruntime as ort
+
+        for name in ("opts", "input_nc", "label_nc", "output_size", "n_styles", "dataset_type"):
+            setattr(self, name, getattr(model, name))
+        so = session_options(threads)
+        providers = ["CPUExecutionProvider"]
+        self.encoder = ort.InferenceSession(str(encoder_onnx), so, providers=providers)
+        self.generator = ort.InferenceSession(str(generator_onnx), so, providers=providers)
+        self.max_generator_batch = max_generator_batch
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[B, input_nc, 256, 256]` float32 -> w_plus `[B, n_styles, 512]` float32."""
+        (w_plus,) = self.encoder.run(["w_plus"], {"x": np.ascontiguousarray(x.detach().cpu().numpy(), np.float32)})
+        return torch.from_numpy(w_plus)
+
+    def synthesize(self, w_plus: torch.Tensor, resize: bool = False) -> torch.Tensor:
+        """w_plus `[B, n_styles, 512]` -> img `[B, 3, R, R]` float32 (256 with `resize`)."""
+        w = np.ascontiguousarray(w_plus.detach().cpu().numpy(), np.float32)
+        out = []
+        for i in range(0, w.shape[0], self.max_generator_batch):
+            (img,) = self.generator.run(["img"], {"w_plus": w[i : i + self.max_generator_batch]})
+            img = torch.from_numpy(img)
+            out.append(face_pool(img) if resize else img)
+        return torch.cat(out)
+
+
+def load_ort(checkpoint: Path, psp, cache: Path, threads: int | None = None) -> OrtPSP:
+    """`OrtPSP` of a loaded reference `psp` (exporting its graphs to `cache` on first use)."""
+    model = EnginePSP(psp)
+    enc = cached_onnx(checkpoint, model, "encoder", cache)
+    gen = cached_onnx(checkpoint, model, "generator", cache)
+    return OrtPSP(model, enc, gen, threads=threads)

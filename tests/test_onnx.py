@@ -1,0 +1,144 @@
+"""ONNX export (export.onnx), the ONNX Runtime backend (export.ort) and the parity module (export.parity)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import engine
+from export import onnx as xo
+from export.engine_model import EnginePSP
+from export.parity import run_parity
+from reference import load_psp, save_checkpoint
+from reference.configs import BASE_OPTS
+from reference.weights import make_state_dict, psp_modules
+from tolerances import assert_close
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A GradualStyleEncoder pSp at 32 px (batched map2style heads, up convs, skips), as a file."""
+    opts = {**BASE_OPTS, "output_size": 32, "n_styles": 8}
+    with torch.device("meta"):
+        model = psp_modules(opts)
+    la = (0.5 * torch.randn(512, generator=torch.Generator().manual_seed(1))).repeat(8, 1)
+    path = tmp_path_factory.mktemp("ckpt") / "small32.pt"
+    save_checkpoint({"state_dict": make_state_dict(model, 0), "opts": opts, "latent_avg": la}, path)
+    yield path, load_psp(path)
+    path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def exported(small, tmp_path_factory):
+    path, psp = small
+    out = tmp_path_factory.mktemp("onnx")
+    model = EnginePSP(psp)
+    files = {(part, fp16): xo.export_onnx(model, out / f"m.{part}{'.fp16' if fp16 else ''}.onnx", part, fp16=fp16,
+                                          checkpoint=path)
+             for part in ("psp", "generator") for fp16 in (False, True)}
+    return psp, files
+
+
+def _run(path, feeds):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_psp_graph_matches_reference(exported, fp16, batch):
+    psp, files = exported
+    x = torch.rand(batch, 3, 256, 256, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+    with torch.inference_mode():
+        ref_img, ref_w = psp(x)
+    img, w_plus = _run(files[("psp", fp16)], {"x": x})
+    what = ("onnx", "float16" if fp16 else "float32")
+    assert_close(torch.from_numpy(w_plus), ref_w, *what)
+    assert_close(torch.from_numpy(img), ref_img, *what)
+
+
+def test_generator_graph_matches_reference(exported):
+    psp, files = exported
+    w_plus = psp.latent_avg.expand(2, -1, -1) + 0.1 * torch.randn(2, 8, 512, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = psp.synthesize(w_plus)
+    (img,) = _run(files[("generator", False)], {"w_plus": w_plus})
+    assert_close(torch.from_numpy(img), ref, "onnx", "float32")
+
+
+def test_graph_contract(exported):
+    """Named IO, dynamic batch, opset >= 17, only standard ops; fp16: IO fp32, style math fp32."""
+    _, files = exported
+    for (part, fp16), path in files.items():
+        m = onnx.load(str(path))
+        assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        assert {n.domain for n in m.graph.node} <= {"", "ai.onnx"}, "no custom ops"
+        ins, outs = xo.IO_NAMES[part]
+        assert [i.name for i in m.graph.input] == ins and [o.name for o in m.graph.output] == outs
+        for v in list(m.graph.input) + list(m.graph.output):
+            assert v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+            assert v.type.tensor_type.shape.dim[0].dim_param == "batch"
+        if fp16:
+            inits = {i.name: i.data_type for i in m.graph.initializer}
+            affine = [n for n in m.graph.node if "/affine" in n.name and n.op_type in ("Gemm", "MatMul")]
+            demod = [n for n in m.graph.node if "/demod" in n.name and n.op_type in ("Gemm", "MatMul")]
+            assert affine and demod
+            for n in affine + demod:
+                weights = [inits[i] for i in n.input if i in inits]
+                assert weights and all(t == onnx.TensorProto.FLOAT for t in weights), n.name
+            convs = [n for n in m.graph.node if n.op_type == "Conv"]
+            assert any(inits.get(n.input[1]) == onnx.TensorProto.FLOAT16 for n in convs)
+        side = json.loads(path.with_suffix(".json").read_text())
+        assert side["part"] == part and side["n_styles"] == 8 and side["output_size"] == 32
+        assert np.asarray(side["latent_avg"]).shape == (8, 512)
+        assert side["checkpoint"]["size"] > 0
+
+
+def test_cli_and_bad_checkpoint(small, tmp_path, capsys):
+    path, _ = small
+    assert xo.main(["--checkpoint", str(path), "--out", str(tmp_path), "--part", "encoder"]) == 0
+    assert (tmp_path / "small32.encoder.onnx").is_file() and (tmp_path / "small32.encoder.json").is_file()
+    (tmp_path / "bad.pt").write_bytes(b"")
+    assert xo.main(["--checkpoint", str(tmp_path / "bad.pt"), "--out", str(tmp_path)]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_auto_backend_picks_the_measured_fastest():
+    from engine.api import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "onnxruntime"
+    assert resolve_backend("reference", torch.device("cpu")) == "reference"
+
+
+@pytest.mark.parametrize("backend", ["engine", "onnxruntime"])
+def test_engine_backends(small, backend, tmp_path, monkeypatch):
+    monkeypatch.setenv("PSP_ENGINE_CACHE", str(tmp_path))
+    path, psp = small
+    x = torch.rand(3, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    eng = engine.load(path, backend=backend)
+    img, w_plus = eng.invert(x, resize=True)
+    with torch.inference_mode():
+        ref_w = psp.encode(x)
+        ref_img = psp.synthesize(ref_w, resize=True)
+    assert img.shape == (3, 3, 256, 256)
+    assert_close(w_plus, ref_w, "onnx", "float32")
+    assert_close(img, ref_img, "onnx", "float32")
+    if backend != "engine":
+        assert list(tmp_path.glob("onnx/*.onnx")), "the exported graphs are cached"
+
+
+def test_parity_report_against_golden(shared, ffhq256_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("PSP_ENGINE_CACHE", str(tmp_path))
+    golden = dict(np.load(shared / "golden" / "public_ffhq_encode_256_seed0.npz"))
+    results = run_parity(ffhq256_checkpoint, ["reference", "onnxruntime"], golden)
+    assert len(results) == 8
+    bad = [r for r in results if not r.passed]
+    assert not bad, bad
+    worst = max(r.max_abs for r in results if r.against == "golden")
+    assert worst < 1e-4 and math.isfinite(worst)
