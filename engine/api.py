@@ -62,7 +62,11 @@ def _load_onnxruntime(path: Path, device: torch.device, trust_pickle: bool) -> t
         raise UsageError("backend 'onnxruntime' needs the onnxruntime package (pip install onnxruntime)") from None
     from export.ort import load_ort
 
-    return load_ort(path, _load_reference(path, device, trust_pickle), demo.cache_dir() / "onnx")
+    from reference.checkpoint import read_checkpoint
+
+    if not path.is_file():
+        read_checkpoint(path)  # raises the CheckpointError naming the problem
+    return load_ort(path, lambda: _load_reference(path, device, trust_pickle), demo.cache_dir() / "onnx")
 
 
 def _load_tensorrt(path: Path, device: torch.device, trust_pickle: bool):

@@ -7,9 +7,12 @@ cached.
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,15 +48,12 @@ def session_options(threads: int | None = None):
     return so
 
 
-def cached_onnx(checkpoint: Path, model: EnginePSP, part: str, cache: Path) -> Path:
-    """The `part` ONNX of `checkpoint` in `cache`, exported on first use (keyed by the checkpoint's
+def cache_paths(checkpoint: Path, cache: Path) -> dict[str, Path]:
+    """Where the `encoder` and `generator` graphs of `checkpoint` are cached (keyed by the checkpoint's
     resolved path, size and mtime, and the export version)."""
     st = checkpoint.stat()
     key = hashlib.sha256(f"{checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}|{EXPORT_VERSION}".encode()).hexdigest()[:16]
-    path = cache / f"{checkpoint.stem}-{key}.{part}.onnx"
-    if not path.is_file():
-        export_onnx(model, path, part=part, checkpoint=checkpoint)
-    return path
+    return {part: cache / f"{checkpoint.stem}-{key}.{part}.onnx" for part in ("encoder", "generator")}
 
 
 class OrtPSP(nn.Module):
@@ -63,22 +63,22 @@ class OrtPSP(nn.Module):
     `dataset_type`, `encode`, `synthesize`.
 
     Args:
-        model: the `EnginePSP` the graphs were exported from (its attributes are copied; its
-            weights are not kept).
-        encoder_onnx, generator_onnx: the exported parts.
+        encoder_onnx, generator_onnx: the exported parts (their JSON sidecars give the attributes).
         threads: intra-op threads (default: the CPUs available to this process).
         max_generator_batch: the generator runs in chunks of at most this many images, which bounds
             peak memory at 1024 px (activations of one 1024 image are ~0.5 GB) without costing speed
             (static weights: per-image cost does not depend on the batch).
     """
 
-    def __init__(self, model: EnginePSP, encoder_onnx: Path, generator_onnx: Path, threads: int | None = None,
+    def __init__(self, encoder_onnx: Path, generator_onnx: Path, threads: int | None = None,
                  max_generator_batch: int = 2):
         super().__init__()
         import onnxruntime as ort
 
-        for name in ("opts", "input_nc", "label_nc", "output_size", "n_styles", "dataset_type"):
-            setattr(self, name, getattr(model, name))
+        side = json.loads(Path(generator_onnx).with_suffix(".json").read_text())
+        self.opts = side["opts"]
+        for name in ("input_nc", "label_nc", "output_size", "n_styles", "dataset_type"):
+            setattr(self, name, side[name])
         so = session_options(threads)
         providers = ["CPUExecutionProvider"]
         self.encoder = ort.InferenceSession(str(encoder_onnx), so, providers=providers)
@@ -101,9 +101,20 @@ class OrtPSP(nn.Module):
         return torch.cat(out)
 
 
-def load_ort(checkpoint: Path, psp, cache: Path, threads: int | None = None) -> OrtPSP:
-    """`OrtPSP` of a loaded reference `psp` (exporting its graphs to `cache` on first use)."""
-    model = EnginePSP(psp)
-    enc = cached_onnx(checkpoint, model, "encoder", cache)
-    gen = cached_onnx(checkpoint, model, "generator", cache)
-    return OrtPSP(model, enc, gen, threads=threads)
+def load_ort(checkpoint: Path, load_reference: Callable[[], object], cache: Path, threads: int | None = None) -> OrtPSP:
+    """`OrtPSP` of `checkpoint`: the cached graphs, exported first if missing.
+
+    Args:
+        checkpoint: the pSp checkpoint file (the cache key).
+        load_reference: returns the loaded `reference.PSP`; called only when the graphs must be
+            exported, so a cached run never holds the torch weights (peak memory).
+        cache: the folder of the cached graphs.
+    """
+    paths = cache_paths(checkpoint, cache)
+    if not all(p.is_file() and p.with_suffix(".json").is_file() for p in paths.values()):
+        model = EnginePSP(load_reference())
+        for part, path in paths.items():
+            export_onnx(model, path, part=part, checkpoint=checkpoint)
+        del model
+        gc.collect()
+    return OrtPSP(paths["encoder"], paths["generator"], threads=threads)

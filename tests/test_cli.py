@@ -293,7 +293,7 @@ def test_load_and_invert(ffhq256_checkpoint, golden):
 
 
 def test_load_option_errors():
-    with pytest.raises(ValueError, match="unknown backend 'fast'; available: reference"):
+    with pytest.raises(ValueError, match="unknown backend 'fast'; available: auto, reference"):
         engine.load("unused.pt", backend="fast")
     with pytest.raises(ValueError, match="not supported"):
         engine.load("unused.pt", device="mps")
@@ -396,7 +396,9 @@ def test_demo_checkpoint_end_to_end(tmp_path, monkeypatch, capsys):
         assert files_under(out) == sorted([MANIFEST_NAME, "matplotlib_grace_hopper.png", "skimage_astronaut.png"])
         for name in ("matplotlib_grace_hopper.png", "skimage_astronaut.png"):
             assert Image.open(out / name).size == (1024, 1024)
-        assert [p.name for p in cache.iterdir()] == ["demo_ffhq_encode_seed0_rule-v1.pt"]
+        assert sorted(p.name for p in cache.iterdir()) == ["demo_ffhq_encode_seed0_rule-v1.pt", "onnx"]
+        # the default --backend auto is onnxruntime on the CPU: its two graphs were exported and cached
+        assert len(list((cache / "onnx").glob("*.onnx"))) == 2
     finally:
         shutil.rmtree(cache, ignore_errors=True)  # 1.2 GB
 
