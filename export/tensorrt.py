@@ -422,8 +422,8 @@ def read_plan_sidecar(plan_path: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise TensorRTError(f"{path}: the plan sidecar is missing; build the plan with python -m export.tensorrt, "
-                            "which writes it beside the plan") from None
+        raise TensorRTError(f"{path}: the plan's sidecar is missing; build the plan with python -m export.tensorrt, "
+                            "which writes <plan>.json beside it") from None
     except (OSError, ValueError) as e:
         raise TensorRTError(f"{path}: unreadable plan sidecar ({e}); rebuild with python -m export.tensorrt") from None
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 from reference.errors import PSPError
 
-from .tensorrt import SIDECAR_FORMAT, plan_sidecar_path
+from .tensorrt import SIDECAR_FORMAT, TensorRTError, plan_sidecar_path, read_plan_sidecar
 
 # Sidecar dtype names -> Triton's DataType enum names (model_config.proto).
 TRITON_DTYPES = {
@@ -62,14 +62,9 @@ def read_sidecar(plan: str | os.PathLike) -> dict[str, Any]:
         raise TritonRepoError(f"{plan}: no such plan; build one with python -m export.tensorrt")
     path = plan_sidecar_path(plan)
     try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TritonRepoError(f"{path}: the plan's sidecar is missing; build the plan with python -m export.tensorrt, "
-                              "which writes <plan>.json beside it") from None
-    except (OSError, ValueError) as e:
-        raise TritonRepoError(f"{path}: unreadable sidecar ({e}); rebuild with python -m export.tensorrt") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
-        raise TritonRepoError(f"{path}: not a psp-engine plan sidecar; rebuild with python -m export.tensorrt")
+        meta = read_plan_sidecar(plan)
+    except TensorRTError as e:
+        raise TritonRepoError(str(e)) from None
     missing = [k for k in ("inputs", "outputs", "profiles") if not meta.get(k)]
     if missing:
         raise TritonRepoError(f"{path}: sidecar lacks {', '.join(missing)}; rebuild with python -m export.tensorrt")

@@ -314,7 +314,7 @@ def test_plan_sidecar_names_what_is_missing(tmp_path):
         T.plan_sidecar(onnx_sidecar(), info)
     with pytest.raises(T.TensorRTError, match=r"missing\.json: the ONNX sidecar is missing; export with"):
         T.read_onnx_sidecar(tmp_path / "missing.onnx")
-    with pytest.raises(T.TensorRTError, match=r"plan sidecar is missing"):
+    with pytest.raises(T.TensorRTError, match=r"plan's sidecar is missing"):
         T.read_plan_sidecar(tmp_path / "nothing.plan")
 
 
