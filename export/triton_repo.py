@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from engine.run import int_at_least
 from reference.errors import PSPError
 
 from .tensorrt import SIDECAR_FORMAT, TensorRTError, plan_sidecar_path, read_plan_sidecar
@@ -214,24 +215,8 @@ def write_triton_repo(plan: str | os.PathLike, out: str | os.PathLike, *, name: 
 # CLI
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+_positive = int_at_least(1)
+_non_negative = int_at_least(0)
 
 
 def _sizes(text: str) -> list[int]:
