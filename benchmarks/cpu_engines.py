@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("reference", "engine", "onnxruntime")
+VARIANTS = ("reference", "engine", "onnxruntime", "openvino")
 CONFIG = {256: "ffhq_encode_256", 1024: "ffhq_encode"}
 
 

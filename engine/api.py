@@ -69,6 +69,23 @@ def _load_onnxruntime(path: Path, device: torch.device, trust_pickle: bool) -> t
     return load_ort(path, lambda: _load_reference(path, device, trust_pickle), demo.cache_dir() / "onnx")
 
 
+def _load_openvino(path: Path, device: torch.device, trust_pickle: bool) -> torch.nn.Module:
+    """The same cached ONNX graphs as 'onnxruntime', compiled by OpenVINO's CPU plugin (fp32)."""
+    if device.type != "cpu":
+        raise UsageError("backend 'openvino' runs on the CPU; use --device cpu (or backend 'triton'/'engine' on CUDA)")
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        raise UsageError("backend 'openvino' needs the openvino package (pip install openvino)") from None
+    from export.openvino import load_openvino
+
+    from reference.checkpoint import read_checkpoint
+
+    if not path.is_file():
+        read_checkpoint(path)  # raises the CheckpointError naming the problem
+    return load_openvino(path, lambda: _load_reference(path, device, trust_pickle), demo.cache_dir() / "onnx")
+
+
 def _load_tensorrt(path: Path, device: torch.device, trust_pickle: bool):
     """TensorRT plans built by `python -m export.tensorrt` (`<stem>.encoder.plan` + `<stem>.generator.plan`);
     `path` names the plans, not a .pt checkpoint. CUDA only."""
@@ -84,24 +101,29 @@ BACKENDS: dict[str, Callable[[Path, torch.device, bool], torch.nn.Module]] = {
     "reference": _load_reference,
     "engine": _load_engine,
     "onnxruntime": _load_onnxruntime,
+    "openvino": _load_openvino,
     "triton": _load_triton,
     "tensorrt": _load_tensorrt,
 }
-# What "auto" picks per device (measured: benchmarks/RESULTS.md, "CPU engines")
-AUTO_BACKEND = {"cpu": "onnxruntime", "cuda": "engine"}
+# What "auto" picks per device, fastest first (measured: benchmarks/RESULTS.md, "CPU engines"); a
+# backend whose package is not installed is passed over.
+AUTO_BACKEND = {"cpu": ("openvino", "onnxruntime", "engine"), "cuda": ("engine",)}
+_BACKEND_PACKAGE = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """`backend`, or for "auto" the fastest measured backend for the device type."""
-    if backend == "auto":
-        choice = AUTO_BACKEND[device.type]
-        if choice == "onnxruntime":
-            try:
-                import onnxruntime  # noqa: F401
-            except ImportError:
-                return "engine"
-        return choice
-    return backend
+    """`backend`, or for "auto" the fastest measured backend for the device type whose package is installed."""
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    for choice in AUTO_BACKEND[device.type]:
+        package = _BACKEND_PACKAGE.get(choice)
+        if package is None or importlib.util.find_spec(package) is not None:
+            return choice
+    return "reference"  # pragma: no cover - "engine" needs no extra package
+
+
 DEVICES = ("cpu", "cuda")
 
 

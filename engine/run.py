@@ -64,10 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per forward pass (default 1; the last partial batch is run)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default cpu)")
     p.add_argument("--backend", default="auto", choices=["auto", *api.BACKENDS],
-                   help="implementation (default auto: the fastest measured for the device, onnxruntime on "
-                        "CPU, engine on CUDA). reference = the official formulation, fp32; engine = static-weight "
-                        "formulation in torch, fp32; onnxruntime = that formulation exported to ONNX (cached on "
-                        "first use), fp32, CPU; triton = synthesis on the Triton kernels (CUDA, fp16; on a CPU only "
+                   help="implementation (default auto: the fastest measured for the device, openvino on "
+                        "CPU (onnxruntime if openvino is not installed), engine on CUDA). reference = the official "
+                        "formulation, fp32; engine = static-weight formulation in torch, fp32; onnxruntime = that "
+                        "formulation exported to ONNX (cached on first use), fp32, CPU; openvino = the same ONNX "
+                        "graphs on OpenVINO, fp32, CPU; triton = synthesis on the Triton kernels (CUDA, fp16; on a CPU only "
                         "under TRITON_INTERPRET=1, for tests); tensorrt = TensorRT plans from python -m "
                         "export.tensorrt (--checkpoint names the plans; CUDA)")
     p.add_argument("--resize-outputs", action="store_true",

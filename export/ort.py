@@ -110,6 +110,24 @@ def load_ort(checkpoint: Path, load_reference: Callable[[], object], cache: Path
             exported, so a cached run never holds the torch weights (peak memory).
         cache: the folder of the cached graphs.
     """
+    paths = cached_graphs(checkpoint, load_reference, cache)
+    return OrtPSP(paths["encoder"], paths["generator"], threads=threads)
+
+
+def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache: Path) -> dict[str, Path]:
+    """The fp32 `encoder` and `generator` ONNX graphs of `checkpoint` in `cache`, exported first if missing.
+
+    Shared by the ONNX Runtime and OpenVINO backends (both run the same graphs).
+
+    Args:
+        checkpoint: the pSp checkpoint file (the cache key: resolved path, size, mtime, export version).
+        load_reference: returns the loaded `reference.PSP`; called only when the graphs must be
+            exported, so a cached run never holds the torch weights (peak memory).
+        cache: the folder of the cached graphs.
+
+    Returns:
+        `{"encoder": path, "generator": path}` (each with its `.json` sidecar beside it).
+    """
     paths = cache_paths(checkpoint, cache)
     if not all(p.is_file() and p.with_suffix(".json").is_file() for p in paths.values()):
         model = EnginePSP(load_reference())
@@ -117,4 +135,4 @@ def load_ort(checkpoint: Path, load_reference: Callable[[], object], cache: Path
             export_onnx(model, path, part=part, checkpoint=checkpoint)
         del model
         gc.collect()
-    return OrtPSP(paths["encoder"], paths["generator"], threads=threads)
+    return paths

@@ -4,7 +4,7 @@ Source: the comparison rule of this project (relative error `‖out − ref‖ /
 passes) and `shared/golden/README.md` (fp32 paths match the official outputs at `atol=1e-4`;
 fp16 paths within a relative 1e-2).
 
-`python -m export.parity --checkpoint CKPT --backends reference,engine,onnxruntime [--golden FILE.npz] [--json out.json]`
+`python -m export.parity --checkpoint CKPT --backends reference,engine,onnxruntime,openvino [--golden FILE.npz] [--json out.json]`
 runs each backend through `engine.load(...).invert` on the same inputs, compares `w_plus` and
 `img` with the reference backend (and with the golden arrays when `--golden` is given: then the
 checkpoint must be the golden one, `make_checkpoint("ffhq_encode_256", 0)`), prints a table and
@@ -27,8 +27,8 @@ TOLERANCES = {
     "fp32": {"rel": 1e-5, "atol": 1e-4},
     "fp16": {"rel": 1e-2},
 }
-BACKEND_PRECISION = {"reference": "fp32", "engine": "fp32", "onnxruntime": "fp32", "triton": "fp16",
-                     "tensorrt": "fp16"}
+BACKEND_PRECISION = {"reference": "fp32", "engine": "fp32", "onnxruntime": "fp32", "openvino": "fp32",
+                     "triton": "fp16", "tensorrt": "fp16"}
 
 
 @dataclass
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m export.parity", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--backends", default="reference,engine,onnxruntime")
+    p.add_argument("--backends", default="reference,engine,onnxruntime,openvino")
     p.add_argument("--golden", help="public_ffhq_encode_256_seed0.npz (with its checkpoint)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--json", help="write the report here")

@@ -397,7 +397,7 @@ def test_demo_checkpoint_end_to_end(tmp_path, monkeypatch, capsys):
         for name in ("matplotlib_grace_hopper.png", "skimage_astronaut.png"):
             assert Image.open(out / name).size == (1024, 1024)
         assert sorted(p.name for p in cache.iterdir()) == ["demo_ffhq_encode_seed0_rule-v1.pt", "onnx"]
-        # the default --backend auto is onnxruntime on the CPU: its two graphs were exported and cached
+        # the default --backend auto is openvino on the CPU: its two ONNX graphs were exported and cached
         assert len(list((cache / "onnx").glob("*.onnx"))) == 2
     finally:
         shutil.rmtree(cache, ignore_errors=True)  # 1.2 GB

@@ -112,11 +112,12 @@ def test_cli_and_bad_checkpoint(small, tmp_path, capsys):
 def test_auto_backend_picks_the_measured_fastest():
     from engine.api import resolve_backend
 
-    assert resolve_backend("auto", torch.device("cpu")) == "onnxruntime"
+    assert resolve_backend("auto", torch.device("cpu")) == "openvino"  # installed with the project
+    assert resolve_backend("auto", torch.device("cuda")) == "engine"
     assert resolve_backend("reference", torch.device("cpu")) == "reference"
 
 
-@pytest.mark.parametrize("backend", ["engine", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["engine", "onnxruntime", "openvino"])
 def test_engine_backends(small, backend, tmp_path, monkeypatch):
     monkeypatch.setenv("PSP_ENGINE_CACHE", str(tmp_path))
     path, psp = small
@@ -136,8 +137,8 @@ def test_engine_backends(small, backend, tmp_path, monkeypatch):
 def test_parity_report_against_golden(shared, ffhq256_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("PSP_ENGINE_CACHE", str(tmp_path))
     golden = dict(np.load(shared / "golden" / "public_ffhq_encode_256_seed0.npz"))
-    results = run_parity(ffhq256_checkpoint, ["reference", "onnxruntime"], golden)
-    assert len(results) == 8
+    results = run_parity(ffhq256_checkpoint, ["reference", "onnxruntime", "openvino"], golden)
+    assert len(results) == 12
     bad = [r for r in results if not r.passed]
     assert not bad, bad
     worst = max(r.max_abs for r in results if r.against == "golden")
