@@ -1,7 +1,8 @@
 """Image IO for the engine: robust reading, the official pSp input transforms, tensor2im, atomic writes.
 
 Source: eladrich/pixel2style2pixel@5cfff38 `configs/transforms_config.py` (the test transforms of
-`EncodeTransforms`, `SketchToImageTransforms`, `SegToImageTransforms`),
+`EncodeTransforms`, `SketchToImageTransforms`, `SegToImageTransforms`, and
+`SuperResTransforms` via `reference.sr`),
 `datasets/inference_dataset.py` (`convert('RGB')` when `label_nc == 0`, else `convert('L')`),
 `datasets/augmentations.py::ToOneHot` and `utils/common.py::tensor2im`.
 
@@ -41,6 +42,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from reference.errors import InputImageError
+from reference.sr import super_resolution_input
 
 MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS (a 0.25 GiB RGB bitmap)
 MIN_SIZE = 32  # px, smaller side; see the module docstring
@@ -233,7 +235,8 @@ def input_channels(label_nc: int) -> int:
     return 3 if label_nc == 0 else label_nc
 
 
-def to_input_tensor(images: Sequence[Image.Image], label_nc: int, names: Sequence[str] | None = None) -> torch.Tensor:
+def to_input_tensor(images: Sequence[Image.Image], label_nc: int, names: Sequence[str] | None = None,
+                    degrade_factor: int | None = None) -> torch.Tensor:
     """Convert images to the encoder input exactly as the official test transforms do.
 
     Source: official `configs/transforms_config.py`: RGB (`label_nc == 0`)
@@ -250,6 +253,11 @@ def to_input_tensor(images: Sequence[Image.Image], label_nc: int, names: Sequenc
             segmentation maps "L"/"I" class ids).
         label_nc: 0 RGB, 1 sketch, >1 segmentation with `label_nc` classes.
         names: file names for error messages (default "image <i>").
+        degrade_factor: super-resolution checkpoints only (RGB): the official SR source transform,
+            `Resize(256)`, bicubic downsampling by this factor, `Resize(256)`
+            (`reference.sr.super_resolution_input`), before `ToTensor`/`Normalize`. None: no
+            degradation (the plain RGB transform, which is also what an already low-resolution
+            input needs).
 
     Returns:
         x `[B, C, 256, 256]` float32: C=3 in [-1, 1] (`(u8/255 - 0.5)/0.5`); C=1 in [0, 1];
@@ -257,7 +265,7 @@ def to_input_tensor(images: Sequence[Image.Image], label_nc: int, names: Sequenc
 
     Raises:
         InputImageError: a class id >= label_nc (names the file, the id and label_nc).
-        ValueError: no images, or label_nc < 0.
+        ValueError: no images, label_nc < 0, a bad degrade_factor, or degrade_factor with label_nc != 0.
     """
     if not images:
         raise ValueError("to_input_tensor needs at least one image")
@@ -265,6 +273,10 @@ def to_input_tensor(images: Sequence[Image.Image], label_nc: int, names: Sequenc
         raise ValueError(f"label_nc must be >= 0, got {label_nc}")
     names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
     size = (ENCODER_SIZE, ENCODER_SIZE)
+    if degrade_factor is not None:
+        if label_nc != 0:
+            raise ValueError(f"degrade_factor applies to RGB (super-resolution) inputs, not label_nc={label_nc}")
+        images = [super_resolution_input(im, degrade_factor) for im in images]  # 256x256 RGB
     if label_nc == 0:
         u8 = np.stack([np.asarray(im.convert("RGB").resize(size, Image.BILINEAR)) for im in images])  # [B,H,W,3]
         x = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(255)

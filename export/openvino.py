@@ -41,15 +41,18 @@ class OpenVinoPSP(nn.Module):
     Args:
         encoder_onnx, generator_onnx: the exported fp32 parts (their JSON sidecars give the attributes).
         threads: inference threads (default: the CPUs available to this process).
-        max_generator_batch: the generator runs in chunks of at most this many images (bounds peak
-            memory at 1024 px; the per-image cost does not depend on the batch).
+        max_encoder_batch, max_generator_batch: each part runs in chunks of at most this many
+            images. An OpenVINO infer request keeps the intermediate buffers of the largest batch it
+            has run, so chunking is what bounds peak memory: at 1024 px, batch 8, measured peak RSS
+            5.0 GiB with chunks (8, 2), 3.8 GiB with (2, 1) (benchmarks/RESULTS.md). The per-image
+            cost hardly depends on the batch (static weights).
 
     Raises:
         ImportError: the `openvino` package is missing.
     """
 
     def __init__(self, encoder_onnx: Path, generator_onnx: Path, threads: int | None = None,
-                 max_generator_batch: int = 2):
+                 max_encoder_batch: int = 2, max_generator_batch: int = 1):
         super().__init__()
         import openvino as ov
 
@@ -63,6 +66,7 @@ class OpenVinoPSP(nn.Module):
         self.generator = core.compile_model(str(generator_onnx), "CPU", config)
         self._encoder_req = self.encoder.create_infer_request()
         self._generator_req = self.generator.create_infer_request()
+        self.max_encoder_batch = max_encoder_batch
         self.max_generator_batch = max_generator_batch
 
     @staticmethod
@@ -73,7 +77,9 @@ class OpenVinoPSP(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x `[B, input_nc, 256, 256]` float32 -> w_plus `[B, n_styles, 512]` float32."""
         a = np.ascontiguousarray(x.detach().cpu().numpy(), np.float32)
-        return self._run(self._encoder_req, self.encoder, "x", "w_plus", a)
+        n = self.max_encoder_batch
+        return torch.cat([self._run(self._encoder_req, self.encoder, "x", "w_plus", np.ascontiguousarray(a[i : i + n]))
+                          for i in range(0, a.shape[0], n)])
 
     def synthesize(self, w_plus: torch.Tensor, resize: bool = False) -> torch.Tensor:
         """w_plus `[B, n_styles, 512]` -> img `[B, 3, R, R]` float32 (256 with `resize`)."""
