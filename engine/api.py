@@ -250,6 +250,49 @@ class Engine:
         w_plus = self.encode(x)
         return self.synthesize(w_plus, resize=resize), w_plus
 
+    @torch.inference_mode()
+    def mapping(self, z: torch.Tensor) -> torch.Tensor:
+        """StyleGAN2 mapping network z -> w, as official `pSp.forward(z, input_code=True, return_latents=True)`
+        before its repeat to n_styles (no latent_avg, no truncation; Karras et al. 2020: PixelNorm + 8
+        EqualLinear, lr_mul 0.01).
+
+        The reference, engine and triton backends use their model's mapping; onnxruntime and
+        openvino hold no torch weights, so the mapping network alone is built once from the
+        checkpoint's `decoder.style.*` keys (read memory-mapped, `weights_only=True`) and cached.
+
+        Args:
+            z: `[B, 512]` float32, standard normal (e.g. `engine.latents.mixing_z`).
+
+        Returns:
+            w `[B, 512]` float32 on `self.device`.
+
+        Raises:
+            ValueError: z of the wrong shape or dtype.
+            UsageError: a backend with no checkpoint to take the mapping from (tensorrt plans).
+            CheckpointError: the checkpoint's mapping keys are missing or mis-shaped (named).
+        """
+        if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != 512:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"expected z [B, 512], got {shape}")
+        if z.dtype != torch.float32:
+            raise ValueError(f"expected z float32, got {z.dtype}")
+        net = self.__dict__.get("_mapping")
+        if net is None:
+            net = getattr(self.model, "mapping", None)  # reference.PSP.mapping, EnginePSP.mapping
+            if net is None and getattr(self.model, "psp", None) is not None:  # kernels.generator.TritonPSP
+                net = self.model.psp.mapping
+            if net is None:
+                if self.backend == "tensorrt" or not Path(self.checkpoint).is_file():
+                    raise UsageError(
+                        f"backend {self.backend!r} runs {self.checkpoint}, which holds no mapping network (z -> w) "
+                        "for style mixing; use --backend engine (or reference) with the pSp checkpoint"
+                    )
+                from .latents import mapping_from_checkpoint
+
+                net = mapping_from_checkpoint(self.checkpoint, getattr(self, "trust_pickle", False)).to(self.device)
+            self._mapping = net
+        return net(z.to(self.device)).float()
+
 
 def load(checkpoint: str | os.PathLike | None = None, backend: str = "reference", device: str = "cpu",
          trust_pickle: bool = False, announce: Callable[[str], None] | None = None) -> Engine:
@@ -290,4 +333,6 @@ def load(checkpoint: str | os.PathLike | None = None, backend: str = "reference"
         if is_demo:
             raise CheckpointError(f"{e} (this is the cached demo checkpoint: delete {path} to rebuild it)") from None
         raise
-    return Engine(model, path, backend, dev, is_demo)
+    eng = Engine(model, path, backend, dev, is_demo)
+    eng.trust_pickle = trust_pickle  # Engine.mapping re-reads the checkpoint for graph backends
+    return eng

@@ -10,6 +10,13 @@ under the output folder, with the extension replaced: `<rel>/<stem>.png` (lossle
 Inputs whose `<rel>/<stem>` would collide (`x.jpg` and `x.png` in one folder, compared
 case-insensitively) keep their whole name instead: `<rel>/x.jpg.png`, `<rel>/x.png.png`.
 The root depends on the set of inputs, so rerun with the same `--input` arguments to resume.
+
+Style mixing (`RunOptions.n_outputs` K > 0; official `scripts/style_mixing.py`): also
+`<rel>/<stem>_mix<k>.png` for k = 0..K-1 (with latents, `<rel>/<stem>_mix<k>.npy`) and
+`<rel>/<stem>_grid.jpg` (the input, the inversion, then the K mixes in one row). Output k of every
+input mixes in z_k = row k of `engine.latents.mixing_z(seed, K)`. Edits (`RunOptions.edits`) are
+applied to the encoder's latents first: `<stem>.png` is the edited inversion, `<stem>.npy` holds
+the latents it was rendered from (edited), and the mixes start from the edited latents.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from reference.errors import CheckpointError, PSPError
 from .api import Engine, UsageError
 from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, atomic_write_image, atomic_write_npy, couple, display_rgb,
                      input_channels, read_input, tensor_to_uint8, to_input_tensor)
+from .latents import Edit, apply_edits, default_latent_mask, fit_jpeg, mix_with_w, mixing_z, strip
 from .manifest import InputStat, Manifest, checkpoint_identity
 
 STAGES = ("read", "encode", "synthesize", "write")
@@ -112,15 +120,39 @@ class Job:
     source: Path
     base: PurePosixPath
 
-    def outputs(self, out_dir: Path, save_latents: bool, couple_outputs: bool) -> dict[str, Path]:
-        """Output files of this job: "image" (.png), optional "latent" (.npy) and "coupled" (.jpg)."""
+    def outputs(self, out_dir: Path, save_latents: bool, couple_outputs: bool, n_outputs: int = 0) -> dict[str, Path]:
+        """Output files of this job: "image" (.png), optional "latent" (.npy) and "coupled" (.jpg);
+        with `n_outputs` K > 0 also "mix<k>" (.png) and, with latents, "mix<k>_latent" (.npy) for
+        k < K, and "grid" (.jpg)."""
         stem = out_dir / Path(self.base)
         paths = {"image": stem.with_name(stem.name + ".png")}
         if save_latents:
             paths["latent"] = stem.with_name(stem.name + ".npy")
         if couple_outputs:
             paths["coupled"] = stem.with_name(stem.name + "_coupled.jpg")
+        for k in range(n_outputs):
+            paths[f"mix{k}"] = stem.with_name(f"{stem.name}_mix{k}.png")
+            if save_latents:
+                paths[f"mix{k}_latent"] = stem.with_name(f"{stem.name}_mix{k}.npy")
+        if n_outputs:
+            paths["grid"] = stem.with_name(stem.name + "_grid.jpg")
         return paths
+
+
+def check_output_names(jobs: Sequence[Job], opts: "RunOptions") -> None:
+    """Refuse a run where two inputs would write the same file (case-insensitively), e.g. with
+    style mixing `a.jpg`'s `a_mix0.png` and the inversion of an input `a_mix0.jpg`.
+
+    Raises:
+        UsageError: naming both inputs and the file.
+    """
+    seen: dict[str, int] = {}
+    for i, job in enumerate(jobs):
+        for path in job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs).values():
+            j = seen.setdefault(str(path).casefold(), i)
+            if j != i:
+                raise UsageError(f"{job.source} and {jobs[j].source} would both write {path}; rename one of them "
+                                 "or run them into different --output folders")
 
 
 def plan_jobs(files: Sequence[Path]) -> list[Job]:
@@ -154,16 +186,35 @@ class RunOptions:
     couple_outputs: bool = False
     save_latents: bool = False
     max_pixels: int = MAX_PIXELS
+    n_outputs: int = 0  # style-mixed outputs per input (0: no mixing)
+    latent_mask: tuple[int, ...] | None = None  # styles to mix; None: engine.latents.default_latent_mask
+    mix_alpha: float | None = None  # None: replace the masked styles (official); else blend weight in [0, 1]
+    seed: int = 0  # of engine.latents.mixing_z
+    edits: tuple[Edit, ...] = ()  # loaded (engine.latents.load_edit), applied in order
+
+    def mixing_mask(self, eng: Engine) -> list[int]:
+        """The style indices mixed: `latent_mask`, or the fine styles 8..n_styles-1."""
+        return list(self.latent_mask) if self.latent_mask is not None else default_latent_mask(eng.n_styles)
 
     def config(self, eng: Engine) -> dict:
-        """The manifest config: what determines the output files (see `engine.manifest.fingerprint`)."""
-        return {
+        """The manifest config: what determines the output files (see `engine.manifest.fingerprint`).
+
+        Mixing and editing keys appear only when used, so runs without them keep the fingerprint
+        they had before these options existed. Edits are identified by the SHA-256 of each
+        direction file and their strengths, in order."""
+        config = {
             "checkpoint": checkpoint_identity(eng.checkpoint),
             "backend": eng.backend,
             "resize_outputs": self.resize_outputs,
             "couple_outputs": self.couple_outputs,
             "save_latents": self.save_latents,
         }
+        if self.n_outputs:
+            config["mixing"] = {"n_outputs": self.n_outputs, "latent_mask": self.mixing_mask(eng),
+                                "alpha": self.mix_alpha, "seed": self.seed}
+        if self.edits:
+            config["edits"] = [{"sha256": e.sha256, "strength": e.strength} for e in self.edits]
+        return config
 
 
 @dataclass
@@ -208,7 +259,7 @@ class Progress(Protocol):
 class _Ready:
     job: Job
     stat: InputStat
-    image: object  # PIL.Image, kept only for --couple-outputs (else None: a batch of photos can be large)
+    image: object  # PIL.Image, kept only for --couple-outputs and mixing grids (else None: a batch of photos can be large)
     x: torch.Tensor  # [1, C, 256, 256]
     read_ms: float
 
@@ -220,6 +271,9 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
     Per batch: every item is read and converted on its own (a bad file is recorded "failed" and
     the others go on), the good ones go through the model together, then each is written
     atomically. Jobs the manifest marks done are recorded "skipped". The last partial batch runs.
+    With `opts.edits` the encoder's latents are edited before synthesis; with `opts.n_outputs`
+    K > 0 each input is also mixed with the K mapped z vectors and those K images are rendered
+    (in chunks of `opts.batch_size`), written, and shown in a grid (see the module docstring).
 
     Args:
         eng: a loaded `Engine`.
@@ -232,7 +286,10 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
         The run's `Summary`.
 
     Raises:
-        CheckpointError: the checkpoint's label_nc and input_nc disagree (no input can fit it).
+        CheckpointError: the checkpoint's label_nc and input_nc disagree (no input can fit it), or
+            its mapping network cannot be read (mixing).
+        UsageError: two inputs would write the same file; a bad latent mask or alpha; a
+            backend without a mapping network (mixing).
         OSError: the manifest cannot be written.
     """
     if input_channels(eng.label_nc) != eng.input_nc:
@@ -240,6 +297,12 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
             f"{eng.checkpoint}: its opts say label_nc={eng.label_nc}, which means {input_channels(eng.label_nc)}-channel "
             f"inputs, but its encoder takes input_nc={eng.input_nc}; the checkpoint's opts are inconsistent"
         )
+    check_output_names(jobs, opts)
+    if opts.n_outputs:  # before any input: a bad mask or a backend without a mapping fails the run, not each input
+        mask = opts.mixing_mask(eng)
+        w_inject = eng.mapping(torch.from_numpy(mixing_z(opts.seed, opts.n_outputs)))  # [K, 512]
+        mix_with_w(torch.zeros(1, eng.n_styles, 512, device=w_inject.device), w_inject[:1], mask, opts.mix_alpha)
+    keep_image = opts.couple_outputs or opts.n_outputs > 0
     summary = Summary()
     t_start = time.perf_counter()
 
@@ -274,18 +337,22 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
             except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the run; recorded
                 fail(job, stat, f"{job.source}: unexpected {type(e).__name__} while reading: {e}", {"read": _ms(t0)})
             else:
-                ready.append(_Ready(job, stat, image if opts.couple_outputs else None, x, _ms(t0)))
+                ready.append(_Ready(job, stat, image if keep_image else None, x, _ms(t0)))
         if not ready:
             continue
 
         x = torch.cat([r.x for r in ready])  # [B, C, 256, 256]
         try:
             t0 = time.perf_counter()
-            w_plus = eng.encode(x)  # [B, n_styles, 512]
+            w_plus = apply_edits(eng.encode(x), opts.edits)  # [B, n_styles, 512]
             _sync(eng)
             encode_ms = _ms(t0) / len(ready)
             t0 = time.perf_counter()
             img = eng.synthesize(w_plus, resize=opts.resize_outputs)  # [B, 3, R, R]
+            if opts.n_outputs:
+                w_mixed = mix_with_w(w_plus, w_inject, mask, opts.mix_alpha).flatten(0, 1)  # [B*K, n_styles, 512]
+                mix_img = torch.cat([eng.synthesize(w_mixed[j : j + opts.batch_size], resize=opts.resize_outputs)
+                                     for j in range(0, w_mixed.shape[0], opts.batch_size)])  # [B*K, 3, R, R]
             _sync(eng)
             synth_ms = _ms(t0) / len(ready)
         except RuntimeError as e:  # e.g. out of memory: every image of this batch fails, the run goes on
@@ -294,15 +361,26 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
             continue
         out_u8 = tensor_to_uint8(img)  # [B, R, R, 3]
         latents = w_plus.to("cpu", torch.float32).numpy()  # [B, n_styles, 512]
+        if opts.n_outputs:
+            k = opts.n_outputs
+            mix_u8 = tensor_to_uint8(mix_img).reshape(len(ready), k, *out_u8.shape[1:])  # [B, K, R, R, 3]
+            mix_latents = w_mixed.to("cpu", torch.float32).numpy().reshape(len(ready), k, *latents.shape[1:])
 
         for i, r in enumerate(ready):
             t0 = time.perf_counter()
-            paths = r.job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs)
+            paths = r.job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs)
             try:
                 if "latent" in paths:
                     atomic_write_npy(paths["latent"], latents[i])
                 if "coupled" in paths:
                     atomic_write_image(paths["coupled"], couple(display_rgb(r.image, eng.label_nc), out_u8[i]))
+                for k in range(opts.n_outputs):
+                    atomic_write_image(paths[f"mix{k}"], mix_u8[i, k])
+                    if f"mix{k}_latent" in paths:
+                        atomic_write_npy(paths[f"mix{k}_latent"], mix_latents[i, k])
+                if "grid" in paths:
+                    row = strip([display_rgb(r.image, eng.label_nc), out_u8[i], *mix_u8[i]], height=out_u8.shape[1])
+                    atomic_write_image(paths["grid"], fit_jpeg(row))
                 atomic_write_image(paths["image"], out_u8[i])
             except (OSError, ValueError) as e:
                 fail(r.job, r.stat, f"{paths['image']}: cannot write ({type(e).__name__}: {e})",

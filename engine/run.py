@@ -2,7 +2,9 @@
 
 Source: the command line of official pSp `scripts/inference.py` (`--checkpoint_path`,
 `--data_path`, `--exp_dir`, `--test_batch_size`, `--resize_outputs`, `--couple_outputs`),
-reshaped; the work is done by `engine.batch`.
+reshaped; the work is done by `engine.batch`. Style mixing (`--n-outputs`, `--latent-mask`,
+`--mix-alpha`, `--seed`) follows official `scripts/style_mixing.py` / `inference.py --latent_mask`,
+deterministically; `--edit` adds linear directions (see `engine.latents`).
 
 Exit codes: 0 all inputs ok or skipped; 1 at least one input failed (see the manifest);
 2 usage or checkpoint error (one line on stderr, no traceback); 130 interrupted (rerun to resume).
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -20,6 +23,7 @@ from tqdm import tqdm
 from reference.errors import PSPError
 
 from . import api, demo
+from . import latents as lt
 from .batch import RunOptions, find_inputs, plan_jobs, run_jobs
 from .images import MAX_PIXELS
 from .manifest import MANIFEST_NAME, Manifest
@@ -42,6 +46,41 @@ def int_at_least(minimum: int):
 
 
 _positive_int = int_at_least(1)
+
+
+def _argparse_type(parse, what: str):
+    """An argparse `type=` from a parser raising PSPError/ValueError: a one-line "expected ..." error."""
+
+    def wrapped(text: str):
+        try:
+            return parse(text)
+        except (PSPError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e) if isinstance(e, PSPError) else f"expected {what}, got {text!r}") from None
+
+    return wrapped
+
+
+def _unit_float(text: str) -> float:
+    return lt.check_alpha(float(text))
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise ValueError(text)
+    return value
+
+
+edit_arg = _argparse_type(lt.parse_edit, "DIR.npy:STRENGTH")  # shared with engine.synthesize
+EDIT_HELP = ("add STRENGTH x the direction in DIR.npy to the latents before synthesis (repeatable; the sum "
+             "is added). DIR.npy: float [512] or [1, 512] (a W direction, every style) or [n_styles, 512] "
+             "(a W+ direction, per style); STRENGTH a number, default 1 (e.g. smile.npy:1.5, age.npy:-2)")
+
+
+def add_edit_argument(p: argparse.ArgumentParser) -> None:
+    """`--edit DIR.npy[:STRENGTH]` (repeatable), as engine.run and engine.synthesize take it."""
+    p.add_argument("--edit", type=edit_arg, action="append", default=[], metavar="DIR.npy:STRENGTH",
+                   help=EDIT_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +122,53 @@ def build_parser() -> argparse.ArgumentParser:
                         "code from the file, so use it only for checkpoints you trust")
     p.add_argument("--max-pixels", type=_positive_int, default=MAX_PIXELS, metavar="N",
                    help=f"reject images with more pixels than this, before decoding (default {MAX_PIXELS:,})")
+    mixing = p.add_argument_group(
+        "style mixing (multi-modal synthesis, official scripts/style_mixing.py; deterministic: stored noise, seeded z)")
+    mixing.add_argument("--n-outputs", type=_positive_int, default=None, metavar="K",
+                        help="also write K style-mixed outputs per input, <name>_mix0.png ... (and <name>_mix<k>.npy "
+                             "with --save-latents), plus <name>_grid.jpg: the input, the inversion, then the K mixes. "
+                             "Output k of every input mixes in the same z_k")
+    mixing.add_argument("--latent-mask", default=None, metavar="SPEC",
+                        help="styles taken from the random latent, e.g. 8-17 or 8,9,12-13 (default: the fine styles "
+                             "8..n_styles-1, i.e. 8-13 at 256 px, 8-17 at 1024 as the official docs use)")
+    mixing.add_argument("--mix-alpha", type=_argparse_type(_unit_float, "a number in [0, 1]"), default=None,
+                        metavar="A", help="blend alpha*random + (1-alpha)*input on the masked styles "
+                                          "(default: replace them, as official)")
+    mixing.add_argument("--seed", type=_argparse_type(_seed, "an integer in [0, 2**32)"), default=None, metavar="S",
+                        help="seed of the random latents: z = RandomState(S).randn(K, 512) (default 0)")
+    editing = p.add_argument_group(
+        "latent editing", "edits apply to the inverted latents before synthesis and before mixing: <name>.png is "
+                          "the edited image and --save-latents stores the edited latents")
+    add_edit_argument(editing)
     return p
+
+
+def mixing_options(args: argparse.Namespace) -> dict:
+    """RunOptions fields of the mixing flags (syntax checked; the mask is range-checked once the
+    checkpoint's n_styles is known).
+
+    Raises:
+        UsageError: a mixing flag without --n-outputs, or a malformed --latent-mask.
+    """
+    if args.n_outputs is None:
+        given = [f for f, v in (("--latent-mask", args.latent_mask), ("--mix-alpha", args.mix_alpha),
+                                ("--seed", args.seed)) if v is not None]
+        if given:
+            raise api.UsageError(f"{', '.join(given)}: only used for style mixing; add --n-outputs K")
+        return {}
+    if args.latent_mask is not None:
+        lt.parse_latent_mask(args.latent_mask, None)
+    return {"n_outputs": args.n_outputs, "mix_alpha": args.mix_alpha, "seed": args.seed or 0}
+
+
+def check_edit_files(edits: list[lt.Edit]) -> None:
+    """Read each --edit file once before the (slow) checkpoint load, so a missing or bad file fails fast.
+
+    Raises:
+        LatentFileError: naming the file.
+    """
+    for e in edits:
+        lt.read_npy(e.path, "direction")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                       couple_outputs=args.couple_outputs, save_latents=args.save_latents,
                       max_pixels=args.max_pixels)
     try:
+        opts = replace(opts, **mixing_options(args))
+        check_edit_files(args.edit)
         jobs = plan_jobs(find_inputs(args.input, exclude=opts.out_dir))
         if args.checkpoint is None:
             say(demo.DEMO_NOTICE)
@@ -116,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"loaded {eng.checkpoint} in {time.perf_counter() - t0:.1f} s: output {eng.output_size}px, "
             f"{eng.n_styles} styles, input_nc {eng.input_nc}, label_nc {eng.label_nc}; "
             f"{len(jobs)} input(s) -> {opts.out_dir}")
+        opts = replace(opts, edits=tuple(lt.load_edit(e, eng.n_styles) for e in args.edit))
+        if args.latent_mask is not None:
+            opts = replace(opts, latent_mask=tuple(lt.parse_latent_mask(args.latent_mask, eng.n_styles)))
+        if opts.n_outputs:
+            say(f"style mixing: {opts.n_outputs} output(s) per input, styles {_ranges(opts.mixing_mask(eng))}, "
+                f"alpha {'replace' if opts.mix_alpha is None else opts.mix_alpha}, seed {opts.seed}")
         with Manifest(opts.out_dir, opts.config(eng)) as manifest:
             if manifest.n_unreadable:
                 say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")
@@ -135,6 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     if eng.is_demo:
         say(f"reminder: these outputs come from the random-weight DEMO checkpoint; pass {demo.REAL_CHECKPOINT_HINT}")
     return 1 if summary.failed else 0
+
+
+def _ranges(indices: list[int]) -> str:
+    """[8, 9, 10, 12] -> "8-10,12"."""
+    parts, start = [], None
+    for j, i in enumerate(indices):
+        if start is None:
+            start = i
+        if j + 1 == len(indices) or indices[j + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(parts)
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ def test_missing_key_is_named(tmp_path, shared, ffhq256_checkpoint, capsys):
     (["--input", "no/such/*.jpg"], "the pattern matches no file"),
     (["--input", "{empty}"], "no image found"),
     (["--input", "{empty}", "--batch-size", "0"], "--batch-size: expected a positive integer, got 0"),
-    (["--input", "{img}", "--backend", "openvino"], "invalid choice: 'openvino'"),
+    (["--input", "{img}", "--backend", "fast"], "invalid choice: 'fast'"),
 ])
 def test_usage_errors(argv, message, tmp_path, shared, capsys):
     (tmp_path / "empty").mkdir()

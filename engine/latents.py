@@ -1,0 +1,555 @@
+"""Latent-space tools: style mixing (multi-modal synthesis), linear editing, interpolation, picture strips.
+
+Sources:
+- Style mixing: official eladrich/pixel2style2pixel@5cfff38 `scripts/style_mixing.py` and
+  `scripts/inference.py --latent_mask` (restated in `shared/golden/spec/FORWARD_NOTES.md`): per
+  output, z ~ N(0, I) `[1, 512]` goes through the StyleGAN2 mapping network (`net(z,
+  input_code=True, return_latents=True)`: w repeated to `[n_styles, 512]`, no latent_avg), then
+  `pSp.forward(x, latent_mask, inject_latent, alpha)` mixes it into the encoder's W+ on the styles
+  of `latent_mask` (`reference.style_mix`). The official scripts draw z from numpy's global RNG and
+  leave noise randomization on, so their outputs cannot be reproduced; here z comes from
+  `mixing_z(seed, n_outputs)` and the generator always uses its stored noise, so a seed gives the
+  same bytes on every run.
+- Editing: a linear direction in W (InterFaceGAN, Shen et al. CVPR 2020, Sec. 2.2: `w + a*n`),
+  applied per style in W+ (`w_plus + sum_i a_i * d_i`); a W direction `[512]` moves every style.
+- Interpolation: linear in W+ (Karras et al. CVPR 2019, StyleGAN, Sec. 4.1: W is interpolated
+  with lerp).
+
+Conventions: `w` `[N, 512]`, `w_plus` `[N, n_styles, 512]`, float32; pictures are uint8 `[H, W, 3]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from reference.errors import CheckpointError, PSPError
+
+if TYPE_CHECKING:  # engine.api imports this module lazily (Engine.mapping); no import cycle at runtime
+    from .api import Engine
+
+Z_DIM = 512  # z and w width (StyleGAN2 style_dim)
+FINE_START = 8  # first "fine" style: official docs mix styles 8-17 at 1024 (8-13 at 256)
+JPEG_MAX_SIDE = 65535  # px, the JPEG format's limit on either side
+
+
+class LatentFileError(PSPError, ValueError):
+    """A latent or direction `.npy` file cannot be read or has a shape that does not fit the checkpoint."""
+
+
+def _usage_error(message: str) -> PSPError:
+    from .api import UsageError
+
+    return UsageError(message)
+
+
+# ------------------------------------------------------------------------------------------------
+# Style mixing
+
+
+def parse_latent_mask(spec: str, n_styles: int | None) -> list[int]:
+    """Parse a `--latent-mask` spec into style indices.
+
+    Source: official `scripts/inference.py` / `style_mixing.py` `--latent_mask` ("8,9,10", comma
+    separated); ranges `a-b` (inclusive) are added here.
+
+    Args:
+        spec: comma-separated indices and inclusive ranges, e.g. "8-17" or "8,9,12-13"; spaces
+            are ignored.
+        n_styles: the checkpoint's number of styles (every index must be in [0, n_styles)), or
+            None to check the syntax only.
+
+    Returns:
+        Sorted distinct indices (a repeated index is kept once).
+
+    Raises:
+        UsageError: an empty spec or item, a non-integer, a reversed range (9-8), or an index
+            outside [0, n_styles); the message quotes the spec.
+    """
+    text = str(spec).replace(" ", "")
+    where = f"--latent-mask {spec!r}"
+    if not text:
+        raise _usage_error(f"{where}: empty; give style indices such as 8-13 or 8,9,12-13")
+    out: set[int] = set()
+    for item in text.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if m is None:
+            raise _usage_error(f"{where}: {item!r} is not an index or a range a-b (e.g. 8-13 or 8,9,12-13)")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise _usage_error(f"{where}: reversed range {item!r}; write it low-high ({hi}-{lo})")
+        out.update(range(lo, hi + 1))
+    if n_styles is not None:
+        bad = sorted(i for i in out if i >= n_styles)
+        if bad:
+            raise _usage_error(
+                f"{where}: style index {bad[0]} out of range: this checkpoint has {n_styles} styles (0-{n_styles - 1})"
+            )
+    return sorted(out)
+
+
+def default_latent_mask(n_styles: int) -> list[int]:
+    """The fine styles `FINE_START..n_styles-1` (8-13 at 256 px, 8-17 at 1024, as the official docs use).
+
+    Raises:
+        UsageError: the checkpoint has no style at index 8 or above (output 32 px or smaller).
+    """
+    if n_styles <= FINE_START:
+        raise _usage_error(
+            f"the default --latent-mask (the fine styles {FINE_START}..n_styles-1) is empty for a checkpoint "
+            f"with {n_styles} styles; pass --latent-mask explicitly (indices 0-{n_styles - 1})"
+        )
+    return list(range(FINE_START, n_styles))
+
+
+def check_alpha(alpha: float | None) -> float | None:
+    """`alpha` if it is None (replace the styles) or a number in [0, 1], else UsageError."""
+    if alpha is None:
+        return None
+    a = float(alpha)
+    if not (math.isfinite(a) and 0.0 <= a <= 1.0):
+        raise _usage_error(f"mixing alpha must be in [0, 1] (or omitted to replace the styles), got {alpha!r}")
+    return a
+
+
+def mixing_z(seed: int, n_outputs: int) -> np.ndarray:
+    """The z vectors of a style-mixing run: output k of every input uses row k.
+
+    Source: the golden vectors' convention (`stylemix_z = np.random.RandomState(0).randn(4, 512)`);
+    official `style_mixing.py` draws `np.random.randn(1, 512)` per output from the global RNG.
+    Because row k depends only on (seed, k), columns are comparable across inputs, and a resumed
+    run draws the same vectors.
+
+    Args:
+        seed: integer in [0, 2**32) (numpy `RandomState`).
+        n_outputs: K >= 1.
+
+    Returns:
+        z `[n_outputs, 512]` float32 (`RandomState(seed).randn(n_outputs, 512)` cast to float32;
+        the first rows do not depend on n_outputs).
+
+    Raises:
+        UsageError: seed out of range or n_outputs < 1.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+        raise _usage_error(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if isinstance(n_outputs, bool) or not isinstance(n_outputs, (int, np.integer)) or n_outputs < 1:
+        raise _usage_error(f"n_outputs must be a positive integer, got {n_outputs!r}")
+    return np.random.RandomState(int(seed)).randn(int(n_outputs), Z_DIM).astype(np.float32)
+
+
+@torch.inference_mode()
+def mix_with_w(w_plus: torch.Tensor, w: torch.Tensor, latent_mask: Iterable[int],
+               alpha: float | None = None) -> torch.Tensor:
+    """Mix K mapped vectors into every W+ latent (all pairs).
+
+    Source: official `pSp.forward(x, latent_mask, inject_latent=w repeated, alpha)`; the rule
+    is `reference.style_mix` (used as is).
+
+    Args:
+        w_plus: `[B, n_styles, 512]` float32, the encoder's latents (latent_avg added).
+        w: `[K, 512]` float32, mapping-network outputs (`Engine.mapping(z)`), repeated to all styles.
+        latent_mask: style indices in [0, n_styles) to take from w.
+        alpha: None replaces those styles with w; a number in [0, 1] blends
+            `alpha * w + (1 - alpha) * w_plus` on them.
+
+    Returns:
+        `[B, K, n_styles, 512]` float32 on `w_plus`'s device: entry [b, k] is input b mixed with w[k].
+
+    Raises:
+        ValueError: bad shapes. UsageError: alpha outside [0, 1], an index out of range.
+    """
+    if w_plus.ndim != 3 or w_plus.shape[2] != Z_DIM:
+        raise ValueError(f"expected w_plus [B, n_styles, 512], got {tuple(w_plus.shape)}")
+    if w.ndim != 2 or w.shape[1] != Z_DIM:
+        raise ValueError(f"expected w [K, 512], got {tuple(w.shape)}")
+    alpha = check_alpha(alpha)
+    n_styles = w_plus.shape[1]
+    mask = [int(i) for i in latent_mask]
+    bad = [i for i in mask if not 0 <= i < n_styles]
+    if bad:
+        raise _usage_error(f"latent mask indices {bad} out of range: the latents have {n_styles} styles")
+    from reference import style_mix
+
+    inject = w.to(w_plus.device, w_plus.dtype)[:, None, :].expand(-1, n_styles, -1)  # [K, n_styles, 512]
+    mixed = [style_mix(w_plus, inject[k : k + 1], mask, alpha) for k in range(w.shape[0])]
+    return torch.stack(mixed, dim=1)
+
+
+def mix(eng: "Engine", w_plus: torch.Tensor, z: np.ndarray | torch.Tensor, latent_mask: Iterable[int],
+        alpha: float | None = None) -> torch.Tensor:
+    """Multi-modal synthesis latents: each input's W+ mixed with each z (official `style_mixing.py`).
+
+    Args:
+        eng: a loaded `Engine` (its `mapping` maps z to w).
+        w_plus: `[B, n_styles, 512]` float32 (`eng.encode(x)`, possibly edited).
+        z: `[K, 512]` float32 (`mixing_z(seed, K)`), numpy or torch.
+        latent_mask: style indices to take from the mapped z (`parse_latent_mask`/`default_latent_mask`).
+        alpha: None (replace, as official) or a blend weight in [0, 1] (see `mix_with_w`).
+
+    Returns:
+        `[B, K, n_styles, 512]` float32 on `w_plus`'s device; render with
+        `eng.synthesize(out.flatten(0, 1))`.
+
+    Raises:
+        ValueError: bad shapes. UsageError: bad alpha or mask; a backend without a mapping
+            network (see `Engine.mapping`).
+    """
+    z_t = torch.as_tensor(np.asarray(z, dtype=np.float32)) if not isinstance(z, torch.Tensor) else z.float()
+    if w_plus.ndim == 3 and w_plus.shape[1] != eng.n_styles:
+        raise ValueError(f"expected w_plus [B, {eng.n_styles}, 512] for this checkpoint, got {tuple(w_plus.shape)}")
+    return mix_with_w(w_plus, eng.mapping(z_t), latent_mask, alpha)
+
+
+def mapping_from_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Module:
+    """Only the StyleGAN2 mapping network of a checkpoint, for backends that hold no torch weights.
+
+    Source: rosinality `Generator.style` (PixelNorm + 8 EqualLinear, lr_mul 0.01, fused lrelu),
+    the keys `decoder.style.1..8.{weight,bias}` of an official pSp checkpoint (or `style.*` of a
+    rosinality `g_ema`); built with `reference.stylegan2` modules, so it computes what
+    `reference.PSP.mapping` computes. The file is read with `weights_only=True` and memory-mapped;
+    only the 8 MiB of mapping weights are copied.
+
+    Args:
+        path: the checkpoint file.
+        trust_pickle: as `reference.read_checkpoint`.
+
+    Returns:
+        An `nn.Module` z `[N, 512]` -> w `[N, 512]`, fp32, CPU, eval, no grad.
+
+    Raises:
+        CheckpointError: unreadable file; no mapping keys, or mis-shaped ones (named).
+    """
+    from reference import checkpoint as ckio
+    from reference.stylegan2 import LR_MLP, N_MLP, EqualLinear, PixelNorm
+
+    ckpt = ckio.read_checkpoint(path, trust_pickle=trust_pickle)
+    kind = ckio.checkpoint_kind(ckpt)
+    if kind == "psp":
+        sd, prefix = ckpt["state_dict"], "decoder.style."
+    elif kind == "psp_state_dict":
+        sd, prefix = ckpt, "decoder.style."
+    elif kind == "stylegan2":
+        sd, prefix = ckpt["g_ema"], "style."
+    elif kind == "stylegan2_state_dict":
+        sd, prefix = ckpt, "style."
+    else:
+        raise CheckpointError(f"{path}: not a pSp or StyleGAN2 checkpoint: no mapping network (decoder.style.*) found")
+    style = {k[len(prefix):]: v for k, v in sd.items() if isinstance(k, str) and k.startswith(prefix)}
+    with torch.device("meta"):
+        net = nn.Sequential(PixelNorm(), *[EqualLinear(Z_DIM, Z_DIM, lr_mul=LR_MLP, activation="fused_lrelu")
+                                           for _ in range(N_MLP)])
+    ckio.validate_state_dict(style, net.state_dict(), f"{path} (mapping network, {prefix}*)")
+    net.load_state_dict({k: v.detach().to(torch.float32, copy=True) for k, v in style.items()}, strict=True,
+                        assign=True)
+    return net.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Latent files, editing, interpolation
+
+
+def read_npy(path: str | os.PathLike, what: str = "latent") -> tuple[np.ndarray, str]:
+    """Read one numeric array from a `.npy` file, never unpickling.
+
+    Args:
+        path: the file.
+        what: what the file is, for messages ("latent", "direction").
+
+    Returns:
+        `(array, sha256)`: the array as stored (float or integer) and the hex SHA-256 of the file's bytes.
+
+    Raises:
+        LatentFileError: missing or unreadable file, not a `.npy` (a `.npz` archive, a pickle),
+            an object or non-numeric array, or NaN/Inf values. The message starts with the path.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise LatentFileError(f"{p}: {what} file not found") from None
+    except OSError as e:
+        raise LatentFileError(f"{p}: cannot read the {what} file ({type(e).__name__}: {e})") from None
+    if data[:4] == b"PK\x03\x04":
+        raise LatentFileError(f"{p}: a .npz archive; save the {what} as one array with np.save (.npy)")
+    if data[:1] == b"\x80":  # a pickle protocol 2+ header (torch.save, pickle.dump)
+        raise LatentFileError(f"{p}: a Python pickle, which is never loaded; save a numeric array with "
+                              "np.save(..., allow_pickle=False)")
+    if data[:6] != b"\x93NUMPY":
+        raise LatentFileError(f"{p}: not a .npy array file (no NPY header); save the {what} with np.save")
+    try:
+        a = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise LatentFileError(f"{p}: holds pickled Python objects, which are never loaded; save a numeric "
+                                  f"array with np.save(..., allow_pickle=False)") from None
+        raise LatentFileError(f"{p}: not a .npy array file ({e})") from None
+    except (OSError, EOFError) as e:
+        raise LatentFileError(f"{p}: not a .npy array file ({type(e).__name__}: {e})") from None
+    if not isinstance(a, np.ndarray):  # pragma: no cover - np.load of bytes that are not npz/npy raises
+        raise LatentFileError(f"{p}: not a .npy array file")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)) or a.dtype == np.bool_:
+        raise LatentFileError(f"{p}: {what} has dtype {a.dtype}; expected float32 (any real number type is accepted)")
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise LatentFileError(f"{p}: {what} holds NaN or Inf values")
+    return a, hashlib.sha256(data).hexdigest()
+
+
+def load_latents(path: str | os.PathLike, n_styles: int) -> tuple[np.ndarray, bool]:
+    """Read saved latents for rendering (`engine.run --save-latents` writes `[n_styles, 512]`).
+
+    Args:
+        path: a `.npy` of shape `[n_styles, 512]` (one W+), `[B, n_styles, 512]` (a batch), or
+            `[512]` / `[1, 512]` (one w, repeated to every style).
+        n_styles: the checkpoint's number of styles.
+
+    Returns:
+        `(w_plus, batched)`: w_plus `[B, n_styles, 512]` float32 (B = 1 unless the file is a
+        batch) and whether the file held a batch (3-D), which decides the output names.
+
+    Raises:
+        LatentFileError: as `read_npy`, or a shape that fits none of the above (the message
+            names the file, its shape and the accepted shapes).
+    """
+    a, _ = read_npy(path, "latent")
+    shape = a.shape
+    if shape in ((Z_DIM,), (1, Z_DIM)):
+        return np.broadcast_to(a.reshape(1, 1, Z_DIM), (1, n_styles, Z_DIM)).astype(np.float32), False
+    if shape == (n_styles, Z_DIM):
+        return a[None].astype(np.float32), False
+    if a.ndim == 3 and shape[1:] == (n_styles, Z_DIM) and shape[0] >= 1:
+        return a.astype(np.float32), True
+    raise LatentFileError(
+        f"{path}: latent of shape {list(shape)} does not fit this checkpoint ({n_styles} styles); expected "
+        f"[{n_styles}, 512] (W+), [B, {n_styles}, 512] (a batch) or [512] (w, repeated to every style)"
+    )
+
+
+def load_direction(path: str | os.PathLike, n_styles: int) -> np.ndarray:
+    """Read an editing direction (`np.load(allow_pickle=False)`).
+
+    Args:
+        path: a `.npy` of shape `[512]` or `[1, 512]` (a W direction, applied to every style),
+            `[n_styles, 512]` or `[1, n_styles, 512]` (a W+ direction, per style).
+        n_styles: the checkpoint's number of styles.
+
+    Returns:
+        d `[n_styles, 512]` float32.
+
+    Raises:
+        LatentFileError: as `read_npy`, or another shape (the message names the file, its shape
+            and the accepted shapes).
+    """
+    return _direction(read_npy(path, "direction")[0], n_styles, path)
+
+
+def _direction(a: np.ndarray, n_styles: int, path: str | os.PathLike) -> np.ndarray:
+    if a.shape in ((Z_DIM,), (1, Z_DIM)):
+        return np.broadcast_to(a.reshape(1, Z_DIM), (n_styles, Z_DIM)).astype(np.float32)
+    if a.shape in ((n_styles, Z_DIM), (1, n_styles, Z_DIM)):
+        return a.reshape(n_styles, Z_DIM).astype(np.float32)
+    raise LatentFileError(
+        f"{path}: direction of shape {list(a.shape)} does not fit this checkpoint ({n_styles} styles); expected "
+        f"[512] or [1, 512] (a W direction, applied to every style) or [{n_styles}, 512] (a W+ direction)"
+    )
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One `--edit`: a direction file and its strength; `direction` and `sha256` once loaded (`load_edit`).
+
+    Attributes:
+        path: the `.npy` file.
+        strength: the multiplier a (dimensionless; 0 leaves the latents unchanged).
+        direction: `[n_styles, 512]` float32, or None before loading.
+        sha256: hex digest of the file's bytes (for the run fingerprint), or None before loading.
+    """
+
+    path: Path
+    strength: float = 1.0
+    direction: np.ndarray | None = field(default=None, repr=False, compare=False)
+    sha256: str | None = None
+
+
+def parse_edit(text: str) -> Edit:
+    """Parse `DIR.npy:STRENGTH` (strength optional, default 1.0).
+
+    The text after the LAST colon is the strength when it parses as a number; otherwise the
+    whole text is the path (so `C:\\dirs\\smile.npy` works, and `smile.npy` means strength 1).
+
+    Args:
+        text: e.g. "smile.npy:1.5", "age.npy:-2", "pose.npy".
+
+    Returns:
+        An unloaded `Edit` (`load_edit` reads the file).
+
+    Raises:
+        UsageError: an empty path, or a strength that is NaN or infinite.
+    """
+    path, strength = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            strength = float(tail)
+        except ValueError:
+            pass
+        else:
+            path = head
+    if not path:
+        raise _usage_error(f"--edit {text!r}: no file; write DIR.npy:STRENGTH (e.g. smile.npy:1.5)")
+    if not math.isfinite(strength):
+        raise _usage_error(f"--edit {text!r}: strength must be a finite number, got {tail!r}")
+    return Edit(Path(path), strength)
+
+
+def load_edit(edit: Edit, n_styles: int) -> Edit:
+    """`edit` with its direction `[n_styles, 512]` and the file's SHA-256 filled in (file read once).
+
+    Raises:
+        LatentFileError: see `load_direction`.
+    """
+    a, digest = read_npy(edit.path, "direction")
+    return replace(edit, direction=_direction(a, n_styles, edit.path), sha256=digest)
+
+
+def apply_edits(w_plus: torch.Tensor | np.ndarray, edits: Sequence[Edit]) -> torch.Tensor | np.ndarray:
+    """`w_plus + sum_i strength_i * d_i` (InterFaceGAN-style linear editing, per style in W+).
+
+    The sum of the directions is formed in float64 and added once in float32, so the result does
+    not depend on the device; edits of strength 0 are skipped, so they are an exact identity.
+
+    Args:
+        w_plus: `[B, n_styles, 512]` or `[n_styles, 512]` float32 (torch or numpy).
+        edits: loaded `Edit`s (`load_edit`), directions `[n_styles, 512]`.
+
+    Returns:
+        The edited latents, same type, shape, dtype and device as `w_plus` (`w_plus` itself
+        when no edit has a nonzero strength).
+
+    Raises:
+        ValueError: an edit not loaded, or a direction whose shape does not match `w_plus`.
+    """
+    active = [e for e in edits if e.strength != 0]
+    if not active:
+        return w_plus
+    delta = np.zeros(tuple(w_plus.shape[-2:]), np.float64)
+    for e in active:
+        if e.direction is None:
+            raise ValueError(f"{e.path}: edit not loaded; call load_edit(edit, n_styles) first")
+        if e.direction.shape != delta.shape:
+            raise ValueError(f"{e.path}: direction {list(e.direction.shape)} does not match latents {list(w_plus.shape)}")
+        delta += e.strength * e.direction.astype(np.float64)
+    delta32 = delta.astype(np.float32)
+    if isinstance(w_plus, torch.Tensor):
+        return w_plus + torch.from_numpy(delta32).to(w_plus.device, w_plus.dtype)
+    return (w_plus + delta32).astype(w_plus.dtype, copy=False)
+
+
+def interpolate(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, steps: int) -> np.ndarray:
+    """`steps` latents from `a` to `b`, linear in W+: `(1 - t) * a + t * b`, t = 0, 1/(steps-1), ..., 1.
+
+    Args:
+        a, b: `[n_styles, 512]` (or `[1, n_styles, 512]`) float32, the same shape.
+        steps: number of frames, >= 2 (the first is exactly `a`, the last exactly `b`).
+
+    Returns:
+        `[steps, n_styles, 512]` float32 (numpy).
+
+    Raises:
+        ValueError: steps < 2 or shapes that differ.
+    """
+    a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, np.float32)
+    b = np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b, np.float32)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if b.ndim == 3 and b.shape[0] == 1:
+        b = b[0]
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"interpolate needs two latents of one shape [n_styles, 512], got {list(a.shape)} and {list(b.shape)}")
+    if isinstance(steps, bool) or int(steps) != steps or steps < 2:
+        raise ValueError(f"interpolate needs steps >= 2 (both ends are included), got {steps!r}")
+    t = np.linspace(0.0, 1.0, int(steps), dtype=np.float32)[:, None, None]
+    return ((1 - t) * a[None] + t * b[None]).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pictures
+
+
+def _to_height(img: np.ndarray, height: int) -> np.ndarray:
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"pictures must be uint8 [H, W, 3] (or [H, W]), got {img.shape} {img.dtype}")
+    h, w = img.shape[:2]
+    if h == height:
+        return img
+    width = max(1, round(w * height / h))
+    return np.asarray(Image.fromarray(img).resize((width, height), Image.BICUBIC))
+
+
+def strip(images: Sequence[np.ndarray], height: int | None = None) -> np.ndarray:
+    """Pictures side by side in one row, each resized to `height` with its aspect kept.
+
+    Source: the row layout of official `scripts/style_mixing.py` (input, then the outputs).
+
+    Args:
+        images: uint8 `[H, W, 3]` (or `[H, W]` grey) pictures of any sizes.
+        height: row height in px (default the tallest picture's).
+
+    Returns:
+        uint8 `[height, sum of widths, 3]`.
+
+    Raises:
+        ValueError: no pictures, or one that is not uint8 `[H, W, 3]`/`[H, W]`.
+    """
+    if not len(images):
+        raise ValueError("strip needs at least one picture")
+    height = int(height or max(im.shape[0] for im in images))
+    return np.concatenate([_to_height(np.asarray(im), height) for im in images], axis=1)
+
+
+def grid(rows: Sequence[Sequence[np.ndarray]], height: int | None = None, fill: int = 255) -> np.ndarray:
+    """Rows of pictures (each a `strip`) stacked top to bottom, shorter rows padded on the right.
+
+    Args:
+        rows: one sequence of uint8 pictures per row (e.g. per input: the input, its inversion,
+            its mixes).
+        height: height of every row in px (default the tallest picture's).
+        fill: grey level of the padding (255 white).
+
+    Returns:
+        uint8 `[len(rows) * height, widest row, 3]`.
+
+    Raises:
+        ValueError: no rows, an empty row, or a picture that is not uint8 `[H, W, 3]`/`[H, W]`.
+    """
+    if not len(rows):
+        raise ValueError("grid needs at least one row")
+    height = int(height or max(im.shape[0] for row in rows for im in row))
+    strips = [strip(row, height) for row in rows]
+    width = max(s.shape[1] for s in strips)
+    return np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0)), constant_values=fill)
+                           for s in strips], axis=0)
+
+
+def fit_jpeg(picture: np.ndarray) -> np.ndarray:
+    """`picture` scaled down (aspect kept) so no side exceeds JPEG's 65535 px; unchanged if it fits."""
+    h, w = picture.shape[:2]
+    if max(h, w) <= JPEG_MAX_SIDE:
+        return picture
+    s = JPEG_MAX_SIDE / max(h, w)
+    size = (max(1, int(w * s)), max(1, int(h * s)))
+    return np.asarray(Image.fromarray(picture).resize(size, Image.BICUBIC))
