@@ -17,6 +17,15 @@ Style mixing (`RunOptions.n_outputs` K > 0; official `scripts/style_mixing.py`):
 input mixes in z_k = row k of `engine.latents.mixing_z(seed, K)`. Edits (`RunOptions.edits`) are
 applied to the encoder's latents first: `<stem>.png` is the edited inversion, `<stem>.npy` holds
 the latents it was rendered from (edited), and the mixes start from the edited latents.
+
+Face alignment (`RunOptions.align`; `engine.align`): each photo is aligned first (FFHQ recipe,
+1024 px crops as the HyperStyle/ReStyle authors' own, `ALIGN_SIZE`), then the crop goes through the
+official transform. One face keeps the input's output names; several faces are all inverted, most
+confident first, as `<rel>/<stem>_face<i>.*` (only the largest with `largest_face`); with
+`save_aligned` each crop is kept as `<...>_aligned.png`. A photo without a face is recorded
+"skipped" with the reason (a rerun tries it again). Super-resolution checkpoints
+(`RunOptions.degrade_factor`): the input is degraded as the official SR transform does
+(`reference.sr`) before encoding.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 
 from reference.errors import CheckpointError, PSPError
@@ -36,10 +46,12 @@ from reference.errors import CheckpointError, PSPError
 from .api import Engine, UsageError
 from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, atomic_write_image, atomic_write_npy, couple, display_rgb,
                      input_channels, read_input, tensor_to_uint8, to_input_tensor)
+from .align import NoFaceError
 from .latents import Edit, apply_edits, default_latent_mask, fit_jpeg, mix_with_w, mixing_z, strip
 from .manifest import InputStat, Manifest, checkpoint_identity
 
 STAGES = ("read", "encode", "synthesize", "write")
+ALIGN_SIZE = 1024  # px: aligned crop side (and quad-warp size) for --align; the encoder resizes it to 256
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,12 +132,15 @@ class Job:
     source: Path
     base: PurePosixPath
 
-    def outputs(self, out_dir: Path, save_latents: bool, couple_outputs: bool, n_outputs: int = 0) -> dict[str, Path]:
+    def outputs(self, out_dir: Path, save_latents: bool, couple_outputs: bool, n_outputs: int = 0,
+                save_aligned: bool = False) -> dict[str, Path]:
         """Output files of this job: "image" (.png), optional "latent" (.npy) and "coupled" (.jpg);
         with `n_outputs` K > 0 also "mix<k>" (.png) and, with latents, "mix<k>_latent" (.npy) for
-        k < K, and "grid" (.jpg)."""
+        k < K, and "grid" (.jpg); with `save_aligned` "aligned" (.png, the aligned crop)."""
         stem = out_dir / Path(self.base)
         paths = {"image": stem.with_name(stem.name + ".png")}
+        if save_aligned:
+            paths["aligned"] = stem.with_name(stem.name + "_aligned.png")
         if save_latents:
             paths["latent"] = stem.with_name(stem.name + ".npy")
         if couple_outputs:
@@ -138,6 +153,10 @@ class Job:
             paths["grid"] = stem.with_name(stem.name + "_grid.jpg")
         return paths
 
+    def face(self, i: int) -> "Job":
+        """The job of face `i` of a photo with several faces: base `<base>_face<i>`."""
+        return Job(self.source, PurePosixPath(f"{self.base}_face{i}"))
+
 
 def check_output_names(jobs: Sequence[Job], opts: "RunOptions") -> None:
     """Refuse a run where two inputs would write the same file (case-insensitively), e.g. with
@@ -148,7 +167,8 @@ def check_output_names(jobs: Sequence[Job], opts: "RunOptions") -> None:
     """
     seen: dict[str, int] = {}
     for i, job in enumerate(jobs):
-        for path in job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs).values():
+        for path in job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs,
+                                opts.save_aligned).values():
             j = seen.setdefault(str(path).casefold(), i)
             if j != i:
                 raise UsageError(f"{job.source} and {jobs[j].source} would both write {path}; rename one of them "
@@ -191,6 +211,10 @@ class RunOptions:
     mix_alpha: float | None = None  # None: replace the masked styles (official); else blend weight in [0, 1]
     seed: int = 0  # of engine.latents.mixing_z
     edits: tuple[Edit, ...] = ()  # loaded (engine.latents.load_edit), applied in order
+    align: bool = False  # FFHQ-align photos first (engine.align)
+    largest_face: bool = False  # with align: only the largest face, else every face
+    save_aligned: bool = False  # with align: keep each crop as <name>_aligned.png
+    degrade_factor: int | None = None  # super-resolution: official bicubic degradation by this factor
 
     def mixing_mask(self, eng: Engine) -> list[int]:
         """The style indices mixed: `latent_mask`, or the fine styles 8..n_styles-1."""
@@ -214,6 +238,10 @@ class RunOptions:
                                 "alpha": self.mix_alpha, "seed": self.seed}
         if self.edits:
             config["edits"] = [{"sha256": e.sha256, "strength": e.strength} for e in self.edits]
+        if self.align:
+            config["align"] = {"size": ALIGN_SIZE, "largest_face": self.largest_face, "save_aligned": self.save_aligned}
+        if self.degrade_factor is not None:
+            config["degrade_factor"] = self.degrade_factor
         return config
 
 
@@ -234,6 +262,7 @@ class Summary:
     seconds: float = 0.0
     stage_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     failures: list[tuple[str, str]] = field(default_factory=list)
+    no_face: list[tuple[str, str]] = field(default_factory=list)  # (input, reason) skipped by --align
 
     @property
     def images_per_s(self) -> float:
@@ -248,6 +277,7 @@ class Summary:
             lines.append("mean ms per image: " + ", ".join(f"{s} {self.stage_ms[s] / self.ok:.1f}" for s in STAGES))
         lines += [f"failed: {reason}" if reason.startswith(src) else f"failed: {src}: {reason}"
                   for src, reason in self.failures]
+        lines += [f"skipped (no face): {reason}" for _, reason in self.no_face]
         return "\n".join(lines)
 
 
@@ -257,11 +287,33 @@ class Progress(Protocol):
 
 @dataclass
 class _Ready:
-    job: Job
+    job: Job  # the item's job: the input's, or with several aligned faces `job.face(i)`
     stat: InputStat
     image: object  # PIL.Image, kept only for --couple-outputs and mixing grids (else None: a batch of photos can be large)
     x: torch.Tensor  # [1, C, 256, 256]
     read_ms: float
+    aligned: object = None  # PIL.Image of the aligned crop, kept only for save_aligned
+    n_items: int = 1  # items (faces) of this input, all in the same batch
+
+
+def _read_items(job: Job, stat: InputStat, eng: Engine, opts: "RunOptions", keep_image: bool, t0: float) -> list[_Ready]:
+    """Read one input into its items: one, or one per aligned face. Raises what reading raises."""
+    image = read_input(job.source, eng.label_nc, max_pixels=opts.max_pixels)
+    if not opts.align:
+        x = to_input_tensor([image], eng.label_nc, names=[str(job.source)], degrade_factor=opts.degrade_factor)
+        return [_Ready(job, stat, image if keep_image else None, x, _ms(t0))]
+    from .align import align_image
+
+    faces = align_image(image, name=str(job.source), largest_face=opts.largest_face,
+                        output_size=ALIGN_SIZE, transform_size=ALIGN_SIZE)
+    items = []
+    for i, (_, crop) in enumerate(faces):
+        x = to_input_tensor([crop], eng.label_nc, names=[str(job.source)], degrade_factor=opts.degrade_factor)
+        items.append(_Ready(job if len(faces) == 1 else job.face(i), stat, crop if keep_image else None, x, 0.0,
+                            aligned=crop if opts.save_aligned else None, n_items=len(faces)))
+    for r in items:
+        r.read_ms = _ms(t0) / len(items)
+    return items
 
 
 def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manifest,
@@ -297,6 +349,11 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
             f"{eng.checkpoint}: its opts say label_nc={eng.label_nc}, which means {input_channels(eng.label_nc)}-channel "
             f"inputs, but its encoder takes input_nc={eng.input_nc}; the checkpoint's opts are inconsistent"
         )
+    if opts.align and eng.label_nc != 0:
+        raise UsageError(f"--align aligns face photos; this checkpoint takes label_nc={eng.label_nc} inputs "
+                         "(sketch or segmentation), which are not photos")
+    if (opts.largest_face or opts.save_aligned) and not opts.align:
+        raise UsageError("--largest-face and --save-aligned need --align")
     check_output_names(jobs, opts)
     if opts.n_outputs:  # before any input: a bad mask or a backend without a mapping fails the run, not each input
         mask = opts.mixing_mask(eng)
@@ -330,14 +387,17 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
         for job, stat in todo[start:start + opts.batch_size]:
             t0 = time.perf_counter()
             try:
-                image = read_input(job.source, eng.label_nc, max_pixels=opts.max_pixels)
-                x = to_input_tensor([image], eng.label_nc, names=[str(job.source)])
+                ready += _read_items(job, stat, eng, opts, keep_image, t0)
+            except NoFaceError as e:  # not an error of the file: recorded "skipped" with the reason
+                manifest.append(stat, "skipped", error=str(e), timings_ms={"read": _ms(t0)})
+                summary.skipped += 1
+                summary.no_face.append((str(job.source), str(e)))
+                if progress is not None:
+                    progress.update(1)
             except PSPError as e:
                 fail(job, stat, str(e), {"read": _ms(t0)})
             except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the run; recorded
                 fail(job, stat, f"{job.source}: unexpected {type(e).__name__} while reading: {e}", {"read": _ms(t0)})
-            else:
-                ready.append(_Ready(job, stat, image if keep_image else None, x, _ms(t0)))
         if not ready:
             continue
 
@@ -357,7 +417,8 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
             synth_ms = _ms(t0) / len(ready)
         except RuntimeError as e:  # e.g. out of memory: every image of this batch fails, the run goes on
             for r in ready:
-                fail(r.job, r.stat, f"model failed on this batch: {type(e).__name__}: {e}", {"read": r.read_ms})
+                if r.job.source not in {q.job.source for q in ready[:ready.index(r)]}:  # once per input
+                    fail(r.job, r.stat, f"model failed on this batch: {type(e).__name__}: {e}", {"read": r.read_ms})
             continue
         out_u8 = tensor_to_uint8(img)  # [B, R, R, 3]
         latents = w_plus.to("cpu", torch.float32).numpy()  # [B, n_styles, 512]
@@ -366,10 +427,16 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
             mix_u8 = tensor_to_uint8(mix_img).reshape(len(ready), k, *out_u8.shape[1:])  # [B, K, R, R, 3]
             mix_latents = w_mixed.to("cpu", torch.float32).numpy().reshape(len(ready), k, *latents.shape[1:])
 
+        written: dict[Path, list[Path]] = {}  # input -> outputs of its items written so far
         for i, r in enumerate(ready):
             t0 = time.perf_counter()
-            paths = r.job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs)
+            paths = r.job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs,
+                                  opts.save_aligned)
+            if r.job.source in written and written[r.job.source] is None:
+                continue  # an earlier face of this input failed to write: the input is recorded failed
             try:
+                if "aligned" in paths:
+                    atomic_write_image(paths["aligned"], np.asarray(r.aligned.convert("RGB")))
                 if "latent" in paths:
                     atomic_write_npy(paths["latent"], latents[i])
                 if "coupled" in paths:
@@ -383,12 +450,17 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
                     atomic_write_image(paths["grid"], fit_jpeg(row))
                 atomic_write_image(paths["image"], out_u8[i])
             except (OSError, ValueError) as e:
+                written[r.job.source] = None
                 fail(r.job, r.stat, f"{paths['image']}: cannot write ({type(e).__name__}: {e})",
                      {"read": r.read_ms, "encode": encode_ms, "synthesize": synth_ms})
                 continue
-            timings = {"read": r.read_ms, "encode": encode_ms, "synthesize": synth_ms, "write": _ms(t0)}
-            manifest.append(r.stat, "ok", outputs=[Path(os.path.abspath(p)) for p in paths.values()],
-                            timings_ms=timings)
+            outs = written.setdefault(r.job.source, [])
+            outs += [Path(os.path.abspath(p)) for p in paths.values()]
+            if sum(1 for q in ready if q.job.source == r.job.source) != len(outs) // len(paths):
+                continue  # more faces of this input to write; one record per input once all are
+            n = r.n_items
+            timings = {"read": r.read_ms * n, "encode": encode_ms * n, "synthesize": synth_ms * n, "write": _ms(t0) * n}
+            manifest.append(r.stat, "ok", outputs=outs, timings_ms=timings)
             summary.ok += 1
             for s in STAGES:
                 summary.stage_ms[s] += timings[s]

@@ -21,10 +21,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from reference.errors import PSPError
+from reference.sr import bicubic_kernel, parse_factors
 
 from . import api, demo
 from . import latents as lt
-from .batch import RunOptions, find_inputs, plan_jobs, run_jobs
+from .batch import ALIGN_SIZE, RunOptions, find_inputs, plan_jobs, run_jobs
 from .images import MAX_PIXELS
 from .manifest import MANIFEST_NAME, Manifest
 
@@ -140,7 +141,59 @@ def build_parser() -> argparse.ArgumentParser:
         "latent editing", "edits apply to the inverted latents before synthesis and before mixing: <name>.png is "
                           "the edited image and --save-latents stores the edited latents")
     add_edit_argument(editing)
+    align = p.add_argument_group(
+        "face alignment", "FFHQ alignment from dlib's 68 landmarks before encoding (pip install -e '.[align]'; the "
+                          "landmark model is for non-commercial use only, see README)")
+    align.add_argument("--align", action="store_true",
+                       help=f"align each photo first ({ALIGN_SIZE} px crops, resized to 256 for the encoder); a photo "
+                            "with several faces gives <name>_face0, <name>_face1, ... (most confident first); a photo "
+                            "without a face is recorded as skipped with the reason")
+    align.add_argument("--largest-face", action="store_true", help="with --align: only the largest face of each photo")
+    align.add_argument("--save-aligned", action="store_true", help="with --align: also keep each crop as <name>_aligned.png")
+    sr = p.add_argument_group("super resolution")
+    sr.add_argument("--resize-factor", default=None, metavar="F|input",
+                    help="super-resolution checkpoints: degrade each input as the official transform does (bicubic "
+                         "downsampling by F, then back to 256) before encoding; 'input' for inputs that are already "
+                         "low-resolution (only resized to 256). Default: the checkpoint's training factor when it has "
+                         "exactly one; a multi-factor checkpoint needs the option (official code draws one at random)")
     return p
+
+
+def resolve_resize_factor(arg: str | None, eng: api.Engine, say=lambda msg: None) -> int | None:
+    """The degradation factor of `--resize-factor` for this checkpoint (None: no degradation).
+
+    Source: official `configs/transforms_config.py::SuperResTransforms` (`resize_factors`, default
+    "1,2,4,8,16,32"; a factor is drawn at random per image there).
+
+    Raises:
+        UsageError: the option on a checkpoint that is not super-resolution; a bad value; a
+            multi-factor super-resolution checkpoint without the option.
+    """
+    dataset_type = str(eng.opts.get("dataset_type", ""))
+    is_sr = "super_resolution" in dataset_type
+    factors = parse_factors(eng.opts.get("resize_factors")) if is_sr else []
+    if arg is None:
+        if not is_sr:
+            return None
+        if len(factors) == 1:
+            return factors[0]
+        trained = ",".join(map(str, factors)) or "1,2,4,8,16,32 (the official default)"
+        raise api.UsageError(
+            f"{eng.checkpoint} is a super-resolution checkpoint trained on factors {trained}: pass --resize-factor F "
+            "to degrade the inputs by F as in training, or --resize-factor input if they are already low-resolution")
+    if not is_sr:
+        raise api.UsageError(f"--resize-factor is for super-resolution checkpoints (dataset_type "
+                             f"celebs_super_resolution); {eng.checkpoint} has dataset_type {dataset_type or 'unknown'!r}")
+    if arg == "input":
+        return None
+    try:
+        factor = int(arg)
+        bicubic_kernel(factor)  # validates the range
+    except ValueError:
+        raise api.UsageError(f"--resize-factor: expected a positive integer or 'input', got {arg!r}") from None
+    if factors and factor not in factors:
+        say(f"warning: --resize-factor {factor} is not among the checkpoint's training factors {factors}")
+    return factor
 
 
 def mixing_options(args: argparse.Namespace) -> dict:
@@ -193,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                       max_pixels=args.max_pixels)
     try:
         opts = replace(opts, **mixing_options(args))
+        if (args.largest_face or args.save_aligned) and not args.align:
+            raise api.UsageError("--largest-face and --save-aligned need --align")
         check_edit_files(args.edit)
         jobs = plan_jobs(find_inputs(args.input, exclude=opts.out_dir))
         if args.checkpoint is None:
@@ -203,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         say(f"loaded {eng.checkpoint} in {time.perf_counter() - t0:.1f} s: output {eng.output_size}px, "
             f"{eng.n_styles} styles, input_nc {eng.input_nc}, label_nc {eng.label_nc}; "
             f"{len(jobs)} input(s) -> {opts.out_dir}")
-        opts = replace(opts, edits=tuple(lt.load_edit(e, eng.n_styles) for e in args.edit))
+        opts = replace(opts, edits=tuple(lt.load_edit(e, eng.n_styles) for e in args.edit),
+                       align=args.align, largest_face=args.largest_face, save_aligned=args.save_aligned,
+                       degrade_factor=resolve_resize_factor(args.resize_factor, eng, say))
+        if opts.degrade_factor is not None:
+            say(f"super resolution: inputs degraded by factor {opts.degrade_factor} (official bicubic downsampling)")
         if args.latent_mask is not None:
             opts = replace(opts, latent_mask=tuple(lt.parse_latent_mask(args.latent_mask, eng.n_styles)))
         if opts.n_outputs:

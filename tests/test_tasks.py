@@ -1,0 +1,182 @@
+"""The pSp tasks end to end with rule checkpoints of each official layout, on the shared real inputs.
+
+Each official task checkpoint layout (`shared/golden/spec`: sketch_to_face, input_nc 1; seg_to_face,
+input_nc = label_nc = 19; super_resolution, RGB with `resize_factors`) is built by the weight rule
+in memory, and the shared sketch / segmentation map / face photo goes through the batch loop that
+`python -m engine.run` uses. What is checked is the task plumbing: the official input transform of
+each task (checked here against formulas written out independently), the encoder accepting it, and
+the outputs written; random weights do not draw faces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import api
+from engine.batch import RunOptions, plan_jobs, run_jobs
+from engine.images import to_input_tensor
+from engine.manifest import Manifest
+from reference import load_psp, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def task_engine():
+    """Build the rule checkpoint of a config in memory (1024 px, ~1.2 GB) and wrap it in an Engine."""
+    cache = {}
+
+    def get(config: str) -> api.Engine:
+        if config not in cache:
+            cache.clear()  # one 1.2 GB model at a time
+            psp = load_psp(make_checkpoint(config, 0))
+            cache[config] = api.Engine(psp, Path(f"rule-{config}.pt"), "reference", torch.device("cpu"), is_demo=False)
+        return cache[config]
+
+    yield get
+    cache.clear()
+
+
+def official_onehot(ids: np.ndarray, n_classes: int) -> np.ndarray:
+    """Official `ToOneHot` then `ToTensor`, written out: `[H, W]` ids -> `[n_classes, H, W]` {0, 1}."""
+    out = np.zeros(ids.shape + (n_classes,), dtype=np.int64)
+    rows, cols = np.ogrid[: ids.shape[0], : ids.shape[1]]
+    out[rows, cols, ids] = 1
+    return out.transpose(2, 0, 1)
+
+
+def run_one(eng: api.Engine, source: Path, tmp_path: Path, **kw):
+    opts = RunOptions(out_dir=tmp_path / "out", save_latents=True, resize_outputs=True, **kw)
+    jobs = plan_jobs([source])
+    with Manifest(opts.out_dir, {"test": str(eng.checkpoint)}) as m:
+        summary = run_jobs(eng, jobs, opts, m)
+    assert (summary.ok, summary.failed) == (1, 0), summary.failures
+    paths = jobs[0].outputs(opts.out_dir, save_latents=True, couple_outputs=False)
+    return np.asarray(Image.open(paths["image"])), np.load(paths["latent"])
+
+
+def test_sketch_to_face(task_engine, shared, tmp_path):
+    eng = task_engine("sketch_to_face")
+    assert (eng.input_nc, eng.label_nc, eng.output_size, eng.n_styles) == (1, 1, 1024, 18)
+    src = shared / "data" / "sketch" / "psp_input_sketch.jpg"
+    x = to_input_tensor([Image.open(src)], eng.label_nc)
+    # official SketchToImageTransforms: convert('L'), Resize((256, 256)), ToTensor (no Normalize)
+    grey = np.array(Image.open(src).convert("L").resize((256, 256), Image.BILINEAR))
+    assert torch.equal(x, torch.from_numpy(grey)[None, None].float() / 255)
+    img, w_plus = run_one(eng, src, tmp_path)
+    assert img.shape == (256, 256, 3) and w_plus.shape == (18, 512)
+    expect = eng.encode(x)[0].numpy()
+    assert np.abs(w_plus - expect).max() < 1e-4
+
+
+def test_seg_to_face(task_engine, shared, tmp_path):
+    eng = task_engine("seg_to_face")
+    assert (eng.input_nc, eng.label_nc) == (19, 19)
+    src = shared / "data" / "segmentation" / "psp_input_mask.png"
+    x = to_input_tensor([Image.open(src)], eng.label_nc)
+    # official SegToImageTransforms: convert('L'), Resize((256, 256)) (bilinear, ids interpolated), ToOneHot(19)
+    ids = np.asarray(Image.open(src).convert("L").resize((256, 256), Image.BILINEAR))
+    assert torch.equal(x[0], torch.from_numpy(official_onehot(ids, 19)).float())
+    assert float(x.sum()) == 256 * 256  # exactly one class per pixel
+    img, w_plus = run_one(eng, src, tmp_path)
+    assert img.shape == (256, 256, 3) and w_plus.shape == (18, 512)
+    assert np.abs(w_plus - eng.encode(x)[0].numpy()).max() < 1e-4
+
+
+def test_super_resolution(task_engine, shared, tmp_path):
+    eng = task_engine("super_resolution")
+    assert eng.opts["dataset_type"] == "celebs_super_resolution" and eng.opts["resize_factors"] == "1,2,4,8,16,32"
+    src = shared / "data" / "faces" / "aligned" / "hyperstyle_pitt_256.jpg"
+    x8 = to_input_tensor([Image.open(src)], 0, degrade_factor=8)
+    x_plain = to_input_tensor([Image.open(src)], 0)
+    img, w_plus = run_one(eng, src, tmp_path, degrade_factor=8)
+    assert img.shape == (256, 256, 3) and w_plus.shape == (18, 512)
+    w8 = eng.encode(torch.cat([x8, x_plain]))
+    assert np.abs(w_plus - w8[0].numpy()).max() < 1e-4, "the run encoded the degraded input"
+    assert np.abs(w_plus - w8[1].numpy()).max() > 1e-3, "and not the plain one"
+
+
+# ------------------------------------------------------------------------------------------------
+# --resize-factor and --align in the run loop
+
+
+def test_resize_factor_resolution():
+    from types import SimpleNamespace
+
+    from engine.api import UsageError
+    from engine.run import resolve_resize_factor
+
+    def eng(dataset_type, factors=None):
+        return SimpleNamespace(opts={"dataset_type": dataset_type, "resize_factors": factors}, checkpoint=Path("c.pt"))
+
+    sr_multi, sr_one, enc = eng("celebs_super_resolution", "1,2,4,8,16,32"), eng("celebs_super_resolution", "4"), eng("ffhq_encode")
+    assert resolve_resize_factor(None, enc) is None
+    assert resolve_resize_factor(None, sr_one) == 4
+    assert resolve_resize_factor("8", sr_multi) == 8
+    assert resolve_resize_factor("input", sr_multi) is None
+    warnings = []
+    assert resolve_resize_factor("3", sr_one, warnings.append) == 3 and "not among" in warnings[0]
+    with pytest.raises(UsageError, match="trained on factors 1,2,4,8,16,32.*--resize-factor"):
+        resolve_resize_factor(None, sr_multi)
+    with pytest.raises(UsageError, match="super-resolution checkpoints.*ffhq_encode"):
+        resolve_resize_factor("4", enc)
+    for bad in ("0", "x", "2.5"):
+        with pytest.raises(UsageError, match="positive integer"):
+            resolve_resize_factor(bad, sr_multi)
+
+
+def test_align_in_the_run_loop(shared, tmp_path, ffhq256_checkpoint):
+    pytest.importorskip("dlib", reason="--align needs dlib (pip install -e '.[align]')")
+    from engine.align import align_image
+    from engine.images import read_image
+
+    eng = api.Engine(load_psp(ffhq256_checkpoint), Path(ffhq256_checkpoint), "reference", torch.device("cpu"), is_demo=False)
+    unaligned = shared / "data" / "faces" / "unaligned"
+    files = [unaligned / "face_recognition_two_people.jpg", unaligned / "hyperstyle_face_image.jpg",
+             shared / "data" / "other" / "skimage_coffee.png"]
+    opts = RunOptions(out_dir=tmp_path / "out", align=True, save_aligned=True, save_latents=True, batch_size=2)
+    jobs = plan_jobs(files)
+    with Manifest(opts.out_dir, opts.config(eng)) as m:
+        summary = run_jobs(eng, jobs, opts, m)
+    assert (summary.ok, summary.failed, summary.skipped) == (2, 0, 1), summary.format()
+    assert "skimage_coffee.png" in summary.no_face[0][1] and "no face" in summary.no_face[0][1]
+    root = opts.out_dir
+    out = root / "faces" / "unaligned"  # outputs mirror the inputs under their common folder (shared/data)
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    expect = sorted(["manifest.jsonl"] + [f"faces/unaligned/{n}" for n in (
+        "hyperstyle_face_image.png", "hyperstyle_face_image.npy", "hyperstyle_face_image_aligned.png",
+        *(f"face_recognition_two_people_face{i}{s}" for i in (0, 1) for s in (".png", ".npy", "_aligned.png")))])
+    assert names == expect
+    # the kept crop is engine.align's, and the inversion encoded that crop
+    crop = align_image(read_image(files[1]), name="x", output_size=1024, transform_size=1024)[0][1]
+    assert np.array_equal(np.asarray(Image.open(out / "hyperstyle_face_image_aligned.png")), np.asarray(crop))
+    w = eng.encode(to_input_tensor([crop], 0))[0].numpy()
+    assert np.abs(np.load(out / "hyperstyle_face_image.npy") - w).max() < 1e-4
+    # one manifest record per input, listing all its faces' outputs; a rerun skips them and retries the photo without a face
+    import json
+
+    records = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+    two = [r for r in records if r["input"].endswith("two_people.jpg")]
+    assert len(two) == 1 and len(two[0]["outputs"]) == 6
+    coffee = [r for r in records if r["input"].endswith("coffee.png")]
+    assert coffee[0]["status"] == "skipped" and "no face" in coffee[0]["error"]
+    with Manifest(opts.out_dir, opts.config(eng)) as m:
+        again = run_jobs(eng, jobs, opts, m)
+    assert (again.ok, again.skipped) == (0, 3)
+    # --largest-face: one face, the input's own name
+    opts1 = RunOptions(out_dir=tmp_path / "largest", align=True, largest_face=True)
+    with Manifest(opts1.out_dir, opts1.config(eng)) as m:
+        one = run_jobs(eng, plan_jobs(files[:1]), opts1, m)
+    assert one.ok == 1 and (opts1.out_dir / "face_recognition_two_people.png").is_file()
+    assert not list(opts1.out_dir.glob("*_face*"))
+
+
+def test_align_usage_errors(tmp_path, shared, capsys):
+    from engine import run
+
+    img = shared / "data" / "faces" / "aligned" / "hyperstyle_pitt_256.jpg"
+    assert run.main(["--input", str(img), "--output", str(tmp_path / "o"), "--largest-face"]) == 2
+    assert "need --align" in capsys.readouterr().err
