@@ -451,3 +451,12 @@ def test_inconsistent_label_nc_and_input_nc(ffhq256_checkpoint, tmp_path, shared
     opts = RunOptions(out_dir=tmp_path / "out")
     with Manifest(opts.out_dir, {}) as m, pytest.raises(engine.CheckpointError, match="inconsistent"):
         run_jobs(eng, plan_jobs([shared / "data" / "sketch" / "psp_input_sketch.jpg"]), opts, m)
+
+
+def test_readme_shows_the_current_help(monkeypatch):
+    """The README's `engine.run --help` block is the parser's help (at 100 columns), not a stale copy."""
+    monkeypatch.setenv("COLUMNS", "100")
+    text = (REPO / "README.md").read_text()
+    start = text.index("```text\n", text.index("## The CLI: `python -m engine.run`")) + len("```text\n")
+    block = text[start:text.index("```\n", start)].rstrip()
+    assert block == run.build_parser().format_help().rstrip(), "regenerate the README block from `--help`"
