@@ -80,7 +80,7 @@ def find_inputs(specs: Sequence[str], exclude: str | os.PathLike | None = None) 
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            matches = _scan(p, skip)
+            matches = scan_folder(p, skip)
         elif p.is_file():
             matches = [p]
         elif glob.has_magic(spec):
@@ -90,7 +90,7 @@ def find_inputs(specs: Sequence[str], exclude: str | os.PathLike | None = None) 
             matches = []
             for h in map(Path, hits):
                 if h.is_dir():
-                    matches += _scan(h, skip)
+                    matches += scan_folder(h, skip)
                 elif h.suffix.lower() in IMAGE_EXTENSIONS and not _under(h, skip):
                     matches.append(h)
         else:
@@ -111,7 +111,9 @@ def _under(path: Path, folder: str | None) -> bool:
     return a == folder or a.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _scan(folder: Path, skip: str | None) -> list[Path]:
+def scan_folder(folder: str | os.PathLike, skip: str | None = None) -> list[Path]:
+    """Image files under `folder`, recursively: `IMAGE_EXTENSIONS` (case-insensitive), hidden files
+    and folders skipped, sorted within each folder; `skip` an absolute folder never entered."""
     files = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _under(Path(dirpath, d), skip))
@@ -456,7 +458,7 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
                 continue
             outs = written.setdefault(r.job.source, [])
             outs += [Path(os.path.abspath(p)) for p in paths.values()]
-            if sum(1 for q in ready if q.job.source == r.job.source) != len(outs) // len(paths):
+            if len(outs) < r.n_items * len(paths):
                 continue  # more faces of this input to write; one record per input once all are
             n = r.n_items
             timings = {"read": r.read_ms * n, "encode": encode_ms * n, "synthesize": synth_ms * n, "write": _ms(t0) * n}

@@ -68,7 +68,8 @@ from reference.errors import InputImageError, PSPError
 from reference.perceptual import MissingWeightsError, load_lpips, lpips_backbone_path
 
 from .api import UsageError
-from .images import IMAGE_EXTENSIONS, atomic_write, read_image
+from .batch import scan_folder
+from .images import atomic_write, read_image
 from .manifest import MANIFEST_NAME, read_records
 
 SSIM_WINDOW = 11  # px, Gaussian window of SSIM and MS-SSIM
@@ -292,16 +293,8 @@ def list_images(folder: str | os.PathLike, ignore: Sequence[str] = ()) -> dict[s
     """
     root = Path(folder)
     skip = set(ignore)
-    found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if f.startswith(".") or Path(f).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            p = Path(dirpath, f)
-            rel = p.relative_to(root).as_posix()
-            if rel not in skip:
-                found[rel] = p
+    found = {p.relative_to(root).as_posix(): p for p in scan_folder(root)}
+    found = {rel: p for rel, p in found.items() if rel not in skip}
     return dict(sorted(found.items()))
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from engine.batch import scan_folder
 from engine.images import IMAGE_EXTENSIONS, read_image, read_input, to_input_tensor
 
 from ..errors import InputImageError, PSPError
@@ -78,18 +79,13 @@ def scan_images(root: str | os.PathLike, what: str = "folder") -> dict[str, Path
         raise TrainDataError(f"{root}: {what} folder not found" if not root.exists()
                              else f"{root}: {what} must be a folder of images, this is a file")
     found: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fname in sorted(filenames):
-            path = Path(dirpath) / fname
-            if fname.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            name = path.relative_to(root).with_suffix("").as_posix()
-            if name in found:
-                raise TrainDataError(
-                    f"{root}: two images share the name {name!r} ({found[name].name}, {fname}); pairs are matched "
-                    "by name, so keep one")
-            found[name] = path
+    for path in scan_folder(root):
+        name = path.relative_to(root).with_suffix("").as_posix()
+        if name in found:
+            raise TrainDataError(
+                f"{root}: two images share the name {name!r} ({found[name].name}, {path.name}); pairs are matched "
+                "by name, so keep one")
+        found[name] = path
     return dict(sorted(found.items()))
 
 
