@@ -52,38 +52,36 @@ def _load_engine(path: Path, device: torch.device, trust_pickle: bool) -> torch.
     return EnginePSP(_load_reference(path, device, trust_pickle)).to(device)
 
 
-def _load_onnxruntime(path: Path, device: torch.device, trust_pickle: bool) -> torch.nn.Module:
-    """The engine formulation exported to ONNX (cached under the engine cache) on ONNX Runtime's CPU provider."""
-    if device.type != "cpu":
-        raise UsageError("backend 'onnxruntime' runs on the CPU; use --device cpu (or backend 'triton'/'engine' on CUDA)")
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise UsageError("backend 'onnxruntime' needs the onnxruntime package (pip install onnxruntime)") from None
-    from export.ort import load_ort
+def _load_graph_backend(name: str, package: str, path: Path, device: torch.device, trust_pickle: bool):
+    """A CPU backend running the cached ONNX graphs of the engine formulation (exported on first use;
+    `path` must be a checkpoint file). `name` is the backend, `package` the Python package it needs."""
+    import importlib
 
+    if device.type != "cpu":
+        raise UsageError(f"backend {name!r} runs on the CPU; use --device cpu (or backend 'triton'/'engine' on CUDA)")
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        raise UsageError(f"backend {name!r} needs the {package} package (pip install {package})") from None
     from reference.checkpoint import read_checkpoint
 
     if not path.is_file():
         read_checkpoint(path)  # raises the CheckpointError naming the problem
-    return load_ort(path, lambda: _load_reference(path, device, trust_pickle), demo.cache_dir() / "onnx")
+    if name == "onnxruntime":
+        from export.ort import load_ort as load_graphs
+    else:
+        from export.openvino import load_openvino as load_graphs
+    return load_graphs(path, lambda: _load_reference(path, device, trust_pickle), demo.cache_dir() / "onnx")
+
+
+def _load_onnxruntime(path: Path, device: torch.device, trust_pickle: bool) -> torch.nn.Module:
+    """The engine formulation exported to ONNX (cached under the engine cache) on ONNX Runtime's CPU provider."""
+    return _load_graph_backend("onnxruntime", "onnxruntime", path, device, trust_pickle)
 
 
 def _load_openvino(path: Path, device: torch.device, trust_pickle: bool) -> torch.nn.Module:
     """The same cached ONNX graphs as 'onnxruntime', compiled by OpenVINO's CPU plugin (fp32)."""
-    if device.type != "cpu":
-        raise UsageError("backend 'openvino' runs on the CPU; use --device cpu (or backend 'triton'/'engine' on CUDA)")
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        raise UsageError("backend 'openvino' needs the openvino package (pip install openvino)") from None
-    from export.openvino import load_openvino
-
-    from reference.checkpoint import read_checkpoint
-
-    if not path.is_file():
-        read_checkpoint(path)  # raises the CheckpointError naming the problem
-    return load_openvino(path, lambda: _load_reference(path, device, trust_pickle), demo.cache_dir() / "onnx")
+    return _load_graph_backend("openvino", "openvino", path, device, trust_pickle)
 
 
 def _load_tensorrt(path: Path, device: torch.device, trust_pickle: bool):

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -273,17 +274,30 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")
             with tqdm(total=len(jobs), unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
                 summary = run_jobs(eng, jobs, opts, manifest, progress=bar)
-    except PSPError as e:
-        say("error: " + " ".join(str(e).split()))
-        return 2
-    except OSError as e:  # the output folder or manifest cannot be created or written
-        say("error: " + " ".join(str(e).split()))
-        return 2
+    except (PSPError, OSError) as e:  # OSError: the output folder or manifest cannot be created or written
+        return usage_error(say, e)
     except KeyboardInterrupt:
-        say("interrupted: finished inputs are recorded in the manifest; rerun the same command to resume")
-        return 130
+        return interrupted(say)
+    return finish(say, summary, opts.out_dir, eng)
+
+
+def usage_error(say: Callable[[str], None], e: Exception) -> int:
+    """Report a usage, checkpoint or output-folder error in one line; the exit code 2."""
+    say("error: " + " ".join(str(e).split()))
+    return 2
+
+
+def interrupted(say: Callable[[str], None]) -> int:
+    """Report Ctrl-C with the resume hint; the exit code 130."""
+    say("interrupted: finished inputs are recorded in the manifest; rerun the same command to resume")
+    return 130
+
+
+def finish(say: Callable[[str], None], summary, out_dir: Path, eng: api.Engine) -> int:
+    """The end of a batch CLI (engine.run, engine.synthesize): the summary, where the outputs are, the
+    demo reminder; the exit code, 1 when some input failed, else 0."""
     say(summary.format())
-    say(f"outputs in {opts.out_dir} (manifest: {opts.out_dir / MANIFEST_NAME})")
+    say(f"outputs in {out_dir} (manifest: {out_dir / MANIFEST_NAME})")
     if eng.is_demo:
         say(f"reminder: these outputs come from the random-weight DEMO checkpoint; pass {demo.REAL_CHECKPOINT_HINT}")
     return 1 if summary.failed else 0

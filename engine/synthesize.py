@@ -47,7 +47,7 @@ from . import latents as lt
 from .batch import Job, Progress, _under, plan_jobs
 from .images import atomic_write_image, tensor_to_uint8
 from .manifest import MANIFEST_NAME, InputStat, Manifest, checkpoint_identity
-from .run import add_edit_argument, int_at_least
+from .run import add_edit_argument, finish, int_at_least, interrupted, usage_error
 
 STRIP_HEIGHT = 256  # px, the most an interpolation strip's frames are shown at
 
@@ -421,20 +421,11 @@ def main(argv: list[str] | None = None) -> int:
                 if ends:
                     run_interpolation(eng, ends[0], ends[1], args.steps, opts, manifest, summary=summary)
                     bar.update(1)
-    except PSPError as e:
-        say("error: " + " ".join(str(e).split()))
-        return 2
-    except OSError as e:  # the output folder or manifest cannot be created or written
-        say("error: " + " ".join(str(e).split()))
-        return 2
+    except (PSPError, OSError) as e:  # OSError: the output folder or manifest cannot be created or written
+        return usage_error(say, e)
     except KeyboardInterrupt:
-        say("interrupted: finished inputs are recorded in the manifest; rerun the same command to resume")
-        return 130
-    say(summary.format())
-    say(f"outputs in {opts.out_dir} (manifest: {opts.out_dir / MANIFEST_NAME})")
-    if eng.is_demo:
-        say(f"reminder: these outputs come from the random-weight DEMO checkpoint; pass {demo.REAL_CHECKPOINT_HINT}")
-    return 1 if summary.failed else 0
+        return interrupted(say)
+    return finish(say, summary, opts.out_dir, eng)
 
 
 if __name__ == "__main__":
