@@ -33,7 +33,8 @@ CONFIG = {256: "ffhq_encode_256", 1024: "ffhq_encode"}
 
 def checkpoint_for(size: int) -> Path:
     """The rule checkpoint of `size`, cached as a file (ONNX export caches key on the file)."""
-    from engine.demo import cache_dir, demo_checkpoint_path
+    from engine.demo import demo_checkpoint_path
+    from reference.files import cache_dir
     from reference import make_checkpoint, save_checkpoint
 
     if size == 1024:

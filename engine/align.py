@@ -12,7 +12,7 @@ Where this module departs from the official script, on purpose:
 - Every face is returned, most confident first, or only the largest with `largest_face`. The
   official code keeps the landmarks of the LAST detection, which is neither the best nor the
   largest: on `skimage_astronaut.png` it is a false positive on the mission patch.
-- The image is read by `engine.images.read_image` (EXIF orientation applied, alpha over white,
+- The image is read by `reference.images.read_image` (EXIF orientation applied, alpha over white,
   16-bit scaled) instead of `PIL.Image.open`, and greyscale photos are aligned as RGB.
 - `PIL.Image.ANTIALIAS` (removed in Pillow 10) is its alias `Image.LANCZOS`.
 
@@ -36,7 +36,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from reference.errors import InputImageError, PSPError
+from reference.cli import ArgumentParser, int_at_least, run_cli, say
+from reference.errors import InputImageError, PSPError, UsageError
+from reference.images import MAX_PIXELS, atomic_write_image, read_image
+
+from .inputs import find_inputs, plan_jobs
 
 LANDMARKS_MODEL = "shape_predictor_68_face_landmarks.dat"
 N_LANDMARKS = 68
@@ -141,7 +145,7 @@ def detect_faces(image: Image.Image, name: str = "image", upsample: int = 1) -> 
     `predictor(img, d)`), keeping every detection with its score instead of the last one.
 
     Args:
-        image: PIL image, any mode (converted to RGB), e.g. from `engine.images.read_image`.
+        image: PIL image, any mode (converted to RGB), e.g. from `reference.images.read_image`.
         name: file name for error messages.
         upsample: times the image is doubled before detecting (1 as pSp: finds faces down to
             about 40 px; 0 is 4x faster and misses faces under about 80 px). >= 0.
@@ -305,7 +309,7 @@ def align_image(image: Image.Image, name: str = "image", largest_face: bool = Fa
     detection and fails on a photo without a face).
 
     Args:
-        image: PIL image, any mode, e.g. from `engine.images.read_image`.
+        image: PIL image, any mode, e.g. from `reference.images.read_image`.
         name: file name for error messages.
         largest_face: align only the face with the largest detection box (ties: the more
             confident one), e.g. the subject of a portrait with people in the background.
@@ -370,9 +374,7 @@ def _done(out_dir: Path, base) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    from .run import int_at_least
-
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m engine.align",
         description="Detect faces (dlib HOG, 68 landmarks) and crop each one the FFHQ way, as pSp's "
                     "FFHQ encoders expect. Writes <name>.png for a photo with one face, <name>_face0.png, "
@@ -400,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "~40 px; each step costs ~4x time and memory)")
     p.add_argument("--max-pixels", type=int_at_least(1), default=None, metavar="N",
                    help="reject images with more pixels than this, before decoding (default: "
-                        "engine.images.MAX_PIXELS)")
+                        "reference.images.MAX_PIXELS)")
     return p
 
 
@@ -413,63 +415,45 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit code: 0 all ok or skipped, 1 some inputs failed, 2 usage error.
     """
-    from .api import UsageError
-    from .batch import find_inputs, plan_jobs
-    from .images import MAX_PIXELS, atomic_write_image, read_image
+    return run_cli(build_parser(), _run, argv, interrupted="finished inputs are kept; rerun the same command to resume")
 
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: 2 on a usage error, 0 after --help
-        return int(e.code or 0)
+
+def _run(args: argparse.Namespace) -> int:
     transform_size = args.transform_size or args.output_size * FFHQ_SUPERSAMPLING
     if transform_size < args.output_size:
-        print(f"error: --transform-size {transform_size} is smaller than --output-size {args.output_size}",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"--transform-size {transform_size} is smaller than --output-size {args.output_size}")
     max_pixels = args.max_pixels or MAX_PIXELS
 
-    def say(msg: str) -> None:
-        print(" ".join(msg.split()), file=sys.stderr, flush=True)
-
     out_dir = Path(args.output)
-    try:
-        jobs = plan_jobs(find_inputs(args.input, exclude=out_dir))
-        model_path(LANDMARKS_MODEL)
-        _dlib()
-    except (UsageError, AlignmentSetupError) as e:
-        say(f"error: {e}")
-        return 2
+    jobs = plan_jobs(find_inputs(args.input, exclude=out_dir))
+    model_path(LANDMARKS_MODEL)
+    _dlib()
     ok = failed = skipped = n_faces = 0
-    try:
-        for job in jobs:
-            if _done(out_dir, job.base):
-                skipped += 1
-                continue
-            try:
-                image = read_image(job.source, max_pixels=max_pixels)
-                aligned = align_image(image, name=str(job.source), largest_face=args.largest_face,
-                                      output_size=args.output_size, transform_size=transform_size,
-                                      upsample=args.upsample)
-                paths = output_paths(out_dir, job.base, len(aligned))
-                # Last to first: <base>_face0.png, the resume marker, appears only when all are written.
-                for path, (_, crop) in reversed(list(zip(paths, aligned))):
-                    atomic_write_image(path, np.asarray(crop))
-            except PSPError as e:
-                say(f"failed: {e}")
-                failed += 1
-            except OSError as e:
-                say(f"failed: {job.source}: cannot write the output ({type(e).__name__}: {e})")
-                failed += 1
-            except Exception as e:  # noqa: BLE001 - one bad file must not stop the run; reported
-                say(f"failed: {job.source}: unexpected {type(e).__name__}: {e}")
-                failed += 1
-            else:
-                ok += 1
-                n_faces += len(aligned)
-    except KeyboardInterrupt:
-        say("interrupted: finished inputs are kept; rerun the same command to resume")
-        return 130
+    for job in jobs:
+        if _done(out_dir, job.base):
+            skipped += 1
+            continue
+        try:
+            image = read_image(job.source, max_pixels=max_pixels)
+            aligned = align_image(image, name=str(job.source), largest_face=args.largest_face,
+                                  output_size=args.output_size, transform_size=transform_size,
+                                  upsample=args.upsample)
+            paths = output_paths(out_dir, job.base, len(aligned))
+            # Last to first: <base>_face0.png, the resume marker, appears only when all are written.
+            for path, (_, crop) in reversed(list(zip(paths, aligned))):
+                atomic_write_image(path, np.asarray(crop))
+        except PSPError as e:
+            say(f"failed: {e}")
+            failed += 1
+        except OSError as e:
+            say(f"failed: {job.source}: cannot write the output ({type(e).__name__}: {e})")
+            failed += 1
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop the run; reported
+            say(f"failed: {job.source}: unexpected {type(e).__name__}: {e}")
+            failed += 1
+        else:
+            ok += 1
+            n_faces += len(aligned)
     say(f"{ok} ok ({n_faces} faces), {failed} failed, {skipped} skipped; aligned crops in {out_dir}")
     return 1 if failed else 0
 

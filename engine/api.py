@@ -15,15 +15,13 @@ from typing import Callable
 import torch
 
 from reference import PSP, load_psp
-from reference.errors import CheckpointError, PSPError
+from reference.errors import CheckpointError, UsageError
+from reference.files import cache_dir
+from reference.psp import load_mapping
 
 from . import demo
 
 ENCODER_SIZE = 256  # px, side of the encoder input
-
-
-class UsageError(PSPError, ValueError):
-    """A bad option or argument (backend, device, --input ...): a ValueError the CLI reports in one line."""
 
 
 def _load_reference(path: Path, device: torch.device, trust_pickle: bool) -> PSP:
@@ -71,7 +69,7 @@ def _load_graph_backend(name: str, package: str, path: Path, device: torch.devic
         from export.ort import load_ort as load_graphs
     else:
         from export.openvino import load_openvino as load_graphs
-    return load_graphs(path, lambda: _load_reference(path, device, trust_pickle), demo.cache_dir() / "onnx")
+    return load_graphs(path, lambda: _load_reference(path, device, trust_pickle), cache_dir() / "onnx")
 
 
 def _load_onnxruntime(path: Path, device: torch.device, trust_pickle: bool) -> torch.nn.Module:
@@ -199,7 +197,7 @@ class Engine:
         """Encode inputs into W+ (latent_avg added).
 
         Args:
-            x: `[B, input_nc, 256, 256]` float32 from `engine.images.to_input_tensor`: RGB in
+            x: `[B, input_nc, 256, 256]` float32 from `reference.images.to_input_tensor`: RGB in
                 [-1, 1], sketch in [0, 1], segmentation one-hot in {0, 1}.
 
         Returns:
@@ -285,9 +283,7 @@ class Engine:
                         f"backend {self.backend!r} runs {self.checkpoint}, which holds no mapping network (z -> w) "
                         "for style mixing; use --backend engine (or reference) with the pSp checkpoint"
                     )
-                from .latents import mapping_from_checkpoint
-
-                net = mapping_from_checkpoint(self.checkpoint, getattr(self, "trust_pickle", False)).to(self.device)
+                net = load_mapping(self.checkpoint, getattr(self, "trust_pickle", False)).to(self.device)
             self._mapping = net
         return net(z.to(self.device)).float()
 

@@ -13,11 +13,11 @@ identical files and the last rename wins.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 from reference import make_checkpoint, save_checkpoint
+from reference.files import cache_dir
 
 DEMO_CONFIG = "ffhq_encode"
 DEMO_SEED = 0
@@ -29,12 +29,6 @@ DEMO_NOTICE = (
     "architecture (1024x1024 output) with RANDOM weights. Its outputs are NOT faces; they only show that "
     f"the pipeline runs. For real results pass a trained pSp checkpoint, e.g. {REAL_CHECKPOINT_HINT}"
 )
-
-
-def cache_dir() -> Path:
-    """`$PSP_ENGINE_CACHE` if set and non-empty, else `~/.cache/psp-engine`."""
-    env = os.environ.get("PSP_ENGINE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "psp-engine"
 
 
 def demo_checkpoint_path(announce: Callable[[str], None] | None = None) -> Path:

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
-from reference.errors import CheckpointError, PSPError
+
+from reference.errors import PSPError, UsageError
 
 if TYPE_CHECKING:  # engine.api imports this module lazily (Engine.mapping); no import cycle at runtime
     from .api import Engine
@@ -46,12 +46,6 @@ JPEG_MAX_SIDE = 65535  # px, the JPEG format's limit on either side
 
 class LatentFileError(PSPError, ValueError):
     """A latent or direction `.npy` file cannot be read or has a shape that does not fit the checkpoint."""
-
-
-def _usage_error(message: str) -> PSPError:
-    from .api import UsageError
-
-    return UsageError(message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,21 +74,21 @@ def parse_latent_mask(spec: str, n_styles: int | None) -> list[int]:
     text = str(spec).replace(" ", "")
     where = f"--latent-mask {spec!r}"
     if not text:
-        raise _usage_error(f"{where}: empty; give style indices such as 8-13 or 8,9,12-13")
+        raise UsageError(f"{where}: empty; give style indices such as 8-13 or 8,9,12-13")
     out: set[int] = set()
     for item in text.split(","):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
         if m is None:
-            raise _usage_error(f"{where}: {item!r} is not an index or a range a-b (e.g. 8-13 or 8,9,12-13)")
+            raise UsageError(f"{where}: {item!r} is not an index or a range a-b (e.g. 8-13 or 8,9,12-13)")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
-            raise _usage_error(f"{where}: reversed range {item!r}; write it low-high ({hi}-{lo})")
+            raise UsageError(f"{where}: reversed range {item!r}; write it low-high ({hi}-{lo})")
         out.update(range(lo, hi + 1))
     if n_styles is not None:
         bad = sorted(i for i in out if i >= n_styles)
         if bad:
-            raise _usage_error(
+            raise UsageError(
                 f"{where}: style index {bad[0]} out of range: this checkpoint has {n_styles} styles (0-{n_styles - 1})"
             )
     return sorted(out)
@@ -107,7 +101,7 @@ def default_latent_mask(n_styles: int) -> list[int]:
         UsageError: the checkpoint has no style at index 8 or above (output 32 px or smaller).
     """
     if n_styles <= FINE_START:
-        raise _usage_error(
+        raise UsageError(
             f"the default --latent-mask (the fine styles {FINE_START}..n_styles-1) is empty for a checkpoint "
             f"with {n_styles} styles; pass --latent-mask explicitly (indices 0-{n_styles - 1})"
         )
@@ -120,7 +114,7 @@ def check_alpha(alpha: float | None) -> float | None:
         return None
     a = float(alpha)
     if not (math.isfinite(a) and 0.0 <= a <= 1.0):
-        raise _usage_error(f"mixing alpha must be in [0, 1] (or omitted to replace the styles), got {alpha!r}")
+        raise UsageError(f"mixing alpha must be in [0, 1] (or omitted to replace the styles), got {alpha!r}")
     return a
 
 
@@ -144,9 +138,9 @@ def mixing_z(seed: int, n_outputs: int) -> np.ndarray:
         UsageError: seed out of range or n_outputs < 1.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
-        raise _usage_error(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        raise UsageError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if isinstance(n_outputs, bool) or not isinstance(n_outputs, (int, np.integer)) or n_outputs < 1:
-        raise _usage_error(f"n_outputs must be a positive integer, got {n_outputs!r}")
+        raise UsageError(f"n_outputs must be a positive integer, got {n_outputs!r}")
     return np.random.RandomState(int(seed)).randn(int(n_outputs), Z_DIM).astype(np.float32)
 
 
@@ -180,7 +174,7 @@ def mix_with_w(w_plus: torch.Tensor, w: torch.Tensor, latent_mask: Iterable[int]
     mask = [int(i) for i in latent_mask]
     bad = [i for i in mask if not 0 <= i < n_styles]
     if bad:
-        raise _usage_error(f"latent mask indices {bad} out of range: the latents have {n_styles} styles")
+        raise UsageError(f"latent mask indices {bad} out of range: the latents have {n_styles} styles")
     from reference import style_mix
 
     inject = w.to(w_plus.device, w_plus.dtype)[:, None, :].expand(-1, n_styles, -1)  # [K, n_styles, 512]
@@ -211,50 +205,6 @@ def mix(eng: "Engine", w_plus: torch.Tensor, z: np.ndarray | torch.Tensor, laten
     if w_plus.ndim == 3 and w_plus.shape[1] != eng.n_styles:
         raise ValueError(f"expected w_plus [B, {eng.n_styles}, 512] for this checkpoint, got {tuple(w_plus.shape)}")
     return mix_with_w(w_plus, eng.mapping(z_t), latent_mask, alpha)
-
-
-def mapping_from_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Module:
-    """Only the StyleGAN2 mapping network of a checkpoint, for backends that hold no torch weights.
-
-    Source: rosinality `Generator.style` (PixelNorm + 8 EqualLinear, lr_mul 0.01, fused lrelu),
-    the keys `decoder.style.1..8.{weight,bias}` of an official pSp checkpoint (or `style.*` of a
-    rosinality `g_ema`); built with `reference.stylegan2` modules, so it computes what
-    `reference.PSP.mapping` computes. The file is read with `weights_only=True` and memory-mapped;
-    only the 8 MiB of mapping weights are copied.
-
-    Args:
-        path: the checkpoint file.
-        trust_pickle: as `reference.read_checkpoint`.
-
-    Returns:
-        An `nn.Module` z `[N, 512]` -> w `[N, 512]`, fp32, CPU, eval, no grad.
-
-    Raises:
-        CheckpointError: unreadable file; no mapping keys, or mis-shaped ones (named).
-    """
-    from reference import checkpoint as ckio
-    from reference.stylegan2 import LR_MLP, N_MLP, EqualLinear, PixelNorm
-
-    ckpt = ckio.read_checkpoint(path, trust_pickle=trust_pickle)
-    kind = ckio.checkpoint_kind(ckpt)
-    if kind == "psp":
-        sd, prefix = ckpt["state_dict"], "decoder.style."
-    elif kind == "psp_state_dict":
-        sd, prefix = ckpt, "decoder.style."
-    elif kind == "stylegan2":
-        sd, prefix = ckpt["g_ema"], "style."
-    elif kind == "stylegan2_state_dict":
-        sd, prefix = ckpt, "style."
-    else:
-        raise CheckpointError(f"{path}: not a pSp or StyleGAN2 checkpoint: no mapping network (decoder.style.*) found")
-    style = {k[len(prefix):]: v for k, v in sd.items() if isinstance(k, str) and k.startswith(prefix)}
-    with torch.device("meta"):
-        net = nn.Sequential(PixelNorm(), *[EqualLinear(Z_DIM, Z_DIM, lr_mul=LR_MLP, activation="fused_lrelu")
-                                           for _ in range(N_MLP)])
-    ckio.validate_state_dict(style, net.state_dict(), f"{path} (mapping network, {prefix}*)")
-    net.load_state_dict({k: v.detach().to(torch.float32, copy=True) for k, v in style.items()}, strict=True,
-                        assign=True)
-    return net.eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,9 +358,9 @@ def parse_edit(text: str) -> Edit:
         else:
             path = head
     if not path:
-        raise _usage_error(f"--edit {text!r}: no file; write DIR.npy:STRENGTH (e.g. smile.npy:1.5)")
+        raise UsageError(f"--edit {text!r}: no file; write DIR.npy:STRENGTH (e.g. smile.npy:1.5)")
     if not math.isfinite(strength):
-        raise _usage_error(f"--edit {text!r}: strength must be a finite number, got {tail!r}")
+        raise UsageError(f"--edit {text!r}: strength must be a finite number, got {tail!r}")
     return Edit(Path(path), strength)
 
 

@@ -9,7 +9,7 @@ std printed) and `scripts/calc_id_loss_parallel.py` (identity similarity), exten
   stems collide) pairs with that exact file. Unmatched files are listed, not fatal; a stem shared by
   several files on one side is reported as ambiguous. The `*_coupled.jpg` side-by-sides that an
   `engine.run` manifest records are not candidates.
-- Reading: `engine.images.read_image` (EXIF orientation applied, alpha over white, 16-bit scaled;
+- Reading: `reference.images.read_image` (EXIF orientation applied, alpha over white, 16-bit scaled;
   the official script reads `convert('RGB')`), then RGB. Both images are resized to `size` x `size`
   with PIL bilinear, as torchvision's `Resize` does on PIL images; `size=0` compares at native size
   (the two sizes must then match, else the pair fails with the reason).
@@ -67,9 +67,10 @@ from PIL import Image
 from reference.errors import InputImageError, PSPError
 from reference.perceptual import MissingWeightsError, load_lpips, lpips_backbone_path
 
-from .api import UsageError
-from .batch import scan_folder
-from .images import atomic_write, read_image
+from reference.cli import ArgumentParser, int_at_least, run_cli, say
+from reference.errors import UsageError
+from reference.files import atomic_write, scan_folder
+from reference.images import read_image
 from .manifest import MANIFEST_NAME, read_records
 
 SSIM_WINDOW = 11  # px, Gaussian window of SSIM and MS-SSIM
@@ -289,7 +290,7 @@ def list_images(folder: str | os.PathLike, ignore: Sequence[str] = ()) -> dict[s
         ignore: relative POSIX paths to leave out.
 
     Returns:
-        {relative POSIX path: file}, sorted, for extensions in `engine.images.IMAGE_EXTENSIONS`.
+        {relative POSIX path: file}, sorted, for extensions in `reference.images.IMAGE_EXTENSIONS`.
     """
     root = Path(folder)
     skip = set(ignore)
@@ -642,9 +643,7 @@ def format_report(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    from .run import int_at_least
-
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m engine.metrics",
         description="Compare outputs with targets: PSNR, SSIM, MS-SSIM, dlib identity similarity, LPIPS, and the "
                     "runtime of the engine.run that wrote --pred. Files pair by relative path without extension.",
@@ -675,39 +674,27 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 ok, 1 some pairs failed, 2 usage error.
     """
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse: 2 on a usage error, 0 after --help
-        return int(e.code or 0)
+    return run_cli(build_parser(), _run, argv, interrupted="no report written")
 
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
+def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     def progress(items):
         return tqdm(items, unit="pair", file=sys.stderr, dynamic_ncols=True, disable=None)
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # pytorch-msssim's size warnings: sizes are checked first
-            report = evaluate(args.pred, args.target, size=args.size, lpips_net=args.lpips_net,
-                              identity=not args.no_id, lpips=not args.no_lpips, lpips_backbone=args.lpips_backbone,
-                              say=say, progress=progress)
-    except PSPError as e:
-        say("error: " + " ".join(str(e).split()))
-        return 2
-    except KeyboardInterrupt:
-        say("interrupted: no report written")
-        return 130
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pytorch-msssim's size warnings: sizes are checked first
+        report = evaluate(args.pred, args.target, size=args.size, lpips_net=args.lpips_net,
+                          identity=not args.no_id, lpips=not args.no_lpips, lpips_backbone=args.lpips_backbone,
+                          say=say, progress=progress)
     print(format_report(report), flush=True)
     if args.json:
         text = json.dumps(to_json(report), indent=1, allow_nan=False) + "\n"
         try:
             atomic_write(args.json, lambda f: f.write(text.encode("utf-8")))
         except OSError as e:
-            say(f"error: cannot write {args.json}: {e}")
-            return 2
+            raise OSError(f"cannot write {args.json}: {e}") from None
         say(f"report written to {args.json}")
     return 1 if report["failures"] else 0
 

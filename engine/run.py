@@ -17,49 +17,22 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+
 
 from tqdm import tqdm
 
-from reference.errors import PSPError
+from reference.cli import ArgumentParser, argparse_type, int_at_least, run_cli, say
+from reference.images import MAX_PIXELS
 from reference.sr import bicubic_kernel, parse_factors
 
 from . import api, demo
 from . import latents as lt
-from .batch import ALIGN_SIZE, RunOptions, find_inputs, plan_jobs, run_jobs
-from .images import MAX_PIXELS
+from .batch import ALIGN_SIZE, RunOptions, run_jobs
+from .inputs import find_inputs, plan_jobs
 from .manifest import MANIFEST_NAME, Manifest
 
 
-def int_at_least(minimum: int):
-    """An argparse `type=`: an integer >= `minimum`, else a one-line "expected ..." error."""
-    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
-
-    return parse
-
-
 _positive_int = int_at_least(1)
-
-
-def _argparse_type(parse, what: str):
-    """An argparse `type=` from a parser raising PSPError/ValueError: a one-line "expected ..." error."""
-
-    def wrapped(text: str):
-        try:
-            return parse(text)
-        except (PSPError, ValueError) as e:
-            raise argparse.ArgumentTypeError(str(e) if isinstance(e, PSPError) else f"expected {what}, got {text!r}") from None
-
-    return wrapped
 
 
 def _unit_float(text: str) -> float:
@@ -73,7 +46,7 @@ def _seed(text: str) -> int:
     return value
 
 
-edit_arg = _argparse_type(lt.parse_edit, "DIR.npy:STRENGTH")  # shared with engine.synthesize
+edit_arg = argparse_type(lt.parse_edit, "DIR.npy:STRENGTH")  # shared with engine.synthesize
 EDIT_HELP = ("add STRENGTH x the direction in DIR.npy to the latents before synthesis (repeatable; the sum "
              "is added). DIR.npy: float [512] or [1, 512] (a W direction, every style) or [n_styles, 512] "
              "(a W+ direction, per style); STRENGTH a number, default 1 (e.g. smile.npy:1.5, age.npy:-2)")
@@ -87,7 +60,7 @@ def add_edit_argument(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m engine.run",
         description="Encode images into StyleGAN2 W+ with a pSp checkpoint and re-synthesize them. "
                     "Outputs mirror the inputs' folders under --output as lossless PNG; a manifest "
@@ -133,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     mixing.add_argument("--latent-mask", default=None, metavar="SPEC",
                         help="styles taken from the random latent, e.g. 8-17 or 8,9,12-13 (default: the fine styles "
                              "8..n_styles-1, i.e. 8-13 at 256 px, 8-17 at 1024 as the official docs use)")
-    mixing.add_argument("--mix-alpha", type=_argparse_type(_unit_float, "a number in [0, 1]"), default=None,
+    mixing.add_argument("--mix-alpha", type=argparse_type(_unit_float, "a number in [0, 1]"), default=None,
                         metavar="A", help="blend alpha*random + (1-alpha)*input on the masked styles "
                                           "(default: replace them, as official)")
-    mixing.add_argument("--seed", type=_argparse_type(_seed, "an integer in [0, 2**32)"), default=None, metavar="S",
+    mixing.add_argument("--seed", type=argparse_type(_seed, "an integer in [0, 2**32)"), default=None, metavar="S",
                         help="seed of the random latents: z = RandomState(S).randn(K, 512) (default 0)")
     editing = p.add_argument_group(
         "latent editing", "edits apply to the inverted latents before synthesis and before mixing: <name>.png is "
@@ -232,68 +205,48 @@ def main(argv: list[str] | None = None) -> int:
         argv: arguments without the program name (default `sys.argv[1:]`).
 
     Returns:
-        The exit code: 0 ok, 1 some inputs failed, 2 usage or checkpoint error.
+        The exit code: 0 ok, 1 some inputs failed, 2 usage or checkpoint error, 130 interrupted.
     """
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse: 2 on a usage error, 0 after --help
-        return int(e.code or 0)
+    return run_cli(build_parser(), _run, argv,
+                   interrupted="finished inputs are recorded in the manifest; rerun the same command to resume")
 
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
+def _run(args: argparse.Namespace) -> int:
     opts = RunOptions(out_dir=Path(args.output), batch_size=args.batch_size, resize_outputs=args.resize_outputs,
                       couple_outputs=args.couple_outputs, save_latents=args.save_latents,
                       max_pixels=args.max_pixels)
-    try:
-        opts = replace(opts, **mixing_options(args))
-        if (args.largest_face or args.save_aligned) and not args.align:
-            raise api.UsageError("--largest-face and --save-aligned need --align")
-        check_edit_files(args.edit)
-        jobs = plan_jobs(find_inputs(args.input, exclude=opts.out_dir))
-        if args.checkpoint is None:
-            say(demo.DEMO_NOTICE)
-        t0 = time.perf_counter()
-        eng = api.load(args.checkpoint, backend=args.backend, device=args.device,
-                       trust_pickle=args.trust_pickle, announce=say)
-        say(f"loaded {eng.checkpoint} in {time.perf_counter() - t0:.1f} s: output {eng.output_size}px, "
-            f"{eng.n_styles} styles, input_nc {eng.input_nc}, label_nc {eng.label_nc}; "
-            f"{len(jobs)} input(s) -> {opts.out_dir}")
-        opts = replace(opts, edits=tuple(lt.load_edit(e, eng.n_styles) for e in args.edit),
-                       align=args.align, largest_face=args.largest_face, save_aligned=args.save_aligned,
-                       degrade_factor=resolve_resize_factor(args.resize_factor, eng, say))
-        if opts.degrade_factor is not None:
-            say(f"super resolution: inputs degraded by factor {opts.degrade_factor} (official bicubic downsampling)")
-        if args.latent_mask is not None:
-            opts = replace(opts, latent_mask=tuple(lt.parse_latent_mask(args.latent_mask, eng.n_styles)))
-        if opts.n_outputs:
-            say(f"style mixing: {opts.n_outputs} output(s) per input, styles {_ranges(opts.mixing_mask(eng))}, "
-                f"alpha {'replace' if opts.mix_alpha is None else opts.mix_alpha}, seed {opts.seed}")
-        with Manifest(opts.out_dir, opts.config(eng)) as manifest:
-            if manifest.n_unreadable:
-                say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")
-            with tqdm(total=len(jobs), unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
-                summary = run_jobs(eng, jobs, opts, manifest, progress=bar)
-    except (PSPError, OSError) as e:  # OSError: the output folder or manifest cannot be created or written
-        return usage_error(say, e)
-    except KeyboardInterrupt:
-        return interrupted(say)
-    return finish(say, summary, opts.out_dir, eng)
+    opts = replace(opts, **mixing_options(args))
+    if (args.largest_face or args.save_aligned) and not args.align:
+        raise api.UsageError("--largest-face and --save-aligned need --align")
+    check_edit_files(args.edit)
+    jobs = plan_jobs(find_inputs(args.input, exclude=opts.out_dir))
+    if args.checkpoint is None:
+        say(demo.DEMO_NOTICE)
+    t0 = time.perf_counter()
+    eng = api.load(args.checkpoint, backend=args.backend, device=args.device,
+                   trust_pickle=args.trust_pickle, announce=say)
+    say(f"loaded {eng.checkpoint} in {time.perf_counter() - t0:.1f} s: output {eng.output_size}px, "
+        f"{eng.n_styles} styles, input_nc {eng.input_nc}, label_nc {eng.label_nc}; "
+        f"{len(jobs)} input(s) -> {opts.out_dir}")
+    opts = replace(opts, edits=tuple(lt.load_edit(e, eng.n_styles) for e in args.edit),
+                   align=args.align, largest_face=args.largest_face, save_aligned=args.save_aligned,
+                   degrade_factor=resolve_resize_factor(args.resize_factor, eng, say))
+    if opts.degrade_factor is not None:
+        say(f"super resolution: inputs degraded by factor {opts.degrade_factor} (official bicubic downsampling)")
+    if args.latent_mask is not None:
+        opts = replace(opts, latent_mask=tuple(lt.parse_latent_mask(args.latent_mask, eng.n_styles)))
+    if opts.n_outputs:
+        say(f"style mixing: {opts.n_outputs} output(s) per input, styles {_ranges(opts.mixing_mask(eng))}, "
+            f"alpha {'replace' if opts.mix_alpha is None else opts.mix_alpha}, seed {opts.seed}")
+    with Manifest(opts.out_dir, opts.config(eng)) as manifest:
+        if manifest.n_unreadable:
+            say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")
+        with tqdm(total=len(jobs), unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
+            summary = run_jobs(eng, jobs, opts, manifest, progress=bar)
+    return finish(summary, opts.out_dir, eng)
 
 
-def usage_error(say: Callable[[str], None], e: Exception) -> int:
-    """Report a usage, checkpoint or output-folder error in one line; the exit code 2."""
-    say("error: " + " ".join(str(e).split()))
-    return 2
-
-
-def interrupted(say: Callable[[str], None]) -> int:
-    """Report Ctrl-C with the resume hint; the exit code 130."""
-    say("interrupted: finished inputs are recorded in the manifest; rerun the same command to resume")
-    return 130
-
-
-def finish(say: Callable[[str], None], summary, out_dir: Path, eng: api.Engine) -> int:
+def finish(summary, out_dir: Path, eng: api.Engine) -> int:
     """The end of a batch CLI (engine.run, engine.synthesize): the summary, where the outputs are, the
     demo reminder; the exit code, 1 when some input failed, else 0."""
     say(summary.format())

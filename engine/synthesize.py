@@ -40,14 +40,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from reference.cli import ArgumentParser, int_at_least, run_cli, say
 from reference.errors import PSPError
 
 from . import api, demo
 from . import latents as lt
-from .batch import Job, Progress, _under, plan_jobs
-from .images import atomic_write_image, tensor_to_uint8
+from reference.files import scan_folder
+from reference.images import atomic_write_image, tensor_to_uint8
+
+from .batch import Progress
+from .inputs import Job, plan_jobs
 from .manifest import MANIFEST_NAME, InputStat, Manifest, checkpoint_identity
-from .run import add_edit_argument, finish, int_at_least, interrupted, usage_error
+from .run import add_edit_argument, finish
 
 STRIP_HEIGHT = 256  # px, the most an interpolation strip's frames are shown at
 
@@ -70,18 +74,13 @@ def find_latent_files(specs: Sequence[str], exclude: str | os.PathLike | None = 
     Raises:
         UsageError: an argument that is neither a file nor a folder, or no `.npy` found at all.
     """
-    skip = os.path.abspath(exclude) if exclude is not None else None
     found: dict[str, Path] = {}
     for spec in specs:
         p = Path(spec)
         if p.is_file():
             matches = [p]
         elif p.is_dir():
-            matches = []
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _under(Path(dirpath, d), skip))
-                matches += [Path(dirpath, f) for f in sorted(filenames)
-                            if not f.startswith(".") and f.lower().endswith(".npy")]
+            matches = scan_folder(p, exclude, extensions=frozenset({".npy"}))
         else:
             raise api.UsageError(f"--latents {spec}: no such file or folder")
         for m in matches:
@@ -340,7 +339,7 @@ def _ms(t0: float) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m engine.synthesize",
         description="Render saved W+ latents (.npy from python -m engine.run --save-latents) with a pSp checkpoint's "
                     "generator, optionally edited, and interpolations between two latents. One lossless PNG per "
@@ -382,50 +381,41 @@ def main(argv: list[str] | None = None) -> int:
         argv: arguments without the program name (default `sys.argv[1:]`).
 
     Returns:
-        The exit code: 0 ok, 1 some inputs failed, 2 usage or checkpoint error.
+        The exit code: 0 ok, 1 some inputs failed, 2 usage or checkpoint error, 130 interrupted.
     """
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: 2 on a usage error, 0 after --help
-        return int(e.code or 0)
+    return run_cli(build_parser(), _run, argv,
+                   interrupted="finished inputs are recorded in the manifest; rerun the same command to resume")
 
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
+def _run(args: argparse.Namespace) -> int:
     opts = SynthOptions(out_dir=Path(args.output), batch_size=args.batch_size, resize_outputs=args.resize_outputs)
     summary = SynthSummary()
-    try:
-        if not args.latents and not args.interpolate:
-            raise api.UsageError("nothing to render: give --latents FILE_OR_DIR ... and/or --interpolate A.npy B.npy")
-        jobs = plan_jobs(find_latent_files(args.latents, exclude=opts.out_dir)) if args.latents else []
-        ends = [Path(p) for p in args.interpolate or ()]
-        for p in ends:
-            if not p.is_file():
-                raise api.UsageError(f"--interpolate {p}: no such file")
-        for e in args.edit:
-            lt.read_npy(e.path, "direction")  # fail fast, before the checkpoint load
-        if args.checkpoint is None:
-            say(demo.DEMO_NOTICE)
-        t0 = time.perf_counter()
-        eng = api.load(args.checkpoint, backend=args.backend, device=args.device,
-                       trust_pickle=args.trust_pickle, announce=say)
-        say(f"loaded {eng.checkpoint} in {time.perf_counter() - t0:.1f} s: output {eng.output_size}px, "
-            f"{eng.n_styles} styles; {len(jobs)} latent file(s){' + 1 interpolation' if ends else ''} -> {opts.out_dir}")
-        opts.edits = tuple(lt.load_edit(e, eng.n_styles) for e in args.edit)
-        with Manifest(opts.out_dir, opts.config(eng)) as manifest:
-            if manifest.n_unreadable:
-                say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")
-            with tqdm(total=len(jobs) + bool(ends), unit="file", file=sys.stderr, dynamic_ncols=True) as bar:
-                run_latents(eng, jobs, opts, manifest, progress=bar, summary=summary)
-                if ends:
-                    run_interpolation(eng, ends[0], ends[1], args.steps, opts, manifest, summary=summary)
-                    bar.update(1)
-    except (PSPError, OSError) as e:  # OSError: the output folder or manifest cannot be created or written
-        return usage_error(say, e)
-    except KeyboardInterrupt:
-        return interrupted(say)
-    return finish(say, summary, opts.out_dir, eng)
+    if not args.latents and not args.interpolate:
+        raise api.UsageError("nothing to render: give --latents FILE_OR_DIR ... and/or --interpolate A.npy B.npy")
+    jobs = plan_jobs(find_latent_files(args.latents, exclude=opts.out_dir)) if args.latents else []
+    ends = [Path(p) for p in args.interpolate or ()]
+    for p in ends:
+        if not p.is_file():
+            raise api.UsageError(f"--interpolate {p}: no such file")
+    for e in args.edit:
+        lt.read_npy(e.path, "direction")  # fail fast, before the checkpoint load
+    if args.checkpoint is None:
+        say(demo.DEMO_NOTICE)
+    t0 = time.perf_counter()
+    eng = api.load(args.checkpoint, backend=args.backend, device=args.device,
+                   trust_pickle=args.trust_pickle, announce=say)
+    say(f"loaded {eng.checkpoint} in {time.perf_counter() - t0:.1f} s: output {eng.output_size}px, "
+        f"{eng.n_styles} styles; {len(jobs)} latent file(s){' + 1 interpolation' if ends else ''} -> {opts.out_dir}")
+    opts.edits = tuple(lt.load_edit(e, eng.n_styles) for e in args.edit)
+    with Manifest(opts.out_dir, opts.config(eng)) as manifest:
+        if manifest.n_unreadable:
+            say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")
+        with tqdm(total=len(jobs) + bool(ends), unit="file", file=sys.stderr, dynamic_ncols=True) as bar:
+            run_latents(eng, jobs, opts, manifest, progress=bar, summary=summary)
+            if ends:
+                run_interpolation(eng, ends[0], ends[1], args.steps, opts, manifest, summary=summary)
+                bar.update(1)
+    return finish(summary, opts.out_dir, eng)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Parts and names (dynamic axis `batch` on dim 0 of every input and output; IO alw
   * `encoder`: `x` -> `w_plus`
   * `generator`: `w_plus` -> `img`
 R is the output size, or 256 when exported with `resize=True`. `x` is the encoder input exactly as
-`engine.images.to_input_tensor` makes it (RGB: resized to 256 bilinear, `(u8/255 - 0.5)/0.5`).
+`reference.images.to_input_tensor` makes it (RGB: resized to 256 bilinear, `(u8/255 - 0.5)/0.5`).
 A JSON sidecar `<file>.json` records the part, sizes, preprocessing, latent_avg and the checkpoint.
 
 CLI: `python -m export.onnx --checkpoint CKPT --out DIR [--part psp|encoder|generator] [--fp16] [--resize]`
@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from reference.files import atomic_path, write_json
 
 from .engine_model import EnginePSP
 
@@ -100,19 +100,13 @@ def export_onnx(model: EnginePSP, path: str | os.PathLike, part: str = "psp", re
     wrapper = _Part(src, part, resize).eval()
     inputs, outputs = IO_NAMES[part]
     dynamic_axes = {name: {0: "batch"} for name in inputs + outputs}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(wrapper, (example_input(model, part),), tmp, input_names=inputs,
                               output_names=outputs, dynamic_axes=dynamic_axes, opset_version=opset,
                               do_constant_folding=True, dynamo=False)
-        onnx.checker.check_model(tmp, full_check=True)  # includes strict shape inference
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        onnx.checker.check_model(str(tmp), full_check=True)  # includes strict shape inference
     write_sidecar(model, path, part, resize, fp16, opset, checkpoint)
     return path
 
@@ -155,10 +149,7 @@ def write_sidecar(model: EnginePSP, path: Path, part: str, resize: bool, fp16: b
         "opts": {k: v for k, v in model.opts.items() if isinstance(v, (str, int, float, bool, type(None)))},
     }
     out = path.with_suffix(".json")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(side, indent=1))
-    os.replace(tmp, out)
-    return out
+    return write_json(out, side)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ import numpy as np
 import torch
 
 from reference.errors import PSPError
+from reference.files import atomic_write_bytes, write_json
 
 # Layers whose ONNX node names contain one of these stay fp32 in an FP16 build: the style affines,
 # the demodulation coefficients (rsqrt of a sum of squares: overflows and underflows in fp16), the
@@ -433,38 +433,6 @@ def read_plan_sidecar(plan_path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)  # "inf" / "nan": strict JSON has no such numbers
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write strict JSON (indented; non-finite floats as the strings "inf"/"nan") through a
-    temporary file and a rename."""
-    path = Path(path)
-    _atomic_write(path, (json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n").encode())
-    return path
-
-
 def _file_digest(path: Path) -> dict[str, Any]:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -658,9 +626,9 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
     if serialized is None:
         raise TensorRTError(f"{onnx_path}: TensorRT built no plan (its log above says why; if it mentions memory, "
                             "raise --workspace-mib)")
-    _atomic_write(plan_path, bytes(serialized))
+    atomic_write_bytes(plan_path, bytes(serialized))
     if cache_path is not None:
-        _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
 
     build = {
         "tensorrt_version": trt.__version__,
@@ -685,7 +653,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
         "build_time_s": build_s,
         "onnx": _file_digest(onnx_path),
     }
-    write_json_atomic(plan_sidecar_path(plan_path), plan_sidecar(onnx_meta, build))
+    write_json(plan_sidecar_path(plan_path), plan_sidecar(onnx_meta, build))
     return plan_path
 
 
@@ -1038,7 +1006,7 @@ def parity_report(plan_path: str | os.PathLike, reference_onnx: str | os.PathLik
                   f"seeded (seed {seed}): x ~ U[-1, 1], w_plus ~ latent_avg + 0.5 N(0, 1)",
         "passed": all(r["passed"] for r in runs), "runs": runs,
     }
-    write_json_atomic(out or f"{plan_path}.parity.json", report)
+    write_json(out or f"{plan_path}.parity.json", report)
     return report
 
 
@@ -1087,7 +1055,7 @@ def latency_report(plan_path: str | os.PathLike, *, batch_sizes: Sequence[int] |
         report = {"plan": str(plan_path), "gpu": gpu_info(runner.device.index),
                   "tensorrt_version": runner.meta.get("tensorrt_version"), "precision": _plan_precision(runner.meta),
                   "results": results}
-    write_json_atomic(out or f"{plan_path}.latency.json", report)
+    write_json(out or f"{plan_path}.latency.json", report)
     return report
 
 

@@ -30,14 +30,14 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from engine.run import int_at_least
+from reference.cli import int_at_least
 from reference.errors import PSPError
+from reference.files import atomic_path, atomic_write_bytes
 
-from .tensorrt import SIDECAR_FORMAT, TensorRTError, plan_sidecar_path, read_plan_sidecar
+from .tensorrt import TensorRTError, plan_sidecar_path, read_plan_sidecar
 
 # Sidecar dtype names -> Triton's DataType enum names (model_config.proto).
 TRITON_DTYPES = {
@@ -142,28 +142,15 @@ def config_pbtxt(meta: Mapping[str, Any], name: str, max_batch: int, preferred: 
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _place_plan(plan: Path, dest: Path) -> str:
     """Hard-link (same filesystem) or copy the plan to `dest` through a temporary name; returns how."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(plan, tmp)
-        how = "hard link"
-    except OSError:
-        shutil.copyfile(plan, tmp)
-        how = "copy"
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        try:
+            os.link(plan, tmp)
+            how = "hard link"
+        except OSError:
+            shutil.copyfile(plan, tmp)
+            how = "copy"
     return how
 
 
@@ -205,9 +192,9 @@ def write_triton_repo(plan: str | os.PathLike, out: str | os.PathLike, *, name: 
     dest = model_dir / str(version) / "model.plan"
     placed = _place_plan(plan, dest)
     config = model_dir / "config.pbtxt"
-    _atomic_write_text(config, text)
+    atomic_write_bytes(config, text)
     sidecar = model_dir / "psp_engine.json"
-    _atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")
+    atomic_write_bytes(sidecar, json.dumps(meta, indent=2) + "\n")
     return {"config": config, "plan": dest, "sidecar": sidecar, "placed": placed, "max_batch": max_batch}
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from .errors import CheckpointError
+from .files import atomic_write
 
 # Opts inference reads, with the defaults official `scripts/inference.py` applies when an old
 # checkpoint lacks them.
@@ -88,19 +88,7 @@ def save_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(ckpt), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(dict(ckpt), f))
 
 
 def checkpoint_kind(ckpt: Mapping[str, Any]) -> str:

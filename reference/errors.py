@@ -16,3 +16,7 @@ class CheckpointError(PSPError):
 
 class InputImageError(PSPError):
     """An input image cannot be read or converted to the encoder's input."""
+
+
+class UsageError(PSPError, ValueError):
+    """A bad option or argument (backend, device, precision, --input ...): a ValueError the CLI reports in one line."""

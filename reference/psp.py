@@ -16,7 +16,7 @@ from torch import nn
 from . import checkpoint as ckio
 from .configs import n_styles_for
 from .errors import CheckpointError
-from .stylegan2 import Generator, check_size
+from .stylegan2 import LR_MLP, N_MLP, EqualLinear, Generator, PixelNorm, check_size
 from .weights import psp_modules
 
 ENCODER_INPUT_SIZE = 256
@@ -302,3 +302,44 @@ def _read(path_or_dict: str | os.PathLike | Mapping[str, Any], trust_pickle: boo
 def _float32(sd: Mapping[str, torch.Tensor]) -> dict:
     """Floating tensors as contiguous fp32 (fp16 checkpoints are upcast); others unchanged."""
     return {k: (v.float().contiguous() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def load_mapping(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Module:
+    """Only the StyleGAN2 mapping network of a checkpoint, for backends that hold no torch weights.
+
+    Source: rosinality `Generator.style` (PixelNorm + 8 EqualLinear, lr_mul 0.01, fused lrelu),
+    the keys `decoder.style.1..8.{weight,bias}` of an official pSp checkpoint (or `style.*` of a
+    rosinality `g_ema`); built with `reference.stylegan2` modules, so it computes what
+    `reference.PSP.mapping` computes. The file is read with `weights_only=True` and memory-mapped;
+    only the 8 MiB of mapping weights are copied.
+
+    Args:
+        path: the checkpoint file.
+        trust_pickle: as `reference.read_checkpoint`.
+
+    Returns:
+        An `nn.Module` z `[N, 512]` -> w `[N, 512]`, fp32, CPU, eval, no grad.
+
+    Raises:
+        CheckpointError: unreadable file; no mapping keys, or mis-shaped ones (named).
+    """
+    ckpt = ckio.read_checkpoint(path, trust_pickle=trust_pickle)
+    kind = ckio.checkpoint_kind(ckpt)
+    if kind == "psp":
+        sd, prefix = ckpt["state_dict"], "decoder.style."
+    elif kind == "psp_state_dict":
+        sd, prefix = ckpt, "decoder.style."
+    elif kind == "stylegan2":
+        sd, prefix = ckpt["g_ema"], "style."
+    elif kind == "stylegan2_state_dict":
+        sd, prefix = ckpt, "style."
+    else:
+        raise CheckpointError(f"{path}: not a pSp or StyleGAN2 checkpoint: no mapping network (decoder.style.*) found")
+    style = {k[len(prefix):]: v for k, v in sd.items() if isinstance(k, str) and k.startswith(prefix)}
+    with torch.device("meta"):
+        net = nn.Sequential(PixelNorm(), *[EqualLinear(512, 512, lr_mul=LR_MLP, activation="fused_lrelu")
+                                           for _ in range(N_MLP)])
+    ckio.validate_state_dict(style, net.state_dict(), f"{path} (mapping network, {prefix}*)")
+    net.load_state_dict({k: v.detach().to(torch.float32, copy=True) for k, v in style.items()}, strict=True,
+                        assign=True)
+    return net.eval().requires_grad_(False)

@@ -34,7 +34,7 @@ from PIL import Image
 from conftest import REPO
 from engine import align
 from engine.align import Face, NoFaceError, align_face, align_image, detect_faces
-from engine.images import read_image
+from reference.images import read_image
 from reference.errors import InputImageError
 
 GOLDEN_SRC = "data/faces/unaligned/hyperstyle_face_image.jpg"

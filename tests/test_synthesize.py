@@ -22,7 +22,7 @@ from PIL import Image
 import engine
 from engine import demo, run, synthesize
 from engine import latents as lt
-from engine.images import tensor_to_uint8
+from reference.images import tensor_to_uint8
 from engine.manifest import MANIFEST_NAME, read_records
 from reference import save_checkpoint
 from reference.configs import BASE_OPTS

@@ -19,7 +19,7 @@ from PIL import Image
 
 from engine import api
 from engine.batch import RunOptions, plan_jobs, run_jobs
-from engine.images import to_input_tensor
+from reference.images import to_input_tensor
 from engine.manifest import Manifest
 from reference import load_psp, make_checkpoint
 
@@ -131,7 +131,7 @@ def test_resize_factor_resolution():
 def test_align_in_the_run_loop(shared, tmp_path, ffhq256_checkpoint):
     pytest.importorskip("dlib", reason="--align needs dlib (pip install -e '.[align]')")
     from engine.align import align_image
-    from engine.images import read_image
+    from reference.images import read_image
 
     eng = api.Engine(load_psp(ffhq256_checkpoint), Path(ffhq256_checkpoint), "reference", torch.device("cpu"), is_demo=False)
     unaligned = shared / "data" / "faces" / "unaligned"

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from reference.files import write_json
 import torch
 from torch import nn
 
@@ -96,7 +98,7 @@ def export_tiny(tmp_path: Path, seed: int = 0) -> tuple[Path, TinyNet]:
     path = tmp_path / "tiny.onnx"
     torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), str(path), input_names=["x"], output_names=["img"],
                       dynamic_axes={"x": {0: "batch"}, "img": {0: "batch"}}, opset_version=17, dynamo=False)
-    T.write_json_atomic(T.onnx_sidecar_path(path), onnx_sidecar())
+    write_json(T.onnx_sidecar_path(path), onnx_sidecar())
     return path, model
 
 
@@ -297,7 +299,7 @@ def test_plan_sidecar_copies_the_onnx_sidecar_and_the_build(tmp_path):
     assert meta["profiles"][1] == {"name": "p1", "min": 2, "opt": 4, "max": 8}
     assert meta["flags"]["precision"] == "fp16" and meta["build_time_s"] == 123.457
     assert meta["fp32_layers"] == ["/decoder/convs.0/affine/Gemm"] and "built_at" in meta
-    path = T.write_json_atomic(T.plan_sidecar_path(tmp_path / "psp.plan"), meta)
+    path = write_json(T.plan_sidecar_path(tmp_path / "psp.plan"), meta)
     assert path.name == "psp.plan.json"
     (tmp_path / "psp.plan").write_bytes(b"plan")
     assert T.read_plan_sidecar(tmp_path / "psp.plan") == json.loads(path.read_text())
@@ -353,7 +355,7 @@ def test_compare_outputs_measures_relative_error_and_non_finite(tmp_path):
     out = rep["outputs"]["img"]
     assert (out["nan"], out["inf"], out["passed"], rep["passed"]) == (1, 1, False, False)
     assert out["rel"] == float("inf")
-    T.write_json_atomic(tmp_path / "r.json", rep)   # strict JSON: non-finite numbers become strings
+    write_json(tmp_path / "r.json", rep)   # strict JSON: non-finite numbers become strings
     loaded = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
     assert loaded["outputs"]["img"]["rel"] == "inf"
 
@@ -435,7 +437,7 @@ def test_cli_without_tensorrt_one_line_exit_2(tmp_path):
 def test_backend_without_tensorrt_says_so(tmp_path):
     for part in ("encoder", "generator"):
         (tmp_path / f"psp.{part}.plan").write_bytes(b"not a plan")
-        T.write_json_atomic(T.plan_sidecar_path(tmp_path / f"psp.{part}.plan"),
+        write_json(T.plan_sidecar_path(tmp_path / f"psp.{part}.plan"),
                             T.plan_sidecar(onnx_sidecar(part, 2, 16), build_info(2, 16)))
     with pytest.raises(T.TensorRTUnavailableError, match="tensorrt is not installed"):
         T.load_tensorrt_backend(tmp_path / "psp", "cuda")
@@ -571,7 +573,7 @@ def test_runner_refuses_another_gpu(fp16_plan, tmp_path):
     shutil.copyfile(fp16_plan, plan)
     meta = T.read_plan_sidecar(fp16_plan)
     meta["gpu"] = {"name": "some other GPU", "compute_capability": "1.0"}
-    T.write_json_atomic(T.plan_sidecar_path(plan), meta)
+    write_json(T.plan_sidecar_path(plan), meta)
     with pytest.raises(T.TensorRTError, match="built for compute capability 1.0"):
         T.TensorRTRunner(plan).activate()
 
@@ -587,7 +589,7 @@ def test_parser_errors_name_the_node(tmp_path):
     path = tmp_path / "broken.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("psp.test", 1)]),
               str(path))
-    T.write_json_atomic(T.onnx_sidecar_path(path), onnx_sidecar())
+    write_json(T.onnx_sidecar_path(path), onnx_sidecar())
     with pytest.raises(T.TensorRTError, match="ONNX parser failed: node 0"):
         T.build_engine(path, tmp_path / "broken.plan")
 
@@ -602,7 +604,7 @@ def _tiny_pair(tmp_path: Path) -> tuple[Path, nn.Module, nn.Module]:
         path = tmp_path / f"{part}.onnx"
         torch.onnx.export(model, (args,), str(path), input_names=[i], output_names=[o], opset_version=17,
                           dynamic_axes={i: {0: "batch"}, o: {0: "batch"}}, dynamo=False)
-        T.write_json_atomic(T.onnx_sidecar_path(path), onnx_sidecar(part, n_styles=4, output_size=32))
+        write_json(T.onnx_sidecar_path(path), onnx_sidecar(part, n_styles=4, output_size=32))
         T.build_engine(path, tmp_path / f"tiny.{part}.plan", fp16=False, profiles=[(1, 2, 4)], workspace_mib=512)
     return tmp_path / "tiny", enc, gen
 

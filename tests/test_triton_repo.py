@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from reference.files import write_json
+
 from export import tensorrt as T
 from export import triton_repo as TR
 
@@ -135,7 +137,7 @@ def write_plan(tmp_path: Path, profiles=((1, 1, 1), (2, 4, 8)), name: str = "psp
         "profiles": [{"name": f"p{i}", "min": a, "opt": b, "max": c} for i, (a, b, c) in enumerate(profiles)],
         "flags": {"precision": "fp16"}, "build_time_s": 1.0,
     }
-    T.write_json_atomic(T.plan_sidecar_path(plan), T.plan_sidecar(onnx_meta(n_styles=n_styles, size=size), build))
+    write_json(T.plan_sidecar_path(plan), T.plan_sidecar(onnx_meta(n_styles=n_styles, size=size), build))
     return plan
 
 

@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any, Callable, Mapping
 
-from engine.run import int_at_least
+from ..cli import int_at_least
 
 from ..errors import PSPError
 from .coach import Coach, _say, check_data

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from engine.images import atomic_write, atomic_write_image, tensor_to_uint8
+from ..files import atomic_write
+from ..images import atomic_write_image, tensor_to_uint8
 
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..errors import CheckpointError

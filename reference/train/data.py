@@ -5,7 +5,7 @@ per sample; `from_im = to_im` when the task has no source transform), `configs/t
 (per-task transforms), `utils/data_utils.py::make_dataset` (recursive folder scan), `training/coach.py`
 (`DataLoader(shuffle=True, drop_last=True)`).
 
-The transforms reuse the engine's image IO (`engine.images.read_input`, `read_image`,
+The transforms reuse the engine's image IO (`reference.images.read_input`, `read_image`,
 `to_input_tensor`), which reproduces the official test transforms (`Resize((256, 256))` bilinear,
 `ToTensor`, `Normalize(0.5, 0.5)`, `ToOneHot`, the super-resolution degradation through
 `reference.sr`) and names the file in every error. The train transforms add only
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from engine.batch import scan_folder
-from engine.images import IMAGE_EXTENSIONS, read_image, read_input, to_input_tensor
+from ..files import IMAGE_EXTENSIONS, scan_folder
+from ..images import read_image, read_input, to_input_tensor
 
 from ..errors import InputImageError, PSPError
 from .options import TASKS, TrainConfigError

@@ -1,4 +1,4 @@
-"""Image IO for the engine: robust reading, the official pSp input transforms, tensor2im, atomic writes.
+"""Image IO: robust reading, the official pSp input transforms, tensor2im, atomic image writes.
 
 Source: eladrich/pixel2style2pixel@5cfff38 `configs/transforms_config.py` (the test transforms of
 `EncodeTransforms`, `SketchToImageTransforms`, `SegToImageTransforms`, and
@@ -28,28 +28,25 @@ official code reads wrongly or not at all):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from reference.errors import InputImageError
-from reference.sr import super_resolution_input
+from .errors import InputImageError
+from .files import atomic_write
+from .sr import super_resolution_input
 
 MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS (a 0.25 GiB RGB bitmap)
 MIN_SIZE = 32  # px, smaller side; see the module docstring
 ENCODER_SIZE = 256  # px, the encoder's input side (official Resize((256, 256)))
 # Extensions picked up when scanning folders (official `IMG_EXTENSIONS` plus webp/gif/pgm).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff",
-                              ".webp", ".gif"})
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, IndexError)
 _WHITE = (255, 255, 255, 255)
@@ -356,47 +353,7 @@ def couple(input_rgb: np.ndarray, output_rgb: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write a file so that it either appears complete or not at all.
-
-    `write(f)` fills a temp file in the same folder, which is flushed, fsynced and renamed over
-    `path` (`os.replace`, atomic on POSIX and Windows). On any error the temp file is removed and
-    `path` is untouched. Parent folders are created. The file gets the usual 0666 & ~umask mode.
-
-    Args:
-        path: destination file.
-        write: callable writing the content to a binary file object.
-
-    Returns:
-        The destination `Path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
+# Atomic image and array writes (through the one `reference.files.atomic_write`)
 
 
 def atomic_write_image(path: str | os.PathLike, array: np.ndarray, quality: int = 95) -> Path:

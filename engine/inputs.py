@@ -1,0 +1,143 @@
+"""Inputs of a batch run: `--input` expansion, output names (one `Job` per input), collisions.
+
+Naming rule: each input's path relative to the deepest folder holding all inputs is mirrored
+under the output folder, with the extension replaced (`<rel>/<stem>.png`, ...). Inputs whose
+`<rel>/<stem>` would collide (`x.jpg` and `x.png` in one folder, compared case-insensitively) keep
+their whole name instead: `<rel>/x.jpg.png`, `<rel>/x.png.png`. The root depends on the set of
+inputs, so rerun with the same `--input` arguments to resume. See `engine.batch` for the outputs.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Sequence
+
+from reference.errors import UsageError
+from reference.files import IMAGE_EXTENSIONS, is_under, scan_folder
+
+if TYPE_CHECKING:  # annotations only
+    from .batch import RunOptions
+
+
+def find_inputs(specs: Sequence[str], exclude: str | os.PathLike | None = None) -> list[Path]:
+    """Expand `--input` arguments into image files.
+
+    Args:
+        specs: files (taken whatever their extension), folders (searched recursively for
+            `IMAGE_EXTENSIONS`, case-insensitive; hidden files and folders skipped), or glob
+            patterns (`**` recursive; matched folders are searched, matched files filtered by
+            extension).
+        exclude: a folder never searched (the output folder, so outputs are not re-read as inputs).
+
+    Returns:
+        Files in argument order (sorted within a folder or pattern), each once.
+
+    Raises:
+        UsageError: an argument that is not a file or folder and matches nothing, or no image
+            found at all.
+    """
+    skip = exclude
+    found: dict[str, Path] = {}
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            matches = scan_folder(p, skip)
+        elif p.is_file():
+            matches = [p]
+        elif glob.has_magic(spec):
+            hits = sorted(glob.glob(spec, recursive=True))
+            if not hits:
+                raise UsageError(f"--input {spec}: the pattern matches no file")
+            matches = []
+            for h in map(Path, hits):
+                if h.is_dir():
+                    matches += scan_folder(h, skip)
+                elif h.suffix.lower() in IMAGE_EXTENSIONS and not is_under(h, skip):
+                    matches.append(h)
+        else:
+            raise UsageError(f"--input {spec}: no such file or folder")
+        for m in matches:
+            found.setdefault(os.path.abspath(m), m)
+    if not found:
+        raise UsageError(
+            f"no image found in --input {' '.join(specs)} (extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return list(found.values())
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file and the base of its output names.
+
+    Attributes:
+        source: the input file as found.
+        base: output path relative to the output folder, without extension (POSIX).
+    """
+
+    source: Path
+    base: PurePosixPath
+
+    def outputs(self, out_dir: Path, save_latents: bool, couple_outputs: bool, n_outputs: int = 0,
+                save_aligned: bool = False) -> dict[str, Path]:
+        """Output files of this job: "image" (.png), optional "latent" (.npy) and "coupled" (.jpg);
+        with `n_outputs` K > 0 also "mix<k>" (.png) and, with latents, "mix<k>_latent" (.npy) for
+        k < K, and "grid" (.jpg); with `save_aligned` "aligned" (.png, the aligned crop)."""
+        stem = out_dir / Path(self.base)
+        paths = {"image": stem.with_name(stem.name + ".png")}
+        if save_aligned:
+            paths["aligned"] = stem.with_name(stem.name + "_aligned.png")
+        if save_latents:
+            paths["latent"] = stem.with_name(stem.name + ".npy")
+        if couple_outputs:
+            paths["coupled"] = stem.with_name(stem.name + "_coupled.jpg")
+        for k in range(n_outputs):
+            paths[f"mix{k}"] = stem.with_name(f"{stem.name}_mix{k}.png")
+            if save_latents:
+                paths[f"mix{k}_latent"] = stem.with_name(f"{stem.name}_mix{k}.npy")
+        if n_outputs:
+            paths["grid"] = stem.with_name(stem.name + "_grid.jpg")
+        return paths
+
+    def face(self, i: int) -> "Job":
+        """The job of face `i` of a photo with several faces: base `<base>_face<i>`."""
+        return Job(self.source, PurePosixPath(f"{self.base}_face{i}"))
+
+
+def check_output_names(jobs: Sequence[Job], opts: "RunOptions") -> None:
+    """Refuse a run where two inputs would write the same file (case-insensitively), e.g. with
+    style mixing `a.jpg`'s `a_mix0.png` and the inversion of an input `a_mix0.jpg`.
+
+    Raises:
+        UsageError: naming both inputs and the file.
+    """
+    seen: dict[str, int] = {}
+    for i, job in enumerate(jobs):
+        for path in job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs,
+                                opts.save_aligned).values():
+            j = seen.setdefault(str(path).casefold(), i)
+            if j != i:
+                raise UsageError(f"{job.source} and {jobs[j].source} would both write {path}; rename one of them "
+                                 "or run them into different --output folders")
+
+
+def plan_jobs(files: Sequence[Path]) -> list[Job]:
+    """Give each input file a collision-free output base (rule in the module docstring).
+
+    Args:
+        files: input files (relative or absolute).
+
+    Returns:
+        One `Job` per file, in order.
+    """
+    absolute = [Path(os.path.abspath(f)) for f in files]
+    root = Path(os.path.commonpath([str(f.parent) for f in absolute])) if absolute else Path()
+    rel = [PurePosixPath(f.relative_to(root).as_posix()) for f in absolute]
+    stems = [r.with_suffix("") if r.suffix else r for r in rel]
+    counts = Counter(str(s).casefold() for s in stems)
+    return [Job(f, s if counts[str(s).casefold()] == 1 else r) for f, s, r in zip(files, stems, rel)]
+
+
