@@ -36,7 +36,7 @@ from torch import nn
 
 from reference import encoders as enc
 from reference import stylegan2 as sg
-from reference.psp import PSP
+from reference.psp import PSP, face_pool
 
 LRELU_GAIN = math.sqrt(2.0)
 
@@ -424,14 +424,3 @@ class EnginePSP(nn.Module):
                 else:
                     mod._buffers[name] = half
         return m
-
-
-def face_pool(img: torch.Tensor) -> torch.Tensor:
-    """Official `AdaptiveAvgPool2d((256, 256))` for square power-of-two images: a box mean above 256,
-    the identity at 256, nearest repetition below (what adaptive pooling does there)."""
-    r = img.shape[-1]
-    if r > 256:
-        return F.avg_pool2d(img, r // 256)
-    if r < 256:
-        return img.repeat_interleave(256 // r, dim=2).repeat_interleave(256 // r, dim=3)
-    return img

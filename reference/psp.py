@@ -343,3 +343,14 @@ def load_mapping(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Modu
     net.load_state_dict({k: v.detach().to(torch.float32, copy=True) for k, v in style.items()}, strict=True,
                         assign=True)
     return net.eval().requires_grad_(False)
+
+
+def face_pool(img: torch.Tensor) -> torch.Tensor:
+    """Official `AdaptiveAvgPool2d((256, 256))` for square power-of-two images: a box mean above 256,
+    the identity at 256, nearest repetition below (what adaptive pooling does there)."""
+    r = img.shape[-1]
+    if r > 256:
+        return torch.nn.functional.avg_pool2d(img, r // 256)
+    if r < 256:
+        return img.repeat_interleave(256 // r, dim=2).repeat_interleave(256 // r, dim=3)
+    return img

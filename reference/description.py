@@ -1,0 +1,209 @@
+"""The one description of a loaded pSp model, carried by every backend and written as the one sidecar.
+
+A `ModelDescription` is built once from the checkpoint (`describe(psp, checkpoint)`), then travels
+with every backend model (`model.description`), into the `Engine`, and into the JSON sidecar of
+every exported artifact: `<artifact>.json` beside `model.onnx`, `model.plan`, `model.pt2`
+(`sidecar_path`). The sidecar schema is one for all artifacts:
+
+    {"format": "psp-engine/sidecar", "version": 2,
+     "model": ModelDescription fields (sizes, n_styles, opts, checkpoint, precision, latent_avg ...),
+     "artifact": {"kind": "onnx" | "tensorrt-plan" | "aoti-package", "part": ..., "inputs": ..., ...}}
+
+Source: the attributes the official pSp code reads from a checkpoint's `opts`
+(eladrich/pixel2style2pixel `models/psp.py`, `options/test_options.py`); `n_styles` as official
+`2*log2(output_size) - 2`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import CheckpointError
+from .files import write_json
+
+SIDECAR_FORMAT = "psp-engine/sidecar"
+SIDECAR_VERSION = 2
+PRECISIONS = ("fp32", "bf16", "fp16")
+INPUT_KINDS = {0: "rgb", 1: "sketch"}  # label_nc > 1: "segmentation"
+# what the encoder input is, per input kind (official `transforms_config.py` test transforms)
+PREPROCESSING = {
+    "rgb": ["convert RGB", "resize 256x256 bilinear (PIL)", "to float (u8/255 - 0.5)/0.5 in [-1, 1]", "NCHW"],
+    "sketch": ["convert L", "resize 256x256 bilinear (PIL)", "to float u8/255 in [0, 1]", "NCHW"],
+    "segmentation": ["class-id map (mode L)", "resize 256x256 bilinear (PIL) as official",
+                     "one-hot to label_nc channels", "NCHW"],
+}
+POSTPROCESSING = "img is unclamped; display as clamp((img + 1) / 2, 0, 1) * 255 truncated to uint8"
+
+
+def _json_opts(opts: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in opts.items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def checkpoint_info(checkpoint: str | os.PathLike | None) -> dict | None:
+    """`{"path", "size", "sha256_first_mib"}` of a checkpoint file (None for None): identifies the
+    file an artifact was made from without reading all of it."""
+    if checkpoint is None:
+        return None
+    p = Path(checkpoint)
+    with open(p, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    return {"path": str(p.resolve()), "size": p.stat().st_size, "sha256_first_mib": head}
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a pSp model is, independently of the backend that runs it.
+
+    Attributes:
+        input_nc: encoder input channels (3 RGB, 1 sketch, label_nc for segmentation).
+        label_nc: 0 RGB, 1 sketch, > 1 number of segmentation classes.
+        output_size: generator resolution R (px; 256, 512 or 1024 for official checkpoints).
+        n_styles: W+ styles, `2*log2(R) - 2`.
+        dataset_type: the checkpoint's `opts["dataset_type"]` (e.g. "ffhq_encode").
+        encoder_type: "GradualStyleEncoder", "BackboneEncoderUsingLastLayerIntoW" or "...IntoWPlus".
+        learn_in_w: the encoder predicts one w repeated to every style.
+        start_from_latent_avg: latent_avg is added to the codes.
+        opts: the checkpoint's JSON-safe opts (inference defaults filled in).
+        checkpoint: `checkpoint_info` of the source file, or None.
+        precision: what the backend computes in: "fp32", "bf16" or "fp16" (activations; the style
+            affines, demodulation, mapping and PixelNorm stay fp32 in every precision).
+        backend: the backend name that runs it ("" for a bare description).
+        latent_avg: `[n_styles][512]` floats (as added to the codes; zeros without latent_avg), or
+            None where not recorded.
+    """
+
+    input_nc: int
+    label_nc: int
+    output_size: int
+    n_styles: int
+    dataset_type: str | None = None
+    encoder_type: str | None = None
+    learn_in_w: bool = False
+    start_from_latent_avg: bool = True
+    opts: dict = field(default_factory=dict)
+    checkpoint: dict | None = None
+    precision: str = "fp32"
+    backend: str = ""
+    latent_avg: list | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def input_kind(self) -> str:
+        """"rgb", "sketch" or "segmentation"."""
+        return INPUT_KINDS.get(self.label_nc, "segmentation")
+
+    @property
+    def preprocessing(self) -> dict:
+        """The encoder input's preprocessing, for sidecars and services."""
+        return {"input": self.input_kind, "steps": PREPROCESSING[self.input_kind]}
+
+    def replace(self, **changes: Any) -> "ModelDescription":
+        """A copy with fields changed (e.g. `precision`, `backend`)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self, latent_avg: bool = True) -> dict:
+        """JSON-safe dict of every field (`latent_avg` left out unless asked), plus preprocessing."""
+        d = dataclasses.asdict(self)
+        if not latent_avg:
+            d.pop("latent_avg")
+        d["preprocessing"] = self.preprocessing
+        d["postprocessing"] = POSTPROCESSING
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "sidecar") -> "ModelDescription":
+        """Inverse of `to_json`.
+
+        Raises:
+            CheckpointError: a required field is missing (named with `where`).
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise CheckpointError(f"{where}: model description lacks {', '.join(missing)}; re-export the artifact")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def describe(psp, checkpoint: str | os.PathLike | None = None, precision: str = "fp32",
+             backend: str = "") -> ModelDescription:
+    """The description of a loaded `reference.PSP` (or any model with its attributes).
+
+    Args:
+        psp: a `reference.PSP`.
+        checkpoint: its file (recorded by `checkpoint_info`), or None.
+        precision, backend: as in `ModelDescription`.
+    """
+    la = psp.latent_avg.detach().float().cpu()
+    if not getattr(psp, "start_from_latent_avg", True):
+        la = la * 0
+    return ModelDescription(
+        input_nc=int(psp.input_nc), label_nc=int(psp.label_nc), output_size=int(psp.output_size),
+        n_styles=int(psp.n_styles), dataset_type=psp.dataset_type, encoder_type=psp.opts.get("encoder_type"),
+        learn_in_w=bool(psp.learn_in_w), start_from_latent_avg=bool(getattr(psp, "start_from_latent_avg", True)),
+        opts=_json_opts(psp.opts), checkpoint=checkpoint_info(checkpoint), precision=precision, backend=backend,
+        latent_avg=la.reshape(-1, 512).expand(int(psp.n_styles), 512).tolist(),
+    )
+
+
+def sidecar_path(artifact: str | os.PathLike) -> Path:
+    """The sidecar of an artifact: `<artifact>.json` (`m.onnx` -> `m.onnx.json`, `m.plan` -> `m.plan.json`)."""
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name + ".json")
+
+
+def write_sidecar(artifact: str | os.PathLike, description: ModelDescription, kind: str,
+                  **artifact_info: Any) -> Path:
+    """Write the one sidecar schema beside `artifact` (atomically).
+
+    Args:
+        artifact: the exported file.
+        description: the model it holds (its `precision` is the artifact's).
+        kind: "onnx", "tensorrt-plan" or "aoti-package".
+        artifact_info: kind-specific facts (part, IO names/shapes/dtypes, opset, profiles, GPU ...).
+
+    Returns:
+        The sidecar path.
+    """
+    return write_json(sidecar_path(artifact), {
+        "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "model": description.to_json(),
+        "artifact": {"kind": kind, **artifact_info},
+    })
+
+
+def read_sidecar(artifact: str | os.PathLike, kind: str | None = None) -> tuple[ModelDescription, dict]:
+    """Read the sidecar of `artifact`.
+
+    Args:
+        artifact: the exported file.
+        kind: the expected artifact kind, or None for any.
+
+    Returns:
+        `(description, artifact_info)`; artifact_info includes "kind".
+
+    Raises:
+        CheckpointError: missing or unreadable sidecar, another format or version, another kind;
+            the message says how to re-export.
+    """
+    path = sidecar_path(artifact)
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: the sidecar of {Path(artifact).name} is missing; export it again "
+                              "(python -m export.onnx / export.tensorrt / export.aoti write it)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable sidecar ({e}); export the artifact again") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or meta.get("version") != SIDECAR_VERSION:
+        fmt = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: not a psp-engine sidecar of version {SIDECAR_VERSION} (found {fmt}); "
+                              "export the artifact again with this version")
+    info = meta.get("artifact") or {}
+    if kind is not None and info.get("kind") != kind:
+        raise CheckpointError(f"{path}: describes a {info.get('kind')!r} artifact, expected {kind!r}")
+    return ModelDescription.from_json(meta.get("model") or {}, str(path)), info
