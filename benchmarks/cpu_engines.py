@@ -1,6 +1,12 @@
-"""CPU engines side by side: the official formulation (`reference`) against each engine backend.
+"""CPU engines side by side: the official formulation (`reference`) against each backend x precision.
 
-Run: `python benchmarks/cpu_engines.py [--sizes 256,1024] [--batches 1,4,8] [--repeats 2] [--json out.json]`
+Run: `python benchmarks/cpu_engines.py [--sizes 256,1024] [--batches 1,4,8] [--repeats 2] [--precisions fp32,bf16] [--json out.json]`
+
+Variants are `backend:precision` for every CPU row of the backend registry (`export.backends`) in
+the asked precisions; bf16 variants run only where the CPU has bf16 units (AMX-BF16 or
+AVX512-BF16, read from its flags): without them torch and OpenVINO emulate bf16 through fp32, which
+is far slower than fp32 and says nothing about bf16 hardware. The CPU model and flags are printed
+with every table.
 
 All variants are loaded in one process and timed in turn on the same inputs (warm-up call apart,
 median of `--repeats` calls), per stage (encode; synthesize with resize, as the official CLI's
@@ -27,7 +33,6 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("reference", "engine", "onnxruntime", "openvino")
 CONFIG = {256: "ffhq_encode_256", 1024: "ffhq_encode"}
 
 
@@ -45,10 +50,36 @@ def checkpoint_for(size: int) -> Path:
     return path
 
 
+def variants(precisions: list[str], backends: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """`backend:precision` variants of the registry's CPU rows whose package is installed (the
+    reference first), and notes on what was left out and why."""
+    from export.backends import BACKENDS
+    from reference.platform import bf16_units
+
+    out, notes = [], []
+    for b in BACKENDS.values():
+        if backends is not None and b.name not in backends:
+            continue
+        if b.name in ("triton", "tensorrt") or "cpu" not in b.precisions:
+            continue  # GPU backends (triton runs on a CPU only in the interpreter)
+        if not b.installed():
+            notes.append(f"{b.name}: not installed ({b.package})")
+            continue
+        for prec in precisions:
+            if prec not in b.precisions["cpu"]:
+                continue
+            if prec == "bf16" and not bf16_units():
+                notes.append(f"{b.name}:bf16 not run: this CPU has no bf16 units (emulated bf16 is slower than fp32)")
+                continue
+            out.append(f"{b.name}:{prec}")
+    return out, notes
+
+
 def load(variant: str, size: int):
     import engine
 
-    return engine.load(checkpoint_for(size), backend=variant)
+    backend, precision = variant.split(":")
+    return engine.load(checkpoint_for(size), backend=backend, precision=precision)
 
 
 def inputs(batch: int) -> torch.Tensor:
@@ -102,7 +133,8 @@ def main() -> int:
     p.add_argument("--sizes", default="256,1024")
     p.add_argument("--batches", default="1,4,8")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--precisions", default="fp32,bf16", help="precisions to run (bf16 only where the CPU has bf16 units)")
+    p.add_argument("--backends", default=None, help="backends to run (default: every installed CPU backend)")
     p.add_argument("--rss-batch", type=int, default=8, help="batch of the peak-RSS runs (0: skip)")
     p.add_argument("--json", help="write all results here")
     p.add_argument("--rss-only", action="store_true", help="only the peak-RSS runs")
@@ -112,19 +144,24 @@ def main() -> int:
         rss_child(args.rss_child[0], int(args.rss_child[1]), int(args.rss_child[2]))
         return 0
     torch.set_grad_enabled(False)
-    variants = args.variants.split(",")
-    results = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from reference.platform import cpu_summary
+
+    names, notes = variants(args.precisions.split(","), args.backends.split(",") if args.backends else None)
+    results = [{"cpu": cpu_summary(), "torch": torch.__version__, "threads": torch.get_num_threads(), "notes": notes}]
+    print(f"CPU: {cpu_summary()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; variants: {', '.join(names)}")
+    for n in notes:
+        print(f"  note: {n}")
     for size in [int(s) for s in args.sizes.split(",")]:
         engines = {}
-        for v in variants if not args.rss_only else ():
+        for v in names if not args.rss_only else ():
             t0 = time.perf_counter()
             engines[v] = load(v, size)
             print(f"[{size}px] loaded {v} in {time.perf_counter() - t0:.1f} s")
-        flops = count_flops(engines["reference"]) if "reference" in engines else None
+        flops = count_flops(engines["reference:fp32"]) if "reference:fp32" in engines else None
         for batch in [int(b) for b in args.batches.split(",")] if not args.rss_only else ():
             x = inputs(batch)
-            w_ref = engines[variants[0]].encode(x)
+            w_ref = engines[names[0]].encode(x)
             row = {"size": size, "batch": batch, "variants": {}}
             for v, eng in engines.items():
                 with torch.inference_mode():
@@ -135,13 +172,13 @@ def main() -> int:
                     r["encode_gflops"] = flops["encode"] * batch / t_enc / 1e9
                     r["synthesize_gflops"] = flops["synthesize"] * batch / t_syn / 1e9
                 row["variants"][v] = r
-            base = row["variants"].get("reference")
+            base = row["variants"].get("reference:fp32")
             for v, r in row["variants"].items():
                 ratio = base["s_per_image"] / r["s_per_image"] if base else float("nan")
                 r["speedup_vs_reference"] = ratio
                 gf = (f", {r['encode_gflops']:.0f}/{r['synthesize_gflops']:.0f} GFLOP/s enc/syn"
                       if "encode_gflops" in r else "")
-                print(f"[{size}px b{batch}] {v:12s} encode {r['encode_s']:.3f} s, synthesize {r['synthesize_s']:.3f} s, "
+                print(f"[{size}px b{batch}] {v:17s} encode {r['encode_s']:.3f} s, synthesize {r['synthesize_s']:.3f} s, "
                       f"{r['s_per_image']:.3f} s/image, {ratio:.2f}x reference{gf}")
             results.append(row)
         if flops:
@@ -149,11 +186,11 @@ def main() -> int:
             results.append({"size": size, "flops_per_image": flops})
         del engines
         if args.rss_batch:
-            for v in variants:
+            for v in names:
                 out = subprocess.run([sys.executable, __file__, "--rss-child", v, str(size), str(args.rss_batch)],
                                      capture_output=True, text=True, check=True)
                 rss = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
-                print(f"[{size}px b{args.rss_batch}] {v:12s} peak RSS {rss:.0f} MiB")
+                print(f"[{size}px b{args.rss_batch}] {v:17s} peak RSS {rss:.0f} MiB")
                 results.append({"size": size, "batch": args.rss_batch, "variant": v, "peak_rss_mib": rss})
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

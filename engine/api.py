@@ -2,8 +2,9 @@
 
 Source: Richardson et al., "Encoding in Style" (CVPR 2021), Sec. 3: `pSp(x) = G(E(x) + w_avg)`;
 inference as official `scripts/inference.py` (`randomize_noise=False`, `resize_outputs` default
-False). The "reference" backend runs `reference.PSP` as is; faster backends will plug in behind the
-same `Engine` with the same arguments.
+False). The backends are the rows of `export.backends.BACKENDS` (each returns a model with `encode`,
+`synthesize` at full resolution and a `description`); the `Engine` checks inputs, applies the
+official 256 resize once for all of them, and records which backend and precision run and why.
 """
 
 from __future__ import annotations
@@ -14,110 +15,15 @@ from typing import Callable
 
 import torch
 
-from reference import PSP, load_psp
 from reference.errors import CheckpointError, UsageError
 from reference.files import cache_dir
-from reference.psp import load_mapping
+from reference.psp import face_pool, load_mapping
+
+from export.backends import BACKENDS, LoadRequest, resolve
 
 from . import demo
 
 ENCODER_SIZE = 256  # px, side of the encoder input
-
-
-def _load_reference(path: Path, device: torch.device, trust_pickle: bool) -> PSP:
-    return load_psp(path, trust_pickle=trust_pickle).to(device)
-
-
-def _load_triton(path: Path, device: torch.device, trust_pickle: bool) -> torch.nn.Module:
-    """Reference encoder + the synthesis network on the Triton kernels (fp16 activations on CUDA;
-    fp32 in Triton's CPU interpreter, which only runs with TRITON_INTERPRET=1 and is for tests)."""
-    from kernels._triton import check_impl, interpret_mode
-
-    try:
-        check_impl("engine backend 'triton'", "triton", torch.empty(0, device=device))
-    except RuntimeError as e:  # KernelUnavailableError: no triton, no CUDA, no interpreter
-        raise UsageError(str(e)) from None
-    from kernels.generator import TritonPSP
-
-    dtype = torch.float32 if interpret_mode() else torch.float16
-    return TritonPSP(_load_reference(path, device, trust_pickle), dtype=dtype, impl="triton").to(device)
-
-
-def _load_engine(path: Path, device: torch.device, trust_pickle: bool) -> torch.nn.Module:
-    """The engine formulation (static weights, folded BatchNorm, batched heads) in torch eager."""
-    from export.engine_model import EnginePSP
-
-    return EnginePSP(_load_reference(path, device, trust_pickle)).to(device)
-
-
-def _load_graph_backend(name: str, package: str, path: Path, device: torch.device, trust_pickle: bool):
-    """A CPU backend running the cached ONNX graphs of the engine formulation (exported on first use;
-    `path` must be a checkpoint file). `name` is the backend, `package` the Python package it needs."""
-    import importlib
-
-    if device.type != "cpu":
-        raise UsageError(f"backend {name!r} runs on the CPU; use --device cpu (or backend 'triton'/'engine' on CUDA)")
-    try:
-        importlib.import_module(package)
-    except ImportError:
-        raise UsageError(f"backend {name!r} needs the {package} package (pip install {package})") from None
-    from reference.checkpoint import read_checkpoint
-
-    if not path.is_file():
-        read_checkpoint(path)  # raises the CheckpointError naming the problem
-    if name == "onnxruntime":
-        from export.ort import load_ort as load_graphs
-    else:
-        from export.openvino import load_openvino as load_graphs
-    return load_graphs(path, lambda: _load_reference(path, device, trust_pickle), cache_dir() / "onnx")
-
-
-def _load_onnxruntime(path: Path, device: torch.device, trust_pickle: bool) -> torch.nn.Module:
-    """The engine formulation exported to ONNX (cached under the engine cache) on ONNX Runtime's CPU provider."""
-    return _load_graph_backend("onnxruntime", "onnxruntime", path, device, trust_pickle)
-
-
-def _load_openvino(path: Path, device: torch.device, trust_pickle: bool) -> torch.nn.Module:
-    """The same cached ONNX graphs as 'onnxruntime', compiled by OpenVINO's CPU plugin (fp32)."""
-    return _load_graph_backend("openvino", "openvino", path, device, trust_pickle)
-
-
-def _load_tensorrt(path: Path, device: torch.device, trust_pickle: bool):
-    """TensorRT plans built by `python -m export.tensorrt` (`<stem>.encoder.plan` + `<stem>.generator.plan`);
-    `path` names the plans, not a .pt checkpoint. CUDA only."""
-    from export.tensorrt import TensorRTError, load_tensorrt_backend
-
-    try:
-        return load_tensorrt_backend(path, device)
-    except TensorRTError as e:
-        raise UsageError(str(e)) from None
-
-
-BACKENDS: dict[str, Callable[[Path, torch.device, bool], torch.nn.Module]] = {
-    "reference": _load_reference,
-    "engine": _load_engine,
-    "onnxruntime": _load_onnxruntime,
-    "openvino": _load_openvino,
-    "triton": _load_triton,
-    "tensorrt": _load_tensorrt,
-}
-# What "auto" picks per device, fastest first (measured: benchmarks/RESULTS.md, "CPU engines"); a
-# backend whose package is not installed is passed over.
-AUTO_BACKEND = {"cpu": ("openvino", "onnxruntime", "engine"), "cuda": ("engine",)}
-_BACKEND_PACKAGE = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """`backend`, or for "auto" the fastest measured backend for the device type whose package is installed."""
-    if backend != "auto":
-        return backend
-    import importlib.util
-
-    for choice in AUTO_BACKEND[device.type]:
-        package = _BACKEND_PACKAGE.get(choice)
-        if package is None or importlib.util.find_spec(package) is not None:
-            return choice
-    return "reference"  # pragma: no cover - "engine" needs no extra package
 
 
 DEVICES = ("cpu", "cuda")
@@ -156,9 +62,12 @@ class Engine:
     """A loaded pSp model ready for inference. Build with `engine.load`.
 
     Attributes:
-        checkpoint: `Path` of the checkpoint file.
+        model: the backend model (see `export.backends`).
+        description: its `reference.description.ModelDescription`.
+        checkpoint: `Path` of the checkpoint file (TensorRT: the plans' stem).
         is_demo: True for the built-in random-weight demo checkpoint.
-        backend: backend name; device: `torch.device`.
+        backend, precision: what runs ("engine", "bf16", ...); reason: why (auto's choice, or asked for).
+        device: `torch.device`.
         input_nc: encoder input channels (3 RGB, 1 sketch, label_nc for segmentation).
         label_nc: 0 RGB, 1 sketch, >1 number of segmentation classes.
         output_size: generator resolution R (256, 512 or 1024).
@@ -166,23 +75,29 @@ class Engine:
         opts: the checkpoint's opts (dict).
     """
 
-    def __init__(self, model: torch.nn.Module, checkpoint: Path, backend: str, device: torch.device,
-                 is_demo: bool):
+    def __init__(self, model, checkpoint: Path, backend: str, device: torch.device, is_demo: bool,
+                 precision: str = "fp32", reason: str = "asked for", trust_pickle: bool = False):
         self.model = model
+        self.description = model.description
         self.checkpoint = checkpoint
         self.backend = backend
+        self.precision = precision
+        self.reason = reason
         self.device = device
         self.is_demo = is_demo
-        self.opts: dict = dict(model.opts)
-        self.input_nc: int = int(model.input_nc)
-        self.label_nc: int = int(model.label_nc)
-        self.output_size: int = int(model.output_size)
-        self.n_styles: int = int(model.n_styles)
+        self.trust_pickle = trust_pickle
+        d = self.description
+        self.opts: dict = dict(d.opts)
+        self.input_nc: int = d.input_nc
+        self.label_nc: int = d.label_nc
+        self.output_size: int = d.output_size
+        self.n_styles: int = d.n_styles
+        self.dataset_type = d.dataset_type
 
     def __repr__(self) -> str:
-        return (f"Engine(checkpoint={str(self.checkpoint)!r}, backend={self.backend!r}, device={str(self.device)!r}, "
-                f"input_nc={self.input_nc}, label_nc={self.label_nc}, output_size={self.output_size}, "
-                f"n_styles={self.n_styles}, is_demo={self.is_demo})")
+        return (f"Engine(checkpoint={str(self.checkpoint)!r}, backend={self.backend!r}, precision={self.precision!r}, "
+                f"device={str(self.device)!r}, input_nc={self.input_nc}, label_nc={self.label_nc}, "
+                f"output_size={self.output_size}, n_styles={self.n_styles}, is_demo={self.is_demo})")
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (self.input_nc, ENCODER_SIZE, ENCODER_SIZE):
@@ -225,7 +140,8 @@ class Engine:
         """
         if w_plus.ndim != 3 or tuple(w_plus.shape[1:]) != (self.n_styles, 512):
             raise ValueError(f"expected w_plus [B, {self.n_styles}, 512], got {tuple(w_plus.shape)}")
-        return self.model.synthesize(w_plus.to(self.device), resize=resize)
+        img = self.model.synthesize(w_plus.to(self.device))
+        return face_pool(img) if resize else img
 
     @torch.inference_mode()
     def invert(self, x: torch.Tensor, resize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,58 +191,54 @@ class Engine:
         net = self.__dict__.get("_mapping")
         if net is None:
             net = getattr(self.model, "mapping", None)  # reference.PSP.mapping, EnginePSP.mapping
-            if net is None and getattr(self.model, "psp", None) is not None:  # kernels.generator.TritonPSP
-                net = self.model.psp.mapping
             if net is None:
                 if self.backend == "tensorrt" or not Path(self.checkpoint).is_file():
                     raise UsageError(
                         f"backend {self.backend!r} runs {self.checkpoint}, which holds no mapping network (z -> w) "
                         "for style mixing; use --backend engine (or reference) with the pSp checkpoint"
                     )
-                net = load_mapping(self.checkpoint, getattr(self, "trust_pickle", False)).to(self.device)
+                net = load_mapping(self.checkpoint, self.trust_pickle).to(self.device)
             self._mapping = net
         return net(z.to(self.device)).float()
 
 
-def load(checkpoint: str | os.PathLike | None = None, backend: str = "reference", device: str = "cpu",
-         trust_pickle: bool = False, announce: Callable[[str], None] | None = None) -> Engine:
+def load(checkpoint: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu",
+         precision: str = "auto", trust_pickle: bool = False,
+         announce: Callable[[str], None] | None = None) -> Engine:
     """Load a pSp checkpoint into an `Engine`.
 
     Args:
         checkpoint: an official pSp `.pt` (`{'state_dict', 'opts', 'latent_avg'}`), or None for
-            the built-in demo checkpoint (random weights; see `engine.demo`).
-        backend: "auto" (the fastest measured for the device: `AUTO_BACKEND`) or one of `BACKENDS`:
-            "reference" (the official formulation, fp32), "engine" (static-weight formulation,
-            torch, fp32), "onnxruntime" (that formulation as ONNX, exported to the cache on first
-            use; CPU, fp32), "triton" (reference encoder, synthesis on the Triton kernels: CUDA,
-            fp16; on a CPU only under TRITON_INTERPRET=1, for tests), "tensorrt" (`checkpoint`
-            names TensorRT plans built by `python -m export.tensorrt`; CUDA).
+            the built-in demo checkpoint (random weights; see `engine.demo`); for "tensorrt", the
+            plans' stem.
+        backend: "auto" (per device and precision the fastest measured installed backend:
+            `export.backends.AUTO_ORDER`) or a `BACKENDS` name (see `export.backends.BACKENDS`:
+            "reference", "engine", "onnxruntime", "openvino", "triton", "tensorrt").
         device: "cpu" or "cuda[:i]".
+        precision: "auto" (CUDA fp16; CPU bf16 where it has AMX-BF16/AVX512-BF16 units, else fp32),
+            "fp32", "bf16" or "fp16": the activation dtype; inputs and outputs are fp32 always.
         trust_pickle: allow full unpickling of old checkpoints that safe loading refuses; it
             runs code from the file, so only for files you trust.
-        announce: receives one-line progress notes (e.g. the demo checkpoint being built).
+        announce: receives one-line progress notes (the demo checkpoint being built, a first export).
 
     Returns:
-        An `Engine` in inference mode, fp32.
+        An `Engine` in inference mode; `engine.backend`, `.precision` and `.reason` say what runs and why.
 
     Raises:
-        UsageError: unknown backend, unavailable device, or a backend that cannot run here (also a
-            ValueError).
+        UsageError: unknown backend or precision, unavailable device, or a backend that cannot run
+            here or in that precision (also a ValueError).
         CheckpointError: missing/unreadable file, a StyleGAN2 (not pSp) checkpoint, missing or
             mis-shaped keys (named in the message).
     """
-    if backend not in BACKENDS and backend != "auto":
-        raise UsageError(f"unknown backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
     dev = resolve_device(device)
-    backend = resolve_backend(backend, dev)
+    backend, precision, reason = resolve(backend, dev, precision)
     is_demo = checkpoint is None
     path = demo.demo_checkpoint_path(announce) if is_demo else Path(checkpoint)
+    request = LoadRequest(path, dev, precision, trust_pickle, cache_dir(), announce)
     try:
-        model = BACKENDS[backend](path, dev, trust_pickle)
+        model = BACKENDS[backend].load(request)
     except CheckpointError as e:
         if is_demo:
             raise CheckpointError(f"{e} (this is the cached demo checkpoint: delete {path} to rebuild it)") from None
         raise
-    eng = Engine(model, path, backend, dev, is_demo)
-    eng.trust_pickle = trust_pickle  # Engine.mapping re-reads the checkpoint for graph backends
-    return eng
+    return Engine(model, path, backend, dev, is_demo, precision, reason, trust_pickle)

@@ -90,6 +90,7 @@ class RunOptions:
         config = {
             "checkpoint": checkpoint_identity(eng.checkpoint),
             "backend": eng.backend,
+            "precision": eng.precision,
             "resize_outputs": self.resize_outputs,
             "couple_outputs": self.couple_outputs,
             "save_latents": self.save_latents,

@@ -99,13 +99,16 @@ class Manifest:
     Args:
         out_dir: the output folder; the manifest is `out_dir / "manifest.jsonl"`.
         config: the run's config (hashed by `fingerprint`, stored in every record).
+        run: facts of this run stored in every record but not fingerprinted (e.g. why this backend
+            and precision were chosen).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, config: Mapping[str, Any]):
+    def __init__(self, out_dir: str | os.PathLike, config: Mapping[str, Any], run: Mapping[str, Any] | None = None):
         self.out_dir = Path(os.path.abspath(out_dir))  # outputs are stored relative to it
         self.path = self.out_dir / MANIFEST_NAME
         self.config = dict(config)
         self.fingerprint = fingerprint(self.config)
+        self.run = dict(run or {})
         self.n_unreadable = 0  # lines ignored on reading (torn or edited)
         self._latest: dict[str, dict] = {}  # input -> latest non-"skipped" record
         self._file = None
@@ -180,6 +183,7 @@ class Manifest:
             "timings_ms": {k: round(float(v), 3) for k, v in (timings_ms or {}).items()},
             "fingerprint": self.fingerprint,
             "config": self.config,
+            "run": self.run,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         line = json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n"

@@ -25,6 +25,9 @@ from reference.cli import ArgumentParser, argparse_type, int_at_least, run_cli, 
 from reference.images import MAX_PIXELS
 from reference.sr import bicubic_kernel, parse_factors
 
+from export.backends import PRECISIONS
+from export.backends import help_text as backend_help
+
 from . import api, demo
 from . import latents as lt
 from .batch import ALIGN_SIZE, RunOptions, run_jobs
@@ -76,15 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint with random weights, whose outputs are not faces)")
     p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
                    help="images per forward pass (default 1; the last partial batch is run)")
-    p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default cpu)")
-    p.add_argument("--backend", default="auto", choices=["auto", *api.BACKENDS],
-                   help="implementation (default auto: the fastest measured for the device, openvino on "
-                        "CPU (onnxruntime if openvino is not installed), engine on CUDA). reference = the official "
-                        "formulation, fp32; engine = static-weight formulation in torch, fp32; onnxruntime = that "
-                        "formulation exported to ONNX (cached on first use), fp32, CPU; openvino = the same ONNX "
-                        "graphs on OpenVINO, fp32, CPU; triton = synthesis on the Triton kernels (CUDA, fp16; on a CPU only "
-                        "under TRITON_INTERPRET=1, for tests); tensorrt = TensorRT plans from python -m "
-                        "export.tensorrt (--checkpoint names the plans; CUDA)")
+    add_engine_arguments(p)
     p.add_argument("--resize-outputs", action="store_true",
                    help="average-pool outputs to 256x256 (official --resize_outputs)")
     p.add_argument("--couple-outputs", action="store_true",
@@ -170,6 +165,34 @@ def resolve_resize_factor(arg: str | None, eng: api.Engine, say=lambda msg: None
     return factor
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """--device, --backend and --precision, with help texts from the backend registry (shared by the CLIs)."""
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default cpu)")
+    p.add_argument("--backend", default="auto", choices=["auto", *api.BACKENDS], help=backend_help())
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="activation precision (default auto: fp16 on CUDA; on a CPU bf16 where it has bf16 units "
+                        "(AMX-BF16 or AVX512-BF16, read from its flags), else fp32). Inputs, latents and images "
+                        "are fp32 in every precision; the style affines, demodulation and mapping stay fp32. "
+                        "fp32 is exact (official outputs at 1e-4); bf16/fp16 are within 1e-2 (latents) and "
+                        "2e-2 (images) relative error of fp32")
+
+
+def load_engine(args: argparse.Namespace, what: str) -> api.Engine:
+    """`api.load` with the CLI's options; says what was loaded, which backend and precision run and why."""
+    t0 = time.perf_counter()
+    eng = api.load(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
+                   trust_pickle=args.trust_pickle, announce=say)
+    say(f"loaded {eng.checkpoint} in {time.perf_counter() - t0:.1f} s: output {eng.output_size}px, "
+        f"{eng.n_styles} styles, input_nc {eng.input_nc}, label_nc {eng.label_nc}; {what}")
+    say(f"running backend {eng.backend}, precision {eng.precision} on {eng.device} ({eng.reason})")
+    return eng
+
+
+def run_facts(eng: api.Engine) -> dict:
+    """What every manifest row records about the run besides its fingerprinted config."""
+    return {"backend": eng.backend, "precision": eng.precision, "device": str(eng.device), "why": eng.reason}
+
+
 def mixing_options(args: argparse.Namespace) -> dict:
     """RunOptions fields of the mixing flags (syntax checked; the mask is range-checked once the
     checkpoint's n_styles is known).
@@ -222,12 +245,7 @@ def _run(args: argparse.Namespace) -> int:
     jobs = plan_jobs(find_inputs(args.input, exclude=opts.out_dir))
     if args.checkpoint is None:
         say(demo.DEMO_NOTICE)
-    t0 = time.perf_counter()
-    eng = api.load(args.checkpoint, backend=args.backend, device=args.device,
-                   trust_pickle=args.trust_pickle, announce=say)
-    say(f"loaded {eng.checkpoint} in {time.perf_counter() - t0:.1f} s: output {eng.output_size}px, "
-        f"{eng.n_styles} styles, input_nc {eng.input_nc}, label_nc {eng.label_nc}; "
-        f"{len(jobs)} input(s) -> {opts.out_dir}")
+    eng = load_engine(args, f"{len(jobs)} input(s) -> {opts.out_dir}")
     opts = replace(opts, edits=tuple(lt.load_edit(e, eng.n_styles) for e in args.edit),
                    align=args.align, largest_face=args.largest_face, save_aligned=args.save_aligned,
                    degrade_factor=resolve_resize_factor(args.resize_factor, eng, say))
@@ -238,7 +256,7 @@ def _run(args: argparse.Namespace) -> int:
     if opts.n_outputs:
         say(f"style mixing: {opts.n_outputs} output(s) per input, styles {_ranges(opts.mixing_mask(eng))}, "
             f"alpha {'replace' if opts.mix_alpha is None else opts.mix_alpha}, seed {opts.seed}")
-    with Manifest(opts.out_dir, opts.config(eng)) as manifest:
+    with Manifest(opts.out_dir, opts.config(eng), run_facts(eng)) as manifest:
         if manifest.n_unreadable:
             say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")
         with tqdm(total=len(jobs), unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
@@ -250,6 +268,7 @@ def finish(summary, out_dir: Path, eng: api.Engine) -> int:
     """The end of a batch CLI (engine.run, engine.synthesize): the summary, where the outputs are, the
     demo reminder; the exit code, 1 when some input failed, else 0."""
     say(summary.format())
+    say(f"ran backend {eng.backend}, precision {eng.precision} on {eng.device} ({eng.reason})")
     say(f"outputs in {out_dir} (manifest: {out_dir / MANIFEST_NAME})")
     if eng.is_demo:
         say(f"reminder: these outputs come from the random-weight DEMO checkpoint; pass {demo.REAL_CHECKPOINT_HINT}")

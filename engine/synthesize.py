@@ -51,7 +51,7 @@ from reference.images import atomic_write_image, tensor_to_uint8
 from .batch import Progress
 from .inputs import Job, plan_jobs
 from .manifest import MANIFEST_NAME, InputStat, Manifest, checkpoint_identity
-from .run import add_edit_argument, finish
+from .run import add_edit_argument, add_engine_arguments, finish, load_engine, run_facts
 
 STRIP_HEIGHT = 256  # px, the most an interpolation strip's frames are shown at
 
@@ -122,6 +122,7 @@ class SynthOptions:
             "tool": "engine.synthesize",
             "checkpoint": checkpoint_identity(eng.checkpoint),
             "backend": eng.backend,
+            "precision": eng.precision,
             "resize_outputs": self.resize_outputs,
         }
         if self.edits:
@@ -362,9 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int_at_least(1), default=1, metavar="N",
                    help="latents per forward pass (default 1; batching changes results only at float32 rounding, "
                         "so batch 1 here and in engine.run gives identical bytes)")
-    p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default cpu)")
-    p.add_argument("--backend", default="auto", choices=["auto", *api.BACKENDS],
-                   help="implementation, as python -m engine.run --backend (default auto)")
+    add_engine_arguments(p)
     p.add_argument("--resize-outputs", action="store_true",
                    help="average-pool outputs to 256x256 (official --resize_outputs)")
     add_edit_argument(p)
@@ -401,13 +400,9 @@ def _run(args: argparse.Namespace) -> int:
         lt.read_npy(e.path, "direction")  # fail fast, before the checkpoint load
     if args.checkpoint is None:
         say(demo.DEMO_NOTICE)
-    t0 = time.perf_counter()
-    eng = api.load(args.checkpoint, backend=args.backend, device=args.device,
-                   trust_pickle=args.trust_pickle, announce=say)
-    say(f"loaded {eng.checkpoint} in {time.perf_counter() - t0:.1f} s: output {eng.output_size}px, "
-        f"{eng.n_styles} styles; {len(jobs)} latent file(s){' + 1 interpolation' if ends else ''} -> {opts.out_dir}")
+    eng = load_engine(args, f"{len(jobs)} latent file(s){' + 1 interpolation' if ends else ''} -> {opts.out_dir}")
     opts.edits = tuple(lt.load_edit(e, eng.n_styles) for e in args.edit)
-    with Manifest(opts.out_dir, opts.config(eng)) as manifest:
+    with Manifest(opts.out_dir, opts.config(eng), run_facts(eng)) as manifest:
         if manifest.n_unreadable:
             say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")
         with tqdm(total=len(jobs) + bool(ends), unit="file", file=sys.stderr, dynamic_ncols=True) as bar:

@@ -257,33 +257,76 @@ class Demod(nn.Module):
         return torch.rsqrt(F.linear(styles.float().square(), self.wsq) + 1e-8)
 
 
-class ModConv(nn.Module):
-    """Modulated conv, activation form: `conv(x * s, W) * dcoefs` (+ noise, bias, lrelu for StyledConv)."""
+IMPLS = ("torch", "triton", "ref")  # who runs the prepared layers: torch ops, Triton kernels, the kernels' ref twins
 
-    def __init__(self, layer: sg.StyledConv | sg.ToRGB, noise: torch.Tensor | None = None):
+
+class ModConv(nn.Module):
+    """One StyledConv or ToRGB with its constants prepared once; run by torch ops or by the kernels.
+
+    `impl="torch"` (exportable): `conv(x * s, W) * dcoefs` (+ noise, bias, lrelu), the upsampling
+    conv as a static transposed conv + depthwise blur, the ToRGB skip upsample as a depthwise
+    transposed conv. `impl="triton"` / `"ref"`: `kernels.modulated_conv2d.styled_conv2d` / `to_rgb`
+    (one fused kernel per layer: modulation on load, implicit GEMM, demodulation from `wsq`, noise,
+    bias, leaky ReLU; the ToRGB kernel adds the upsampled skip), or their reference twins.
+
+    Args:
+        layer: a rosinality `StyledConv` or `ToRGB`.
+        noise: the stored noise buffer `[1, 1, H, W]` of a StyledConv.
+        impl: "torch", "triton" or "ref".
+        dtype: activation dtype of the kernel path (its packed weights are made in it); the torch
+            path is built in fp32 and cast afterwards (`cast_activations`).
+    """
+
+    def __init__(self, layer: sg.StyledConv | sg.ToRGB, noise: torch.Tensor | None = None, impl: str = "torch",
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         conv = layer.conv
         weight = (conv.scale * conv.weight.detach()[0]).float()  # [O, I, k, k]
+        self.impl = impl
         self.affine = Affine(conv.modulation)
         self.demod = Demod(weight) if conv.demodulate else None
         self.up = conv.upsample
         self.padding = conv.padding
-        if self.up:
-            self.register_buffer("weight", weight.transpose(0, 1).contiguous())  # conv_transpose: [I, O, k, k]
-            fir = conv.blur.kernel.detach().float()
-            c = weight.shape[0]
-            self.register_buffer("blur", torch.flip(fir, [0, 1])[None, None].repeat(c, 1, 1, 1).contiguous())
+        self.is_rgb = isinstance(layer, sg.ToRGB)
+        fir = conv.blur.kernel.detach().float() if self.up else None
+        if impl == "torch":
+            if self.up:
+                self.register_buffer("weight", weight.transpose(0, 1).contiguous())  # conv_transpose: [I, O, k, k]
+                c = weight.shape[0]
+                self.register_buffer("blur", torch.flip(fir, [0, 1])[None, None].repeat(c, 1, 1, 1).contiguous())
+            else:
+                self.register_buffer("weight", weight.contiguous())
         else:
-            self.register_buffer("weight", weight.contiguous())
-        if isinstance(layer, sg.StyledConv):
-            self.register_buffer("noise", (layer.noise.weight.detach().float() * noise.float()).contiguous())
-            self.register_buffer("bias", layer.activate.bias.detach().float()[None, :, None, None].contiguous())
+            from kernels import modulated_conv2d as mc
+
+            self.register_buffer("weight", weight.to(dtype).contiguous())  # [O, I, k, k]
+            self.register_buffer("fir", fir)
+            self.register_buffer("packed_weight", mc.pack_weight(weight, 2 if self.up else 1, fir, dtype)
+                                 if impl == "triton" else None)
+        if not self.is_rgb:
+            scaled = layer.noise.weight.detach().float() * noise.float()  # noise_strength * noise, [1, 1, H, W]
+            self.register_buffer("noise", (scaled if impl == "torch" else scaled.to(dtype)).contiguous())
+            bias = layer.activate.bias.detach().float()
+            self.register_buffer("bias", (bias[None, :, None, None] if impl == "torch" else bias).contiguous())
+            self.skip_up = None
         else:
             self.noise = None
-            self.register_buffer("bias", layer.bias.detach().float().contiguous())
+            self.register_buffer("bias", layer.bias.detach().float().contiguous())  # [1, 3, 1, 1]
+            up = getattr(layer, "upsample", None)
+            if impl == "torch":
+                self.skip_up = SkipUp(up) if up is not None else None
+            else:
+                self.skip_up = None
+                self.register_buffer("skip_fir", up.kernel.detach().float() if up is not None else None)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """x `[N, C_in, H, W]`, w `[N, 512]` (and for ToRGB the previous `skip` `[N, 3, H/2, W/2]`)
+        -> `[N, C_out, H', W']` (ToRGB: the new skip, `[N, 3, H, W]`)."""
         styles = self.affine(w)
+        if self.impl != "torch":
+            return self._kernel_forward(x, styles, skip)
         x = x * styles[:, :, None, None].to(x.dtype)
         if self.up:
             x = F.conv_transpose2d(x, self.weight, stride=2)
@@ -294,7 +337,19 @@ class ModConv(nn.Module):
             x = x * self.demod(styles)[:, :, None, None].to(x.dtype)
         if self.noise is not None:
             return F.leaky_relu(x + self.noise + self.bias, 0.2) * LRELU_GAIN
-        return x + self.bias
+        x = x + self.bias
+        return x if skip is None else x + self.skip_up(skip)
+
+    def _kernel_forward(self, x: torch.Tensor, styles: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        from kernels import modulated_conv2d as mc
+
+        cached = {"packed_weight": self.packed_weight} if self.impl == "triton" else {}
+        if self.is_rgb:
+            return mc.to_rgb(x, self.weight, styles, self.bias, skip=skip, fir=self.skip_fir, impl=self.impl,
+                             **cached)
+        return mc.styled_conv2d(x, self.weight, styles, noise=self.noise, noise_strength=1.0, bias=self.bias,
+                                demodulate=True, up=2 if self.up else 1, fir=self.fir, impl=self.impl,
+                                wsq=self.demod.wsq if self.impl == "triton" else None, **cached)
 
 
 class SkipUp(nn.Module):
@@ -334,29 +389,48 @@ class Mapping(nn.Module):
 
 
 class Synthesis(nn.Module):
-    """StyleGAN2 synthesis in the engine formulation: w_plus `[B, n_latent, 512]` -> img `[B, 3, R, R]`."""
+    """StyleGAN2 synthesis in the engine formulation: w_plus `[B, n_latent, 512]` -> img `[B, 3, R, R]`.
 
-    def __init__(self, g: sg.Generator):
+    The one layer loop of the fast paths: per-layer constants prepared once (`ModConv`), run by
+    torch ops (`impl="torch"`, exportable) or by the Triton kernels (`impl="triton"`; `"ref"` runs
+    the kernels' reference twins: proves the assembly without the kernels).
+
+    Args:
+        g: a rosinality `Generator` (weights copied and prepared).
+        impl: "torch", "triton" or "ref".
+        dtype: activation dtype of the kernel path (fp16 on CUDA; fp32 for exact comparisons);
+            styles, demodulation and biases stay fp32. The torch path is cast by `cast_activations`.
+    """
+
+    def __init__(self, g: sg.Generator, impl: str = "torch", dtype: torch.dtype = torch.float32):
         super().__init__()
         self.n_latent = g.n_latent
         self.size = g.size
+        self.impl = impl
         noise = g.stored_noise()
-        self.register_buffer("const", g.input.input.detach().float().contiguous())
-        self.conv1 = ModConv(g.conv1, noise[0])
-        self.to_rgb1 = ModConv(g.to_rgb1)
-        self.convs = nn.ModuleList(ModConv(c, noise[i + 1]) for i, c in enumerate(g.convs))
-        self.to_rgbs = nn.ModuleList(ModConv(t) for t in g.to_rgbs)
-        self.skip_ups = nn.ModuleList(SkipUp(t.upsample) for t in g.to_rgbs)
+        const = g.input.input.detach().float()
+        if impl != "torch":  # channels_last (NHWC in memory): the kernels' layout; outputs keep it
+            const = const.to(dtype).contiguous(memory_format=torch.channels_last)
+        self.register_buffer("const", const.contiguous() if impl == "torch" else const)
+        self.conv1 = ModConv(g.conv1, noise[0], impl, dtype)
+        self.to_rgb1 = ModConv(g.to_rgb1, None, impl, dtype)
+        self.convs = nn.ModuleList(ModConv(c, noise[i + 1], impl, dtype) for i, c in enumerate(g.convs))
+        self.to_rgbs = nn.ModuleList(ModConv(t, None, impl, dtype) for t in g.to_rgbs)
 
     def forward(self, w_plus: torch.Tensor) -> torch.Tensor:
+        """w_plus `[N, n_latent, 512]` (fp32) -> img `[N, 3, size, size]` in the activation dtype, unclamped."""
+        if w_plus.ndim != 3 or w_plus.shape[1] != self.n_latent or w_plus.shape[2] != 512:
+            raise ValueError(f"w_plus must be [N, {self.n_latent}, 512], got {tuple(w_plus.shape)}")
         x = self.const.expand(w_plus.shape[0], -1, -1, -1)
+        if self.impl != "torch":
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.conv1(x, w_plus[:, 0])
         skip = self.to_rgb1(x, w_plus[:, 1])
         i = 1
-        for k in range(len(self.to_rgbs)):
+        for k, to_rgb in enumerate(self.to_rgbs):
             x = self.convs[2 * k](x, w_plus[:, i])
             x = self.convs[2 * k + 1](x, w_plus[:, i + 1])
-            skip = self.to_rgbs[k](x, w_plus[:, i + 2]) + self.skip_ups[k](skip)
+            skip = to_rgb(x, w_plus[:, i + 2], skip)
             i += 2
         return skip
 
@@ -365,17 +439,64 @@ class Synthesis(nn.Module):
 # the model
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# modules whose math stays fp32 in every precision (FORWARD_NOTES "FP16 hazards"; measured for bf16:
+# benchmarks/RESULTS.md "Precision")
+FP32_MODULES = (Affine, Demod, Mapping)
+
+
+def cast_activations(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast, in place, the floating-point parameters and buffers of `module` to `dtype`, except inside
+    the fp32 modules (`FP32_MODULES`: style affines, demodulation, mapping) and `latent_avg`.
+
+    Returns:
+        `module`.
+    """
+    keep = {id(x) for mod in module.modules() if isinstance(mod, FP32_MODULES) for x in mod.modules()}
+    for mod in module.modules():
+        if id(mod) in keep:
+            continue
+        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t is None or not t.is_floating_point() or name == "latent_avg" or t.dtype == dtype:
+                continue
+            cast = t.detach().to(dtype)
+            if name in mod._parameters:
+                mod._parameters[name] = nn.Parameter(cast, requires_grad=False)
+            else:
+                mod._buffers[name] = cast
+    return module
+
+
 class EnginePSP(nn.Module):
     """pSp in the engine formulation, built from a loaded `reference.PSP`; the same interface.
 
+    Used by the `engine` backend (torch ops), the `triton` backend (synthesis on the Triton kernels)
+    and the ONNX export (torch ops).
+
     Args:
         psp: a `reference.PSP` (fp32, eval); its weights are copied and transformed.
+        impl: who runs the synthesis layers: "torch", "triton" or "ref" (`Synthesis`).
+        precision: "fp32", "bf16" or "fp16": the activation dtype of the encoder and the synthesis
+            network; the style affines, demodulation, mapping and latent_avg stay fp32, and the IO
+            (x, w_plus, img) is fp32 in every precision.
+        checkpoint, backend: recorded in `description`.
+
+    Attributes:
+        description: the `reference.description.ModelDescription` (precision included).
     """
 
-    def __init__(self, psp: PSP):
+    def __init__(self, psp: PSP, impl: str = "torch", precision: str = "fp32",
+                 checkpoint: str | None = None, backend: str = ""):
         super().__init__()
+        from reference.description import describe
+
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {tuple(DTYPES)}, got {precision!r}")
+        dtype = DTYPES[precision]
         for name in ("opts", "input_nc", "label_nc", "output_size", "n_styles", "dataset_type", "learn_in_w"):
             setattr(self, name, getattr(psp, name))
+        self.description = describe(psp, checkpoint, precision=precision, backend=backend)
+        self.precision = precision
         e = psp.encoder
         if isinstance(e, enc.GradualStyleEncoder):
             self.encoder = GradualStyleEncoderE(e)
@@ -385,10 +506,14 @@ class EnginePSP(nn.Module):
             self.encoder = WEncoderE(e)
         else:  # pragma: no cover - ENCODER_TYPES is closed
             raise TypeError(f"unsupported encoder {type(e).__name__}")
-        self.synthesis = Synthesis(psp.decoder)
+        self.synthesis = Synthesis(psp.decoder, impl=impl, dtype=dtype)
         self.mapping = Mapping(psp.decoder.style)
         la = psp.latent_avg.detach().float() if psp.start_from_latent_avg else torch.zeros(psp.n_styles, 512)
         self.register_buffer("latent_avg", (la[0] if self.learn_in_w else la).contiguous())
+        if dtype != torch.float32:
+            cast_activations(self.encoder, dtype)
+            if impl == "torch":
+                cast_activations(self.synthesis, dtype)
         self.eval().requires_grad_(False)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -400,27 +525,23 @@ class EnginePSP(nn.Module):
 
     def synthesize(self, w_plus: torch.Tensor, resize: bool = False) -> torch.Tensor:
         """w_plus `[B, n_styles, 512]` -> img `[B, 3, R, R]` fp32 (256x256 box mean with `resize`)."""
-        img = self.synthesis(w_plus).float()
+        img = self.synthesis(w_plus.float()).float()
         return face_pool(img) if resize else img
 
     def forward(self, x: torch.Tensor, resize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         w_plus = self.encode(x)
         return self.synthesize(w_plus, resize), w_plus
 
-    def half_activations(self) -> "EnginePSP":
-        """A copy with fp16 convolution weights and activations; the style affines, demodulation,
-        mapping, PixelNorm and latent_avg stay fp32 (FORWARD_NOTES "FP16 hazards"); IO stays fp32."""
+    def with_precision(self, precision: str) -> "EnginePSP":
+        """A copy computing in `precision` (torch-op synthesis only; used for the fp16 ONNX variant)."""
         m = copy.deepcopy(self)
-        fp32_modules = {id(x) for mod in m.modules() if isinstance(mod, (Affine, Demod, Mapping)) for x in mod.modules()}
-        for mod in m.modules():
-            if id(mod) in fp32_modules:
-                continue
-            for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-                if t is None or not t.is_floating_point() or (mod is m and name == "latent_avg"):
-                    continue
-                half = t.detach().half()
-                if name in mod._parameters:
-                    mod._parameters[name] = nn.Parameter(half, requires_grad=False)
-                else:
-                    mod._buffers[name] = half
+        if precision != "fp32":
+            cast_activations(m.encoder, DTYPES[precision])
+            cast_activations(m.synthesis, DTYPES[precision])
+        m.precision = precision
+        m.description = self.description.replace(precision=precision)
         return m
+
+    def half_activations(self) -> "EnginePSP":
+        """`with_precision("fp16")`: fp16 convolution weights and activations, fp32 style math and IO."""
+        return self.with_precision("fp16")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kernels._triton import interpret_mode
-from kernels.generator import TritonSynthesis
+from export.engine_model import Synthesis
 from reference.stylegan2 import Generator
 from reference.weights import make_state_dict
 from tolerances import assert_close
@@ -47,7 +47,7 @@ def test_assembly_with_reference_ops_matches_generator(gen16):
     w_plus = w_plus_for(gen16, 2)
     with torch.inference_mode():
         ref = gen16.synthesis(w_plus)
-        out = TritonSynthesis(gen16, dtype=torch.float32, impl="ref")(w_plus)
+        out = Synthesis(gen16, impl="ref", dtype=torch.float32)(w_plus)
     assert_close(out, ref, "generator_formulations")
 
 
@@ -57,7 +57,7 @@ def test_triton_generator_fp32_matches_reference(size, batch, gen16):
     w_plus = w_plus_for(gen, batch)
     with torch.inference_mode():
         ref = gen.synthesis(w_plus)
-        out = TritonSynthesis(gen, dtype=torch.float32, impl="triton")(w_plus)
+        out = Synthesis(gen, impl="triton", dtype=torch.float32)(w_plus)
     assert out.dtype == torch.float32 and out.shape == (batch, 3, size, size)
     assert_close(out, ref, "triton_generator", "float32")
 
@@ -66,7 +66,7 @@ def test_triton_generator_fp16_matches_reference(gen16):
     w_plus = w_plus_for(gen16, 2)
     with torch.inference_mode():
         ref = gen16.synthesis(w_plus)
-        out = TritonSynthesis(gen16, dtype=torch.float16, impl="triton")(w_plus)
+        out = Synthesis(gen16, impl="triton", dtype=torch.float16)(w_plus)
     assert_close(out, ref, "triton_generator", "float16")
 
 
@@ -101,7 +101,7 @@ def test_triton_generator_reproduces_the_official_images(psp256, shared, dtype, 
     latents = torch.from_numpy(golden["latents"][:1])
     expected = torch.from_numpy(golden["images_resize_false"][:1])
     with torch.inference_mode():
-        out = TritonSynthesis(psp256.decoder, dtype=dtype, impl="triton")(latents)
+        out = Synthesis(psp256.decoder, impl="triton", dtype=dtype)(latents)
     assert_close(out, expected, what, "float32" if dtype == torch.float32 else "float16")
 
 

@@ -1,0 +1,215 @@
+"""The graph backends: the engine formulation's ONNX graphs run by ONNX Runtime or OpenVINO.
+
+Source: `export.onnx` (the `encoder` and `generator` parts, fp32, dynamic batch), the ONNX Runtime
+Python API (`InferenceSession`, `SessionOptions`) and the OpenVINO Runtime Python API
+(`Core.compile_model` with the CPU plugin properties `PERFORMANCE_HINT`, `INFERENCE_NUM_THREADS`,
+`INFERENCE_PRECISION_HINT`, `CACHE_DIR`; `OPTIMIZATION_CAPABILITIES` tells whether the CPU has bf16).
+
+One implementation, `GraphPSP`, runs both: the graphs are exported once per checkpoint into the
+engine cache (`cached_graphs`) and shared by the two runtimes; a runtime is a small adapter that
+compiles a graph into a callable. Each part runs in chunks of images: a runtime keeps the buffers
+of the largest batch it has run, so chunking bounds peak memory (1024 px activations are ~0.5 GB
+per image) at no cost in speed (static weights: the per-image cost does not depend on the batch).
+
+Precision: ONNX Runtime runs fp32. OpenVINO runs fp32 (`INFERENCE_PRECISION_HINT=f32`: pinned, since
+on CPUs with AVX512-BF16 or AMX the plugin would otherwise pick bf16 by itself) or bf16 where the
+CPU plugin reports BF16 among its capabilities (the same fp32 graphs, compiled with the bf16 hint).
+Compiled OpenVINO models are cached in `<cache>/openvino/`, so a second process starts fast.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from reference.description import ModelDescription, read_sidecar
+from reference.errors import UsageError
+
+EXPORT_VERSION = "2"  # part of the cache key: bump when the exported graphs or their sidecars change
+PARTS = ("encoder", "generator")
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+def physical_cores() -> int:
+    """Cores to use for intra-op threads: the CPUs this process may run on (2 on CI)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The cached graphs
+
+
+def cache_paths(checkpoint: Path, cache: Path) -> dict[str, Path]:
+    """Where the `encoder` and `generator` graphs of `checkpoint` are cached (keyed by the checkpoint's
+    resolved path, size and mtime, and the export version)."""
+    st = checkpoint.stat()
+    key = hashlib.sha256(f"{checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}|{EXPORT_VERSION}".encode()).hexdigest()[:16]
+    return {part: cache / f"{checkpoint.stem}-{key}.{part}.onnx" for part in PARTS}
+
+
+def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache: Path,
+                  announce: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """The fp32 `encoder` and `generator` ONNX graphs of `checkpoint` in `cache`, exported first if missing.
+
+    Args:
+        checkpoint: the pSp checkpoint file (the cache key: resolved path, size, mtime, export version).
+        load_reference: returns the loaded `reference.PSP`; called only when the graphs must be
+            exported, so a cached run never holds the torch weights (peak memory).
+        cache: the folder of the cached graphs.
+        announce: receives one line per exported part (what, how big, how long).
+
+    Returns:
+        `{"encoder": path, "generator": path}` (each with its sidecar `<path>.json` beside it).
+    """
+    from reference.description import sidecar_path
+
+    from .engine_model import EnginePSP
+    from .onnx import export_onnx
+
+    paths = cache_paths(checkpoint, cache)
+    if all(p.is_file() and sidecar_path(p).is_file() for p in paths.values()):
+        return paths
+    say = announce or (lambda msg: None)
+    t0 = time.perf_counter()
+    say(f"exporting {checkpoint.name} to ONNX graphs in {cache} (once per checkpoint; reused by the "
+        "onnxruntime and openvino backends)")
+    model = EnginePSP(load_reference(), checkpoint=str(checkpoint))  # the reference is freed on return
+    for part, path in paths.items():
+        module = model.encoder if part == "encoder" else model.synthesis
+        mib = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())) / 2**20
+        t1 = time.perf_counter()
+        export_onnx(model, path, part=part, checkpoint=checkpoint)
+        say(f"  {part}: {path.name}, {mib:,.0f} MiB, {time.perf_counter() - t1:.1f} s")
+    del model
+    gc.collect()
+    say(f"exported in {time.perf_counter() - t0:.1f} s (python -m engine.cache lists and removes cache entries)")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# Runtimes
+
+
+def ort_runner(onnx_path: Path, input_name: str, output_name: str, precision: str, cache: Path,
+               threads: int | None = None) -> Runner:
+    """An ONNX Runtime CPU session of `onnx_path` as a callable (all graph optimisations, one intra-op
+    thread per core, no inter-op parallelism: the graph is a chain). fp32 only."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or physical_cores()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    return lambda a: session.run([output_name], {input_name: a})[0]
+
+
+def openvino_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin can run bf16 on this CPU (`OPTIMIZATION_CAPABILITIES` has BF16)."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precision: str, cache: Path,
+                    threads: int | None = None) -> Runner:
+    """An OpenVINO CPU compiled model of `onnx_path` as a callable: latency hint (one stream, all cores
+    on one request), precision hint f32 or bf16, compiled blobs cached under `<cache>/openvino`.
+
+    Raises:
+        UsageError: bf16 asked for where the CPU plugin has no BF16 capability.
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        from reference.platform import cpu_model
+
+        raise UsageError(f"backend 'openvino' cannot run bf16 on this CPU ({cpu_model()}: OpenVINO reports no BF16 "
+                         "capability; it needs AVX512-BF16 or AMX); use --precision fp32")
+    core.set_property({"CACHE_DIR": str(cache / "openvino")})
+    compiled = core.compile_model(str(onnx_path), "CPU", {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": int(threads or physical_cores()),
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+    })
+    request = compiled.create_infer_request()
+    output = compiled.output(output_name)
+
+    def run(a: np.ndarray) -> np.ndarray:
+        res = request.infer({input_name: a})  # copies the outputs (share_outputs=False)
+        return np.array(res[output], dtype=np.float32, copy=True)
+
+    return run
+
+
+# runtime name -> (compile, max images per encoder call, per generator call); chunk sizes measured
+# (benchmarks/RESULTS.md "CPU engines": OpenVINO peak RSS 5.0 GiB with chunks (8, 2), 3.8 GiB with (2, 1))
+RUNTIMES: dict[str, tuple[Callable[..., Runner], int, int]] = {
+    "onnxruntime": (ort_runner, 8, 2),
+    "openvino": (openvino_runner, 2, 1),
+}
+
+
+class GraphPSP(nn.Module):
+    """pSp on an ONNX runtime (CPU): `encode` and `synthesize` run the exported encoder and generator.
+
+    Args:
+        encoder_onnx, generator_onnx: the exported fp32 parts (their sidecars give the description).
+        runtime: a `RUNTIMES` name ("onnxruntime" or "openvino").
+        precision: "fp32", or "bf16" (openvino on a CPU with bf16 units).
+        cache: the engine cache (OpenVINO's compiled-model cache lives under it).
+        threads: intra-op threads (default: the CPUs available to this process).
+
+    Attributes:
+        description: the model description (precision and backend set).
+
+    Raises:
+        UsageError: a precision the runtime cannot run here.
+        CheckpointError: a missing or stale sidecar.
+    """
+
+    def __init__(self, encoder_onnx: Path, generator_onnx: Path, runtime: str, precision: str, cache: Path,
+                 threads: int | None = None):
+        super().__init__()
+        compile_graph, self.max_encoder_batch, self.max_generator_batch = RUNTIMES[runtime]
+        description, _ = read_sidecar(generator_onnx, "onnx")
+        self.description: ModelDescription = description.replace(precision=precision, backend=runtime)
+        self.encoder = compile_graph(Path(encoder_onnx), "x", "w_plus", precision, cache, threads)
+        self.generator = compile_graph(Path(generator_onnx), "w_plus", "img", precision, cache, threads)
+
+    @staticmethod
+    def _chunks(run: Runner, a: torch.Tensor, n: int) -> torch.Tensor:
+        a = np.ascontiguousarray(a.detach().cpu().numpy(), np.float32)
+        return torch.cat([torch.from_numpy(np.asarray(run(np.ascontiguousarray(a[i : i + n])), np.float32))
+                          for i in range(0, a.shape[0], n)])
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[B, input_nc, 256, 256]` float32 -> w_plus `[B, n_styles, 512]` float32."""
+        return self._chunks(self.encoder, x, self.max_encoder_batch)
+
+    def synthesize(self, w_plus: torch.Tensor) -> torch.Tensor:
+        """w_plus `[B, n_styles, 512]` -> img `[B, 3, R, R]` float32, full resolution."""
+        return self._chunks(self.generator, w_plus, self.max_generator_batch)
+
+
+def load_graph_backend(runtime: str, checkpoint: Path, load_reference: Callable[[], object], cache: Path,
+                       precision: str = "fp32", announce: Callable[[str], None] | None = None,
+                       threads: int | None = None) -> GraphPSP:
+    """`GraphPSP` of `checkpoint` on `runtime`: the cached graphs, exported first if missing
+    (`load_reference` is called only then)."""
+    paths = cached_graphs(checkpoint, load_reference, cache / "onnx", announce)
+    return GraphPSP(paths["encoder"], paths["generator"], runtime, precision, cache, threads)
