@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -545,3 +546,44 @@ class EnginePSP(nn.Module):
     def half_activations(self) -> "EnginePSP":
         """`with_precision("fp16")`: fp16 convolution weights and activations, fp32 style math and IO."""
         return self.with_precision("fp16")
+
+
+def emulate_rounding(model: EnginePSP, precision: str = "bf16",
+                     keep_fp32: Callable[[str, nn.Module], bool] = lambda name, module: False) -> EnginePSP:
+    """Emulate a lower precision on an fp32 `EnginePSP`, in place, for measuring its error anywhere.
+
+    The weights outside `FP32_MODULES` are rounded to `precision`, and the activation entering and
+    leaving every layer is rounded to it (forward hooks), with fp32 arithmetic in between: what a
+    bf16/fp16 runtime with fp32 accumulation (oneDNN, AMX, tensor cores) computes, up to where it
+    rounds inside fused ops. Used where the CPU has no bf16 units (real bf16 would be emulated by
+    torch at 8-170x the fp32 time) and to measure which layers should stay fp32.
+
+    Args:
+        model: an fp32 `EnginePSP` with `impl="torch"`.
+        precision: "bf16" or "fp16".
+        keep_fp32: `(qualified module name, module) -> bool`: layers left in fp32 (e.g. the 1024 px
+            convolutions, the ToRGBs).
+
+    Returns:
+        `model`.
+    """
+    dtype = DTYPES[precision]
+
+    def rounded(t):
+        return t.to(dtype).float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    keep = {id(x) for mod in model.modules() if isinstance(mod, FP32_MODULES) for x in mod.modules()}
+    for name, mod in model.named_modules():
+        if keep_fp32(name, mod):
+            keep.update(id(x) for x in mod.modules())
+    for name, mod in list(model.encoder.named_modules("encoder")) + list(model.synthesis.named_modules("synthesis")):
+        if id(mod) in keep or mod is model.encoder or mod is model.synthesis:
+            continue
+        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+            if t is not None and t.is_floating_point():
+                t.data.copy_(rounded(t.data))
+        if isinstance(mod, ModConv) or not list(mod.children()):
+            mod.register_forward_pre_hook(lambda m, args: (rounded(args[0]), *args[1:]))
+            mod.register_forward_hook(lambda m, args, out: rounded(out))
+    model.description = model.description.replace(precision=f"{precision} (emulated)")
+    return model

@@ -56,6 +56,21 @@ class PSP(nn.Module):
         self.face_pool = nn.AdaptiveAvgPool2d((256, 256))
         self.register_buffer("latent_avg", torch.zeros(self.n_styles, 512), persistent=False)
 
+    @property
+    def description(self):
+        """The `reference.description.ModelDescription` of this model (fp32; checkpoint recorded when
+        the loader set it)."""
+        d = self.__dict__.get("_description")
+        if d is None:
+            from .description import describe
+
+            d = self.__dict__["_description"] = describe(self, backend="reference")
+        return d
+
+    @description.setter
+    def description(self, value) -> None:
+        self.__dict__["_description"] = value
+
     # ------------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encode images into W+ (latent_avg added).

@@ -19,6 +19,7 @@ import torch
 
 import engine
 from engine import latents as lt
+from reference.description import ModelDescription
 from reference.psp import load_mapping
 from engine.api import Engine, UsageError
 from tolerances import assert_close
@@ -105,7 +106,7 @@ def test_mapping_from_checkpoint(ffhq256_checkpoint, eng256, golden, tmp_path):
 
 
 def test_mapping_without_a_checkpoint_is_a_usage_error():
-    plans = types.SimpleNamespace(opts={}, input_nc=3, label_nc=0, output_size=256, n_styles=14)
+    plans = types.SimpleNamespace(description=ModelDescription(input_nc=3, label_nc=0, output_size=256, n_styles=14))
     eng = Engine(plans, Path("plans/psp"), "tensorrt", torch.device("cpu"), is_demo=False)
     with pytest.raises(UsageError, match="holds no mapping network.*--backend engine"):
         eng.mapping(torch.zeros(1, 512))

@@ -71,7 +71,8 @@ def test_triton_generator_fp16_matches_reference(gen16):
 
 
 def test_triton_backend_of_the_engine(tmp_path):
-    """`engine.load(backend="triton")` inverts like the reference backend (fp32 under the interpreter)."""
+    """`engine.load(backend="triton")` (the engine-formulation encoder + synthesis on the kernels) inverts
+    like the reference backend (fp32 under the interpreter)."""
     import engine
     from reference import save_checkpoint
     from reference.configs import BASE_OPTS
@@ -86,7 +87,7 @@ def test_triton_backend_of_the_engine(tmp_path):
     x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ref_img, ref_w = engine.load(path, backend="reference").invert(x)
     img, w_plus = engine.load(path, backend="triton").invert(x)
-    torch.testing.assert_close(w_plus, ref_w, rtol=0, atol=0)  # the same encoder
+    assert_close(w_plus, ref_w, "engine_model")  # the engine formulation's encoder: fp32 rounding apart
     assert_close(img, ref_img, "triton_generator", "float32")
     assert math.isfinite(float(img.abs().max()))
 

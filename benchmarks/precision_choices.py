@@ -1,0 +1,79 @@
+"""Which layers should stay fp32 in bf16/fp16: the error of each choice, measured side by side.
+
+Run: `python benchmarks/precision_choices.py [--size 1024] [--precision bf16] [--batch 2] [--json out.json]`
+
+Every choice is the engine formulation with its precision emulated (`export.engine_model.emulate_rounding`:
+weights and layer activations rounded, fp32 arithmetic in between), on the same random inputs,
+against the fp32 reference: relative error of w_plus and img, and the share of uint8 pixels more
+than 2 levels off. Emulation measures error on any CPU; speed needs bf16 units, so on a CPU
+without them (this is printed) the speed column is left to `benchmarks/cpu_engines.py` on one that has.
+The style affines, demodulation, mapping and PixelNorm are fp32 in every choice (FORWARD_NOTES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+CHOICES = {
+    "all layers": lambda name, mod, size: False,
+    "512+ px layers fp32": lambda name, mod, size: _resolution(name, size) >= 512,
+    "ToRGB fp32": lambda name, mod, size: name.startswith("synthesis.to_rgb"),
+    "512+ px and ToRGB fp32": lambda name, mod, size: _resolution(name, size) >= 512 or name.startswith("synthesis.to_rgb"),
+}
+
+
+def _resolution(name: str, size: int) -> int:
+    """Output resolution of a synthesis layer from its name (`synthesis.convs.<i>`, `synthesis.to_rgbs.<k>`)."""
+    parts = name.split(".")
+    if len(parts) < 3 or parts[0] != "synthesis" or not parts[2].isdigit():
+        return 4 if name.startswith("synthesis.") and len(parts) >= 2 else 0
+    i = int(parts[2])
+    level = i // 2 if parts[1] == "convs" else i
+    return min(8 * 2**level, size)
+
+
+def main() -> int:
+    from benchmarks.cpu_engines import checkpoint_for, inputs
+    from export.compare import compare
+    from export.engine_model import EnginePSP, emulate_rounding
+    from reference import load_psp
+    from reference.platform import cpu_summary
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=1024, choices=[256, 1024])
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--json")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    print(f"CPU: {cpu_summary()}")
+    psp = load_psp(checkpoint_for(args.size))
+    x = inputs(args.batch)
+    ref_w = psp.encode(x)
+    ref_img = psp.synthesize(ref_w)
+    rows = []
+    for choice, keep in CHOICES.items():
+        model = emulate_rounding(EnginePSP(psp), args.precision, lambda n, m, k=keep: k(n, m, args.size))
+        w = model.encode(x)
+        img = model.synthesize(w)
+        cw = compare(w, ref_w, what="w_plus", precision=args.precision)
+        ci = compare(img, ref_img, what="img", precision=args.precision)
+        rows.append({"choice": choice, "w_plus_rel": cw.rel, "img_rel": ci.rel, "img_u8_over_2": ci.u8_over_2})
+        print(f"[{args.size}px {args.precision}] {choice:24s} w_plus rel {cw.rel:.2e}  img rel {ci.rel:.2e}  "
+              f"u8 > 2 levels {ci.u8_over_2:.2%}", flush=True)
+        del model
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_summary(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
