@@ -33,7 +33,6 @@ rosinality stylegan2-pytorch `op/upfirdn2d.py::upfirdn2d_native`, `op/fused_act.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -49,6 +48,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from reference.cli import ArgumentParser, int_at_least, run_cli  # noqa: E402
+from reference.errors import UsageError  # noqa: E402
+from reference.files import write_json  # noqa: E402
 from reference.ops import setup_filter  # noqa: E402
 from reference.stylegan2 import StyledConv, ToRGB, channels_for  # noqa: E402
 
@@ -155,13 +157,13 @@ def build_cases(output_size: int = 1024, batches: Sequence[int] = (1, 8), ops: S
     """Every (op, layer shape, batch) of a generator of `output_size`, in forward order per op.
 
     Raises:
-        ValueError: an unknown op or an output size that is not a power of two in [8, 1024].
+        UsageError (a ValueError): an unknown op or an output size that is not a power of two in [8, 1024].
     """
     if output_size < 8 or output_size > 1024 or output_size & (output_size - 1):
-        raise ValueError(f"output_size must be a power of two in [8, 1024], got {output_size}")
+        raise UsageError(f"output_size must be a power of two in [8, 1024], got {output_size}")
     bad = set(ops) - set(OPS)
     if bad:
-        raise ValueError(f"unknown ops {sorted(bad)}; choose from {OPS}")
+        raise UsageError(f"unknown ops {sorted(bad)}; choose from {OPS}")
     ch = channels_for
     cases: list[Case] = []
     for n in batches:
@@ -386,19 +388,27 @@ def format_results(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+_positive = int_at_least(1)
+
+
 def _csv_ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+    return [_positive(v) for v in text.split(",") if v.strip()]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Exit code 0 (also without CUDA: nothing measured, one line printed), 1 if an implementation failed."""
-    p = argparse.ArgumentParser(prog="python benchmarks/gpu_kernels.py", description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    """The CLI's argument parser."""
+    p = ArgumentParser(prog="python benchmarks/gpu_kernels.py", description=__doc__.splitlines()[0],
+                       epilog="Exit codes: 0 measured (or no CUDA: nothing measured, one line printed), 1 an "
+                              "implementation failed, 2 usage error (one line), 130 interrupted.")
     p.add_argument("--batch", type=_csv_ints, default=[1, 8], help="batch sizes (default 1,8)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--output-size", type=int, default=1024)
     p.add_argument("--cudagraph", action="store_true", help="time with do_bench_cudagraph (no launch overhead)")
     p.add_argument("--json", type=Path, default=None, help="also save the results to this JSON file")
-    args = p.parse_args(argv)
+    return p
+
+
+def _body(args: argparse.Namespace) -> int:
     cases = build_cases(args.output_size, args.batch, [o.strip() for o in args.ops.split(",") if o.strip()])
     if not torch.cuda.is_available():
         print(NO_CUDA)
@@ -415,8 +425,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                 "python": platform.python_version(), "cudagraph": args.cudagraph, "output_size": args.output_size}
-        args.json.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
+        write_json(args.json, {"meta": meta, "results": [asdict(r) for r in results]})
     return 1 if any(r.error for r in results) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit code 0 (also without CUDA: nothing measured, one line printed), 1 if an implementation failed,
+    2 usage error, 130 interrupted."""
+    return run_cli(build_parser(), _body, argv, interrupted="nothing was saved; rerun the same command")
 
 
 if __name__ == "__main__":

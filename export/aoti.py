@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,9 +35,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from reference.cli import ArgumentParser, run_cli
+from reference.description import ModelDescription, describe, read_sidecar, sidecar_path, write_sidecar
 from reference.errors import PSPError
 
 PARTS = ("psp", "generator")
+AOTI_KIND = "aoti-package"  # the artifact kind of a package's sidecar (`reference.description`)
 ENCODER_INPUT_SIZE = 256
 STYLE_DIM = 512
 
@@ -135,13 +137,16 @@ def package_model(
     *,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    description: ModelDescription | None = None,
 ) -> Path:
     """Export `model` with `torch.export` and compile it into an AOTInductor `.pt2` package (CPU).
 
-    Writes `path` and a JSON sidecar `<path>.json` (see `sidecar_path`): part, input and output
-    names and shapes (`"batch"` for a dynamic dimension), output_size, n_styles, input_nc, torch
-    version, the modulated-conv formulation, compile time. The names also go into the package's
-    metadata (`input_names`, `output_names`, comma-separated), which the C++ runner reads.
+    Writes `path` and its sidecar `<path>.json` (`model.pt2.json`), the one sidecar schema of
+    `reference.description` (kind "aoti-package"): the model description (sizes, n_styles, opts,
+    latent_avg, precision fp32) and the package's part, input and output names and shapes
+    (`"batch"` for a dynamic dimension), torch version, the modulated-conv formulation, export and
+    compile time. The names also go into the package's metadata (`input_names`, `output_names`,
+    comma-separated), which the C++ runner reads.
 
     Args:
         model: an eval-mode module, typically `PSPPipeline` / `GeneratorPipeline`; its parameters
@@ -153,13 +158,16 @@ def package_model(
             module docstring). False: every shape fixed to the example's.
         input_names, output_names: default the pipeline's `INPUT_NAMES` / `OUTPUT_NAMES`, else
             `input_0..`, `output_0..`.
+        description: the model's description for the sidecar; default `model.model.description`
+            where it has one, else `describe(model.model)` (a `reference.PSP` or `EnginePSP`).
 
     Returns:
         The package path.
 
     Raises:
         AOTIError: `path` not ending in `.pt2`; a model in training mode; with `dynamic_batch`, a
-            convolution whose `groups` depends on the batch (inductor would silently pin it).
+            convolution whose `groups` depends on the batch (inductor would silently pin it); no
+            `description` given for a model that is not a pSp.
     """
     path = Path(path)
     if path.suffix != ".pt2":
@@ -198,11 +206,19 @@ def package_model(
     if len(output_names) != len(outputs):
         raise AOTIError(f"{len(output_names)} output names {output_names} for {len(outputs)} outputs")
 
+    if description is None:
+        description = getattr(inner, "description", None)
+    if description is None:
+        try:
+            description = describe(inner, precision="fp32")
+        except AttributeError as e:
+            raise AOTIError(f"{type(inner).__name__} is not a pSp model ({e}); pass description= "
+                            "(a reference.description.ModelDescription) for its sidecar") from None
+
     def shape(t: torch.Tensor) -> list:
         return (["batch"] if dynamic_batch else []) + list(t.shape[1 if dynamic_batch else 0:])
 
     meta: dict[str, Any] = {
-        "format": "psp-engine aoti package",
         "part": getattr(model, "PART", "custom"),
         "inputs": {n: {"shape": shape(t), "dtype": str(t.dtype).replace("torch.", "")}
                    for n, t in zip(input_names, example_inputs)},
@@ -212,9 +228,6 @@ def package_model(
         "output_names": output_names,
         "dynamic_batch": bool(dynamic_batch),
         "example_batch": int(example_inputs[0].shape[0]) if example_inputs[0].ndim else None,
-        "output_size": _int_attr(inner, "output_size"),
-        "n_styles": _int_attr(inner, "n_styles"),
-        "input_nc": _int_attr(inner, "input_nc"),
         "resize": getattr(model, "resize", None),
         "modulated_conv": formulation,
         "device": "cpu",
@@ -238,14 +251,8 @@ def package_model(
     )
     meta["export_s"] = round(t_export, 2)
     meta["compile_s"] = round(time.perf_counter() - t0, 2)
-    sidecar_path(path).write_text(json.dumps(meta, indent=2) + "\n")
+    write_sidecar(path, description, AOTI_KIND, **meta)
     return path
-
-
-def sidecar_path(path: str | Path) -> Path:
-    """The JSON sidecar of a package: `model.pt2` -> `model.pt2.json`."""
-    path = Path(path)
-    return path.with_name(path.name + ".json")
 
 
 class PackagedModel:
@@ -255,24 +262,27 @@ class PackagedModel:
     unless `AOTI_RUNTIME_CHECK_INPUTS=1`, and reads out of bounds on a wrong shape).
 
     Attributes:
-        meta: the sidecar (dict), or None when there is none (then nothing is checked).
+        description: the sidecar's model description, or None when there is no sidecar.
+        info: the sidecar's artifact info (part, inputs, outputs, ...), or None when there is none
+            (then nothing is checked).
         compiled: the `torch._inductor` `AOTICompiledModel`.
     """
 
-    def __init__(self, compiled: Any, meta: dict | None):
+    def __init__(self, compiled: Any, description: ModelDescription | None, info: dict | None):
         self.compiled = compiled
-        self.meta = meta
+        self.description = description
+        self.info = info
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Run the package on float32 CPU tensors; returns the outputs in `meta["output_names"]` order."""
-        if self.meta is not None:
+        """Run the package on float32 CPU tensors; returns the outputs in `info["output_names"]` order."""
+        if self.info is not None:
             self._check(inputs)
         with torch.inference_mode():
             out = self.compiled(*inputs)
         return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
     def _check(self, inputs: Sequence[torch.Tensor]) -> None:
-        specs = self.meta["inputs"]
+        specs = self.info["inputs"]
         if len(inputs) != len(specs):
             raise ValueError(f"this package takes {len(specs)} inputs ({', '.join(specs)}), got {len(inputs)}")
         batch = None
@@ -291,10 +301,12 @@ class PackagedModel:
 
 
 def load_package(path: str | Path) -> PackagedModel:
-    """Load a `.pt2` written by `package_model` (`torch._inductor.aoti_load_package`) with its sidecar.
+    """Load a `.pt2` written by `package_model` (`torch._inductor.aoti_load_package`) with its sidecar
+    `<path>.json` where there is one.
 
     Raises:
         AOTIError: the file is missing or is not an AOTInductor package.
+        CheckpointError: the sidecar is there but unreadable, of another version or another kind.
     """
     path = Path(path)
     if not path.is_file():
@@ -304,9 +316,10 @@ def load_package(path: str | Path) -> PackagedModel:
     except (RuntimeError, OSError) as e:
         raise AOTIError(f"{path}: not a loadable AOTInductor package ({str(e).splitlines()[0]}); rebuild it with "
                         f"python -m export.aoti (packages are tied to the torch version that built them)") from None
-    side = sidecar_path(path)
-    meta = json.loads(side.read_text()) if side.is_file() else None
-    return PackagedModel(compiled, meta)
+    if not sidecar_path(path).is_file():
+        return PackagedModel(compiled, None, None)
+    description, info = read_sidecar(path, AOTI_KIND)
+    return PackagedModel(compiled, description, info)
 
 
 def runner_build_command(source: str | Path, output: str | Path, cxx: str = "g++") -> list[str]:
@@ -339,11 +352,6 @@ def _require_methods(model: Any, names: Sequence[str]) -> None:
     if missing:
         raise TypeError(f"{type(model).__name__} has no {', '.join(missing)}: expected a pSp model "
                         "(reference.PSP or export.engine_model.EnginePSP)")
-
-
-def _int_attr(obj: Any, name: str) -> int | None:
-    value = getattr(obj, name, None)
-    return int(value) if isinstance(value, int) else None
 
 
 def _modulated_convs(model: nn.Module) -> list[nn.Module]:
@@ -404,13 +412,14 @@ def _check_no_symbolic_groups(exported: torch.export.ExportedProgram, name: str)
 # CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m export.aoti`: package a pSp checkpoint (whole model or generator) as an AOTInductor `.pt2`."""
-    ap = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    """The CLI's argument parser."""
+    ap = ArgumentParser(
         prog="python -m export.aoti",
         description="Compile a pSp checkpoint into an AOTInductor package (.pt2, CPU) with a JSON sidecar "
                     "(<out>.json). Run it from Python (export.aoti.load_package) or C++ "
                     "(examples/cpp/aoti_runner).",
+        epilog="Exit codes: 0 written, 2 bad arguments, checkpoint or file (one line), 130 interrupted.",
     )
     ap.add_argument("--checkpoint", required=True, metavar="PATH", help="official pSp checkpoint (reference.load_psp)")
     ap.add_argument("--out", required=True, metavar="PATH", help="package file to write, ending in .pt2")
@@ -423,27 +432,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="example batch size for tracing; with --static-batch the only one the package "
                          "accepts (default 2)")
     ap.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of OLD checkpoints you trust")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def _body(args: argparse.Namespace) -> int:
     from reference import load_psp
 
-    try:
-        if args.batch < 1 or (not args.static_batch and args.batch < 2):
-            raise AOTIError(f"--batch {args.batch}: the example batch must be >= 2 for a dynamic batch "
-                            "(export pins sizes 0 and 1) and >= 1 with --static-batch")
-        psp = load_psp(args.checkpoint, trust_pickle=args.trust_pickle)
-        pipe = pipeline_for(psp, args.part, resize=args.resize).eval()
-        t0 = time.perf_counter()
-        out = package_model(pipe, example_inputs_for(psp, args.part, args.batch), args.out,
-                            dynamic_batch=not args.static_batch)
-    except PSPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    meta = json.loads(sidecar_path(out).read_text())
-    shapes = "; ".join(f"{n} {v['shape']}" for n, v in {**meta["inputs"], **meta["outputs"]}.items())
+    if args.batch < 1 or (not args.static_batch and args.batch < 2):
+        raise AOTIError(f"--batch {args.batch}: the example batch must be >= 2 for a dynamic batch "
+                        "(export pins sizes 0 and 1) and >= 1 with --static-batch")
+    psp = load_psp(args.checkpoint, trust_pickle=args.trust_pickle)
+    pipe = pipeline_for(psp, args.part, resize=args.resize).eval()
+    t0 = time.perf_counter()
+    out = package_model(pipe, example_inputs_for(psp, args.part, args.batch), args.out,
+                        dynamic_batch=not args.static_batch, description=describe(psp, args.checkpoint))
+    _, info = read_sidecar(out, AOTI_KIND)
+    shapes = "; ".join(f"{n} {v['shape']}" for n, v in {**info["inputs"], **info["outputs"]}.items())
     print(f"wrote {out} and {sidecar_path(out).name} ({out.stat().st_size / 2**20:.1f} MiB, "
-          f"{time.perf_counter() - t0:.1f} s): {shapes}; modulated conv: {meta['modulated_conv']}")
+          f"{time.perf_counter() - t0:.1f} s): {shapes}; modulated conv: {info['modulated_conv']}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m export.aoti`: package a pSp checkpoint (whole model or generator) as an AOTInductor `.pt2`.
+
+    Returns:
+        0 written, 2 bad arguments, checkpoint or file (one line), 130 interrupted.
+    """
+    return run_cli(build_parser(), _body, argv, interrupted="no package was written; rerun the same command")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Parts and names (dynamic axis `batch` on dim 0 of every input and output; IO alw
   * `generator`: `w_plus` -> `img`
 R is the output size, or 256 when exported with `resize=True`. `x` is the encoder input exactly as
 `reference.images.to_input_tensor` makes it (RGB: resized to 256 bilinear, `(u8/255 - 0.5)/0.5`).
-A JSON sidecar `<file>.json` records the part, sizes, preprocessing, latent_avg and the checkpoint.
+A JSON sidecar `<file>.onnx.json` (the one schema of `reference.description`, kind "onnx") records
+the model description (sizes, opts, preprocessing, latent_avg, checkpoint, precision) and the part's IO.
 
 CLI: `python -m export.onnx --checkpoint CKPT --out DIR [--part psp|encoder|generator] [--fp16] [--resize]`
 """
@@ -19,7 +20,6 @@ CLI: `python -m export.onnx --checkpoint CKPT --out DIR [--part psp|encoder|gene
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import warnings
@@ -28,18 +28,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reference.files import atomic_path, write_json
+from reference.cli import ArgumentParser, int_at_least, run_cli
+from reference.description import ModelDescription, checkpoint_info, describe, sidecar_path, write_sidecar
+from reference.files import atomic_path
 
 from .engine_model import EnginePSP
 
 OPSET = 17
 PARTS = ("psp", "encoder", "generator")
 IO_NAMES = {"psp": (["x"], ["img", "w_plus"]), "encoder": (["x"], ["w_plus"]), "generator": (["w_plus"], ["img"])}
-PREPROCESSING = {
-    "rgb": "PIL resize((256, 256), BILINEAR), then (uint8 / 255 - 0.5) / 0.5, RGB channel order, NCHW float32",
-    "sketch": "grayscale ('L'), PIL resize((256, 256), BILINEAR), uint8 / 255, 1 channel",
-    "segmentation": "class-id map ('L'), PIL resize((256, 256), BILINEAR) as the official transform, one-hot label_nc channels",
-}
 
 
 class _Part(nn.Module):
@@ -107,77 +104,85 @@ def export_onnx(model: EnginePSP, path: str | os.PathLike, part: str = "psp", re
                               output_names=outputs, dynamic_axes=dynamic_axes, opset_version=opset,
                               do_constant_folding=True, dynamo=False)
         onnx.checker.check_model(str(tmp), full_check=True)  # includes strict shape inference
-    write_sidecar(model, path, part, resize, fp16, opset, checkpoint)
+    write_onnx_sidecar(model, path, part, resize, fp16, opset, checkpoint)
     return path
 
 
-def _checkpoint_info(checkpoint: str | os.PathLike | None) -> dict | None:
-    if checkpoint is None:
-        return None
-    p = Path(checkpoint)
-    with open(p, "rb") as f:
-        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
-    return {"path": str(p.resolve()), "size": p.stat().st_size, "sha256_first_mib": head}
+def model_description(model: EnginePSP, checkpoint: str | os.PathLike | None = None,
+                      precision: str = "fp32") -> ModelDescription:
+    """The description an artifact of `model` carries: `model.description` where the model has one,
+    else `reference.description.describe(model)`; the checkpoint recorded when given.
+
+    Args:
+        model: an `EnginePSP` (or any model with the pSp attributes `describe` reads).
+        checkpoint: the source checkpoint file (`checkpoint_info` recorded), or None to keep what
+            the model's description has.
+        precision: the artifact's precision ("fp32", "fp16").
+    """
+    desc = getattr(model, "description", None)
+    if desc is None:
+        return describe(model, checkpoint, precision=precision)
+    changes = {"precision": precision} if checkpoint is None else {"precision": precision,
+                                                                   "checkpoint": checkpoint_info(checkpoint)}
+    return desc.replace(**changes)
 
 
-def write_sidecar(model: EnginePSP, path: Path, part: str, resize: bool, fp16: bool, opset: int,
-                  checkpoint: str | os.PathLike | None) -> Path:
-    """`<path>.json`: what a runtime needs besides the graph (IO, sizes, preprocessing, latent_avg)."""
-    kind = "rgb" if model.label_nc == 0 else "sketch" if model.label_nc == 1 else "segmentation"
-    r = 256 if resize else model.output_size
-    shapes = {"x": ["batch", model.input_nc, 256, 256], "w_plus": ["batch", model.n_styles, 512],
+def artifact_info(description: ModelDescription, part: str, resize: bool, opset: int) -> dict:
+    """The ONNX-specific part of the sidecar: part, IO names with shapes and dtypes, image size, resize, opset.
+
+    Returns:
+        `{"part", "inputs": {name: {"shape", "dtype"}}, "outputs": {...}, "image_size", "resize",
+        "opset"}`; shapes name the dynamic batch "batch"; IO is always float32.
+    """
+    r = 256 if resize else description.output_size
+    shapes = {"x": ["batch", description.input_nc, 256, 256], "w_plus": ["batch", description.n_styles, 512],
               "img": ["batch", 3, r, r]}
     inputs, outputs = IO_NAMES[part]
-    la = model.latent_avg.float()
-    side = {
-        "part": part,
-        "inputs": {n: {"shape": shapes[n], "dtype": "float32"} for n in inputs},
-        "outputs": {n: {"shape": shapes[n], "dtype": "float32"} for n in outputs},
-        "output_size": model.output_size,
-        "image_size": r,
-        "n_styles": model.n_styles,
-        "input_nc": model.input_nc,
-        "label_nc": model.label_nc,
-        "dataset_type": model.dataset_type,
-        "resize": resize,
-        "precision": "fp16 activations, fp32 styles/demodulation/mapping" if fp16 else "fp32",
-        "latent_avg": (la[None].expand(model.n_styles, 512) if la.ndim == 1 else la).tolist(),
-        "preprocessing": {"input": kind, "steps": PREPROCESSING[kind]},
-        "postprocessing": "img is unclamped; display as clamp((img + 1) / 2, 0, 1) * 255 truncated to uint8",
-        "checkpoint": _checkpoint_info(checkpoint),
-        "opset": opset,
-        "opts": {k: v for k, v in model.opts.items() if isinstance(v, (str, int, float, bool, type(None)))},
-    }
-    out = path.with_suffix(".json")
-    return write_json(out, side)
+    return {"part": part,
+            "inputs": {n: {"shape": shapes[n], "dtype": "float32"} for n in inputs},
+            "outputs": {n: {"shape": shapes[n], "dtype": "float32"} for n in outputs},
+            "image_size": r, "resize": bool(resize), "opset": int(opset)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m export.onnx`: export a pSp checkpoint's pipeline or parts. Exit 0 ok, 2 on bad input."""
-    from reference import load_psp
-    from reference.errors import PSPError
+def write_onnx_sidecar(model: EnginePSP, path: Path, part: str, resize: bool, fp16: bool, opset: int,
+                       checkpoint: str | os.PathLike | None) -> Path:
+    """`<path>.json` (`m.onnx.json`), the one sidecar schema (`reference.description.write_sidecar`,
+    kind "onnx"): the model description (sizes, opts, latent_avg, preprocessing, checkpoint,
+    precision "fp16" or "fp32") and `artifact_info`."""
+    description = model_description(model, checkpoint, precision="fp16" if fp16 else "fp32")
+    return write_sidecar(path, description, "onnx", **artifact_info(description, part, resize, opset))
 
-    p = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
+
+def build_parser() -> ArgumentParser:
+    """The CLI's argument parser."""
+    p = ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0],
+                       epilog="Exit codes: 0 written, 2 bad arguments, checkpoint or file (one line), 130 interrupted.")
     p.add_argument("--checkpoint", required=True, help="official pSp checkpoint (.pt)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--part", choices=PARTS + ("all",), default="psp", help="what to export (default psp)")
     p.add_argument("--fp16", action="store_true", help="fp16 activations (styles, demodulation, mapping stay fp32)")
     p.add_argument("--resize", action="store_true", help="output 256x256 (official face_pool)")
-    p.add_argument("--opset", type=int, default=OPSET)
+    p.add_argument("--opset", type=int_at_least(17), default=OPSET, help=f"ONNX opset, >= 17 (default {OPSET})")
     p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of an old checkpoint you trust")
-    args = p.parse_args(argv)
-    try:
-        model = EnginePSP(load_psp(args.checkpoint, trust_pickle=args.trust_pickle))
-    except PSPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return p
+
+
+def _body(args: argparse.Namespace) -> int:
+    from reference import load_psp
+
+    model = EnginePSP(load_psp(args.checkpoint, trust_pickle=args.trust_pickle))
     parts = PARTS if args.part == "all" else (args.part,)
     stem = Path(args.checkpoint).stem
     for part in parts:
         name = f"{stem}.{part}{'.resize' if args.resize else ''}{'.fp16' if args.fp16 else ''}.onnx"
         out = export_onnx(model, Path(args.out) / name, part, args.resize, args.fp16, args.opset, args.checkpoint)
-        print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) and {out.with_suffix('.json').name}")
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) and {sidecar_path(out).name}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m export.onnx`: export a pSp checkpoint's pipeline or parts. Exit 0 ok, 2 on bad input, 130 interrupted."""
+    return run_cli(build_parser(), _body, argv, interrupted="nothing half-written is left; rerun the same command")
 
 
 if __name__ == "__main__":

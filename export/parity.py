@@ -1,8 +1,8 @@
 """One parity check for every backend: outputs against the fp32 reference and the official golden vectors.
 
 Source: the comparison rule of this project (relative error `‖out − ref‖ / ‖ref‖`, NaN never
-passes) and `shared/golden/README.md` (fp32 paths match the official outputs at `atol=1e-4`;
-fp16 paths within a relative 1e-2).
+passes) and `shared/golden/README.md` (fp32 paths match the official outputs at `atol=1e-4`), with
+the bounds of the one table, `export.compare.TOL` (the precision parity contract of issue 9).
 
 `python -m export.parity --checkpoint CKPT --backends reference,engine,onnxruntime,openvino [--golden FILE.npz] [--json out.json]`
 runs each backend through `engine.load(...).invert` on the same inputs, compares `w_plus` and
@@ -14,56 +14,20 @@ saves the report as JSON. Exit code 1 when any comparison fails.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# Per backend precision: what a comparison of its outputs must meet.
-TOLERANCES = {
-    "fp32": {"rel": 1e-5, "atol": 1e-4},
-    "fp16": {"rel": 1e-2},
-}
+from reference.cli import ArgumentParser, int_at_least, run_cli
+from reference.files import write_json
+
+from .compare import Comparison, compare, parity_tolerance
+
+# The precision each backend computes in today (the lead's backend registry will carry it).
 BACKEND_PRECISION = {"reference": "fp32", "engine": "fp32", "onnxruntime": "fp32", "openvino": "fp32",
                      "triton": "fp16", "tensorrt": "fp16"}
-
-
-@dataclass
-class Comparison:
-    """One output of one backend against one reference."""
-
-    backend: str
-    output: str
-    against: str
-    max_abs: float
-    rel: float
-    finite: bool
-    tolerance: dict
-    passed: bool
-
-
-def compare(backend: str, output: str, against: str, out, ref, tolerance: dict) -> Comparison:
-    """Compare arrays (torch or numpy): max |out − ref|, ‖out − ref‖/‖ref‖ in float64, NaN/Inf check.
-
-    Args:
-        tolerance: `{"rel": r}` and/or `{"atol": a}`; every bound given must hold.
-
-    Raises:
-        ValueError: the shapes differ.
-    """
-    o = np.asarray(out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else out, dtype=np.float64)
-    r = np.asarray(ref.detach().cpu().numpy() if isinstance(ref, torch.Tensor) else ref, dtype=np.float64)
-    if o.shape != r.shape:
-        raise ValueError(f"{backend}/{output}: shape {o.shape} != reference {r.shape}")
-    finite = bool(np.isfinite(o).all())
-    diff = np.abs(o - r)
-    max_abs = float(diff.max()) if finite else float("inf")
-    rel = float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-300)) if finite else float("inf")
-    ok = finite and rel <= tolerance.get("rel", float("inf")) and max_abs <= tolerance.get("atol", float("inf"))
-    return Comparison(backend, output, against, max_abs, rel, finite, dict(tolerance), ok)
 
 
 def golden_inputs(golden: dict) -> torch.Tensor:
@@ -76,6 +40,9 @@ def run_parity(checkpoint: str | Path, backends: list[str], golden: dict | None 
                seed: int = 0) -> list[Comparison]:
     """Run every backend on the same inputs and compare with the reference (and the golden arrays).
 
+    Each comparison is `export.compare.compare` with the parity contract's bounds for the backend's
+    precision (`parity_tolerance(output, BACKEND_PRECISION[name], against)`).
+
     Args:
         checkpoint: a pSp checkpoint.
         backends: `engine.BACKENDS` names; "reference" is always run first as the baseline.
@@ -84,7 +51,7 @@ def run_parity(checkpoint: str | Path, backends: list[str], golden: dict | None 
         batch, seed: the random inputs' batch size and seed (without golden).
 
     Returns:
-        One `Comparison` per backend and output (and per golden array).
+        One `Comparison` per backend and output (and per golden array); images carry `u8_share`.
     """
     import engine
 
@@ -99,45 +66,55 @@ def run_parity(checkpoint: str | Path, backends: list[str], golden: dict | None 
     for name in backends:
         eng = engine.load(checkpoint, backend=name)
         img, w_plus = eng.invert(x)
-        tol = TOLERANCES[BACKEND_PRECISION.get(name, "fp16")]
-        results.append(compare(name, "w_plus", "reference", w_plus, ref_w, tol))
-        results.append(compare(name, "img", "reference", img, ref_img, tol))
+        precision = BACKEND_PRECISION.get(name, "fp16")
+        outs = {"w_plus": (w_plus, ref_w, "latents"), "img": (img, ref_img, "images_resize_false")}
+        for output, (out, ref, golden_key) in outs.items():
+            results.append(compare(out, ref, parity_tolerance(output, precision), output=output, backend=name))
         if golden is not None:
-            results.append(compare(name, "w_plus", "golden", w_plus, golden["latents"], tol))
-            results.append(compare(name, "img", "golden", img, golden["images_resize_false"], tol))
+            for output, (out, _, golden_key) in outs.items():
+                results.append(compare(out, golden[golden_key], parity_tolerance(output, precision, "golden"),
+                                       output=output, backend=name, against="golden"))
         del eng
     return results
 
 
 def format_table(results: list[Comparison]) -> str:
-    lines = [f"{'backend':12s} {'output':7s} {'against':9s} {'max |diff|':>11s} {'rel error':>10s}  result"]
+    """The report as a text table: one line per comparison, with the bounds of a failed one."""
+    lines = [f"{'backend':12s} {'output':7s} {'against':9s} {'max |diff|':>11s} {'rel error':>10s} "
+             f"{'u8 >2 lv':>9s}  result"]
     for c in results:
-        verdict = "ok" if c.passed else ("NaN/Inf" if not c.finite else f"FAIL {c.tolerance}")
-        lines.append(f"{c.backend:12s} {c.output:7s} {c.against:9s} {c.max_abs:11.3e} {c.rel:10.3e}  {verdict}")
+        verdict = "ok" if c.passed else (c.error or ("NaN/Inf" if not c.finite else f"FAIL {c.tolerance}"))
+        share = "" if c.u8_share is None else f"{c.u8_share:.2%}"
+        lines.append(f"{c.backend:12s} {c.output:7s} {c.against:9s} {c.max_abs:11.3e} {c.rel:10.3e} {share:>9s}  "
+                     f"{verdict}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m export.parity`: exit 0 all pass, 1 any fails, 2 bad arguments or checkpoint."""
-    from reference.errors import PSPError
-
-    p = argparse.ArgumentParser(prog="python -m export.parity", description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    """The CLI's argument parser."""
+    p = ArgumentParser(prog="python -m export.parity", description=__doc__.split("\n\n")[0],
+                       epilog="Exit codes: 0 every comparison passes, 1 any fails, 2 bad arguments or checkpoint "
+                              "(one line), 130 interrupted.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--backends", default="reference,engine,onnxruntime,openvino")
     p.add_argument("--golden", help="public_ffhq_encode_256_seed0.npz (with its checkpoint)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int_at_least(1), default=2)
     p.add_argument("--json", help="write the report here")
-    args = p.parse_args(argv)
+    return p
+
+
+def _body(args: argparse.Namespace) -> int:
     golden = dict(np.load(args.golden)) if args.golden else None
-    try:
-        results = run_parity(args.checkpoint, args.backends.split(","), golden, args.batch)
-    except PSPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results = run_parity(args.checkpoint, args.backends.split(","), golden, args.batch)
     print(format_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(c) for c in results], indent=1))
+        write_json(args.json, [c.as_dict() for c in results])
     return 0 if all(c.passed for c in results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m export.parity`: exit 0 all pass, 1 any fails, 2 bad arguments or checkpoint, 130 interrupted."""
+    return run_cli(build_parser(), _body, argv, interrupted="nothing was written; rerun the same command")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,6 @@ import argparse
 import ctypes
 import datetime as _dt
 import hashlib
-import json
-import math
 import os
 import sys
 import time
@@ -53,29 +51,20 @@ import torch
 from reference.errors import PSPError
 from reference.files import atomic_write_bytes, write_json
 
+from reference.description import ModelDescription, read_sidecar, sidecar_path, write_sidecar
+
+from .compare import TOL, compare_outputs, parity_tolerance
+
 # Layers whose ONNX node names contain one of these stay fp32 in an FP16 build: the style affines,
 # the demodulation coefficients (rsqrt of a sum of squares: overflows and underflows in fp16), the
 # mapping network and its pixel norm. The names come from module paths in `export/engine_model.py`.
 FP32_NODE_PATTERNS: tuple[str, ...] = ("/affine", "/demod", "/mapping", "/pixel_norm")
 
-# Parity bounds: relative error ||plan - ref|| / ||ref|| (Frobenius) per output and plan precision.
-# fp16: the 1e-2 of shared/golden/README.md for fp16 paths (relative to the image's spread); fp32
-# plans (TF32 off) differ from ONNX Runtime by summation order only. Not yet measured on a GPU.
-PARITY_TOLERANCES: dict[tuple[str, str], dict[str, float]] = {
-    ("img", "fp16"): {"rel": 1e-2},
-    ("w_plus", "fp16"): {"rel": 1e-2},
-    ("img", "fp32"): {"rel": 1e-4},
-    ("w_plus", "fp32"): {"rel": 1e-4},
-}
-
 DEFAULT_WORKSPACE_MIB = 4096
-SIDECAR_FORMAT = "psp-engine/tensorrt-plan"
-SIDECAR_VERSION = 1
-# Keys of the ONNX sidecar (`export.onnx`) a plan sidecar needs.
-ONNX_SIDECAR_KEYS = ("part", "output_size", "n_styles", "input_nc", "label_nc", "resize", "latent_avg",
-                     "preprocessing", "checkpoint", "opset")
-# ONNX sidecar keys copied into the plan sidecar as they are.
-COPIED_ONNX_KEYS = ONNX_SIDECAR_KEYS + ("image_size", "postprocessing", "dataset_type", "opts")
+PLAN_KIND = "tensorrt-plan"  # the artifact kind of a plan's sidecar (`reference.description`)
+# what a plan sidecar's artifact part keeps of the ONNX's (`export.onnx.artifact_info`)
+COPIED_ONNX_INFO = ("part", "resize", "image_size", "opset")
+BUILD_KEYS = ("tensorrt_version", "gpu", "inputs", "outputs", "profiles", "flags", "build_time_s")
 
 TRT_MISSING = ("tensorrt is not installed (its libraries cannot be installed on this CPU-only machine); "
                "on a machine with an NVIDIA GPU and CUDA: pip install tensorrt")
@@ -382,57 +371,6 @@ def precision_mode(fp16: bool, onnx_has_fp16: bool, weak_typing: bool) -> str:
 # files
 
 
-def onnx_sidecar_path(onnx_path: str | os.PathLike) -> Path:
-    """`<dir>/<name>.json` beside `<dir>/<name>.onnx` (written by `export.onnx`)."""
-    return Path(onnx_path).with_suffix(".json")
-
-
-def plan_sidecar_path(plan_path: str | os.PathLike) -> Path:
-    """`<plan>.json`, i.e. `M.plan.json` beside `M.plan` (not `M.json`: that is the ONNX's sidecar)."""
-    return Path(f"{plan_path}.json")
-
-
-def read_onnx_sidecar(onnx_path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check the sidecar `export.onnx` writes beside an ONNX file.
-
-    Raises:
-        TensorRTError: missing file, bad JSON, or keys missing (named, with the fix).
-    """
-    path = onnx_sidecar_path(onnx_path)
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TensorRTError(f"{path}: the ONNX sidecar is missing; export with python -m export.onnx, which writes "
-                            "it beside the .onnx") from None
-    except (OSError, ValueError) as e:
-        raise TensorRTError(f"{path}: unreadable ONNX sidecar ({e}); re-export with python -m export.onnx") from None
-    missing = [k for k in ONNX_SIDECAR_KEYS if k not in meta]
-    if missing:
-        raise TensorRTError(f"{path}: ONNX sidecar lacks {', '.join(missing)}; re-export with python -m export.onnx")
-    return meta
-
-
-def read_plan_sidecar(plan_path: str | os.PathLike) -> dict[str, Any]:
-    """Read the sidecar `build_engine` writes beside a plan.
-
-    Raises:
-        TensorRTError: missing, unreadable, or not a plan sidecar.
-    """
-    path = plan_sidecar_path(plan_path)
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TensorRTError(f"{path}: the plan's sidecar is missing; build the plan with python -m export.tensorrt, "
-                            "which writes <plan>.json beside it") from None
-    except (OSError, ValueError) as e:
-        raise TensorRTError(f"{path}: unreadable plan sidecar ({e}); rebuild with python -m export.tensorrt") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
-        fmt = meta.get("format") if isinstance(meta, dict) else None
-        raise TensorRTError(f"{path}: not a psp-engine plan sidecar (format {fmt!r}); rebuild with "
-                            "python -m export.tensorrt")
-    return meta
-
-
 def _file_digest(path: Path) -> dict[str, Any]:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -441,28 +379,28 @@ def _file_digest(path: Path) -> dict[str, Any]:
     return {"path": str(path), "size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
-def plan_sidecar(onnx_meta: Mapping[str, Any], build: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON sidecar of a plan: what the plan is (from the ONNX sidecar) and how it was built.
+def plan_artifact_info(onnx_info: Mapping[str, Any], build: Mapping[str, Any]) -> dict[str, Any]:
+    """The artifact part of a plan's sidecar: what the ONNX was (part, resize, image size, opset) and
+    how the plan was built.
 
     Args:
-        onnx_meta: the ONNX sidecar (`read_onnx_sidecar`): part, output_size, n_styles, input_nc,
-            label_nc, resize, latent_avg, preprocessing, checkpoint, opset (copied as they are).
+        onnx_info: the ONNX sidecar's artifact info (`read_sidecar(onnx, "onnx")[1]`); `part` required.
         build: `tensorrt_version`, `gpu` (`{"name", "compute_capability", ...}`), `inputs` and
             `outputs` (`[{"name", "shape" (-1 for dynamic), "dtype"}]`), `profiles`
             (`[{"name", "min", "opt", "max"}]`), `flags` (dict), `build_time_s`; optional `onnx`
             (file digest), `fp32_layers` (names), `built_at`.
 
     Returns:
-        The sidecar dict (JSON-serialisable).
+        The keyword arguments of `write_sidecar(plan, description, PLAN_KIND, **info)`:
+        part, resize, image_size, opset, inputs, outputs, profiles, tensorrt_version, gpu
+        (`{"name", "index"}`), compute_capability, flags, fp32_layers, build_time_s, built_at, onnx.
 
     Raises:
-        TensorRTError: a required key of either argument is missing.
+        TensorRTError: a required key of either argument is missing (named).
     """
-    missing = [k for k in ONNX_SIDECAR_KEYS if k not in onnx_meta]
-    if missing:
-        raise TensorRTError(f"ONNX sidecar lacks {', '.join(missing)}; re-export with python -m export.onnx")
-    needed = ("tensorrt_version", "gpu", "inputs", "outputs", "profiles", "flags", "build_time_s")
-    missing = [k for k in needed if k not in build]
+    if "part" not in onnx_info:
+        raise TensorRTError("ONNX sidecar lacks part; re-export with python -m export.onnx")
+    missing = [k for k in BUILD_KEYS if k not in build]
     if missing:
         raise TensorRTError(f"build info lacks {', '.join(missing)}")
     gpu = dict(build["gpu"])
@@ -473,21 +411,40 @@ def plan_sidecar(onnx_meta: Mapping[str, Any], build: Mapping[str, Any]) -> dict
         return [{"name": str(t["name"]), "shape": [int(d) for d in t["shape"]], "dtype": str(t["dtype"])}
                 for t in items]
 
-    meta: dict[str, Any] = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION}
-    meta.update({k: onnx_meta[k] for k in COPIED_ONNX_KEYS if k in onnx_meta})
-    meta["tensorrt_version"] = str(build["tensorrt_version"])
-    meta["gpu"] = gpu
-    meta["inputs"] = tensors(build["inputs"])
-    meta["outputs"] = tensors(build["outputs"])
-    meta["profiles"] = [Profile(str(p["name"]), *_triple((p["min"], p["opt"], p["max"]), "profile")).as_dict()
-                        for p in build["profiles"]]
-    meta["flags"] = dict(build["flags"])
-    meta["fp32_layers"] = list(build.get("fp32_layers", []))
-    meta["build_time_s"] = round(float(build["build_time_s"]), 3)
-    meta["built_at"] = build.get("built_at") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    info: dict[str, Any] = {k: onnx_info[k] for k in COPIED_ONNX_INFO if k in onnx_info}
+    info.update({
+        "inputs": tensors(build["inputs"]),
+        "outputs": tensors(build["outputs"]),
+        "profiles": [Profile(str(p["name"]), *_triple((p["min"], p["opt"], p["max"]), "profile")).as_dict()
+                     for p in build["profiles"]],
+        "tensorrt_version": str(build["tensorrt_version"]),
+        "compute_capability": str(gpu.pop("compute_capability")),
+        "gpu": gpu,
+        "flags": dict(build["flags"]),
+        "fp32_layers": list(build.get("fp32_layers", [])),
+        "build_time_s": round(float(build["build_time_s"]), 3),
+        "built_at": build.get("built_at") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
     if "onnx" in build:
-        meta["onnx"] = dict(build["onnx"])
-    return meta
+        info["onnx"] = dict(build["onnx"])
+    return info
+
+
+def write_plan_sidecar(plan_path: str | os.PathLike, description: ModelDescription, onnx_info: Mapping[str, Any],
+                       build: Mapping[str, Any]) -> Path:
+    """Write `<plan>.json` (`M.plan.json`), the one sidecar schema of `reference.description`, kind
+    "tensorrt-plan": the ONNX's model description with the plan's precision (`build["flags"]
+    ["precision"]`, default fp32) and `plan_artifact_info(onnx_info, build)`.
+
+    Returns:
+        The sidecar path.
+
+    Raises:
+        TensorRTError: as `plan_artifact_info`.
+    """
+    info = plan_artifact_info(onnx_info, build)
+    precision = info["flags"].get("precision", "fp32")
+    return write_sidecar(plan_path, description.replace(precision=precision), PLAN_KIND, **info)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,7 +481,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
     `set_timing_cache`), `ILayer.precision` / `set_output_type`, `build_serialized_network`.
 
     Args:
-        onnx_path: ONNX from `python -m export.onnx` (its `<name>.json` sidecar beside it).
+        onnx_path: ONNX from `python -m export.onnx` (its `<name>.onnx.json` sidecar beside it).
         plan_path: where to write the plan (atomically); the sidecar goes to `<plan>.json`.
         fp16: FP16 (see the module docstring for how, per TensorRT version); False: fp32, TF32 off.
         profiles: (min, opt, max) batch sizes per optimisation profile, a list or a dict
@@ -549,7 +506,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise TensorRTError(f"{onnx_path}: no such ONNX file; export one with python -m export.onnx")
-    onnx_meta = read_onnx_sidecar(onnx_path)
+    description, onnx_info = read_sidecar(onnx_path, "onnx")
     profs = normalize_profiles(profiles)
     if exclude_lean_runtime and not version_compatible:
         raise TensorRTError("--exclude-lean-runtime only applies to version-compatible plans; add --version-compatible")
@@ -653,7 +610,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
         "build_time_s": build_s,
         "onnx": _file_digest(onnx_path),
     }
-    write_json(plan_sidecar_path(plan_path), plan_sidecar(onnx_meta, build))
+    write_plan_sidecar(plan_path, description, onnx_info, build)
     return plan_path
 
 
@@ -661,16 +618,20 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
 # run
 
 
-def check_compute_capability(meta: Mapping[str, Any], actual: Mapping[str, Any], plan_path: str | os.PathLike) -> None:
+def check_compute_capability(info: Mapping[str, Any], actual: Mapping[str, Any], plan_path: str | os.PathLike) -> None:
     """A plan runs only on the GPU architecture it was built for: compare the sidecar with this GPU.
+
+    Args:
+        info: the plan sidecar's artifact info (`compute_capability`, `gpu` `{"name", ...}`).
+        actual: `gpu_info` of this GPU.
 
     Raises:
         TensorRTError: the compute capabilities differ (the message names both GPUs and the fix).
     """
-    built = meta.get("gpu", {})
-    if str(built.get("compute_capability")) != str(actual.get("compute_capability")):
+    built = info.get("compute_capability")
+    if str(built) != str(actual.get("compute_capability")):
         raise TensorRTError(
-            f"{plan_path}: built for compute capability {built.get('compute_capability')} ({built.get('name')}), this "
+            f"{plan_path}: built for compute capability {built} ({info.get('gpu', {}).get('name')}), this "
             f"GPU is {actual.get('compute_capability')} ({actual.get('name')}); rebuild the plan on this GPU with "
             "python -m export.tensorrt")
 
@@ -714,7 +675,8 @@ class TensorRTRunner:
         self.lean_runtime = lean_runtime
         self.verbose = verbose
         self.engine = None
-        self.meta: dict[str, Any] = {}
+        self.description: ModelDescription | None = None
+        self.info: dict[str, Any] = {}
 
     # -- lifetime
     def __enter__(self) -> TensorRTRunner:
@@ -735,14 +697,14 @@ class TensorRTRunner:
             return self
         if not self.plan_path.is_file():
             raise TensorRTError(f"{self.plan_path}: no such plan; build one with python -m export.tensorrt")
-        self.meta = read_plan_sidecar(self.plan_path)
+        self.description, self.info = read_sidecar(self.plan_path, PLAN_KIND)
         trt = import_tensorrt()
         self.device = cuda_device(self.device_arg)
-        check_compute_capability(self.meta, gpu_info(self.device.index), self.plan_path)
+        check_compute_capability(self.info, gpu_info(self.device.index), self.plan_path)
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.VERBOSE if self.verbose else trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
-        flags = self.meta.get("flags", {})
+        flags = self.info.get("flags", {})
         if flags.get("version_compatible"):
             runtime.engine_host_code_allowed = True  # a version-compatible plan carries its lean runtime
             if flags.get("exclude_lean_runtime"):
@@ -758,7 +720,7 @@ class TensorRTRunner:
             engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if engine is None:
             raise TensorRTError(f"{self.plan_path}: TensorRT {trt.__version__} could not load this plan (built with "
-                                f"{self.meta.get('tensorrt_version')}); rebuild it with this TensorRT")
+                                f"{self.info.get('tensorrt_version')}); rebuild it with this TensorRT")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -768,7 +730,7 @@ class TensorRTRunner:
         self.profiles = []
         for i in range(engine.num_optimization_profiles):
             mn, opt, mx = engine.get_tensor_profile_shape(first, i)
-            sidecar = self.meta.get("profiles", [])
+            sidecar = self.info.get("profiles", [])
             name = sidecar[i]["name"] if i < len(sidecar) else f"p{i}"
             self.profiles.append(Profile(name, int(mn[0]), int(opt[0]), int(mx[0])))
         self.engine = engine
@@ -885,56 +847,13 @@ class TensorRTRunner:
 # reports
 
 
-def compare_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
-                    tolerances: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
-    """One comparator for every backend: relative error, worst element and non-finite counts per output.
-
-    Args:
-        actual: output name -> array from the backend under test.
-        expected: output name -> array from the reference (same shapes).
-        tolerances: output name -> `{"rel": bound}` on ||actual - expected|| / ||expected||
-            (Frobenius, in float64) and/or `{"atol": bound}` on the worst element.
-
-    Returns:
-        `{"passed": bool, "outputs": {name: {"shape", "rel", "max_abs", "worst_index", "ref_std",
-        "nan", "inf", "tolerance", "passed"}}}`. Any NaN/Inf in `actual` fails its output.
-    """
-    report: dict[str, Any] = {"outputs": {}}
-    for name, ref in expected.items():
-        if name not in actual:
-            report["outputs"][name] = {"passed": False, "error": "missing from the output"}
-            continue
-        a = np.asarray(actual[name], dtype=np.float64)
-        r = np.asarray(ref, dtype=np.float64)
-        if a.shape != r.shape:
-            report["outputs"][name] = {"passed": False, "error": f"shape {list(a.shape)} != reference {list(r.shape)}"}
-            continue
-        nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
-        diff = np.where(np.isfinite(a), np.abs(a - r), np.inf)
-        worst = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
-        max_abs = float(diff[worst]) if diff.size else 0.0
-        norm = float(np.linalg.norm(r))
-        err = float(np.linalg.norm(np.nan_to_num(a - r, nan=np.inf, posinf=np.inf, neginf=np.inf)))
-        rel = err / norm if norm else (0.0 if max_abs == 0 else math.inf)
-        tol = dict(tolerances.get(name, {}))
-        ok = nan == 0 and inf == 0
-        if "rel" in tol:
-            ok = ok and rel <= tol["rel"]
-        if "atol" in tol:
-            ok = ok and max_abs <= tol["atol"]
-        report["outputs"][name] = {
-            "shape": list(a.shape), "rel": rel, "max_abs": max_abs, "worst_index": [int(i) for i in worst],
-            "ref_std": float(r.std()) if r.size else 0.0, "nan": nan, "inf": inf, "tolerance": tol, "passed": bool(ok),
-        }
-    report["passed"] = all(o["passed"] for o in report["outputs"].values())
-    return report
-
-
-def default_inputs(meta: Mapping[str, Any], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+def default_inputs(description: ModelDescription, info: Mapping[str, Any], batch: int,
+                   seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded inputs for a plan: `x` uniform in [-1, 1]; `w_plus` = latent_avg + 0.5 N(0, 1).
 
     Args:
-        meta: the plan sidecar (input shapes, latent_avg).
+        description: the plan's model description (latent_avg `[n_styles][512]`).
+        info: the plan sidecar's artifact info (input names and shapes).
         batch: batch size.
         seed: numpy seed.
 
@@ -943,18 +862,33 @@ def default_inputs(meta: Mapping[str, Any], batch: int, seed: int = 0) -> dict[s
     """
     rng = np.random.default_rng(seed)
     out = {}
-    for t in meta["inputs"]:
+    for t in info["inputs"]:
         shape = (batch, *t["shape"][1:])
         if t["name"] == "w_plus":
-            avg = np.asarray(meta["latent_avg"], dtype=np.float32)
+            avg = np.asarray(description.latent_avg, dtype=np.float32)
             out[t["name"]] = (avg[None] + 0.5 * rng.standard_normal(shape)).astype(np.float32)
         else:
             out[t["name"]] = rng.uniform(-1.0, 1.0, shape).astype(np.float32)
     return out
 
 
-def _plan_precision(meta: Mapping[str, Any]) -> str:
-    return "fp16" if meta.get("flags", {}).get("precision") == "fp16" else "fp32"
+def _plan_precision(info: Mapping[str, Any]) -> str:
+    return "fp16" if info.get("flags", {}).get("precision") == "fp16" else "fp32"
+
+
+def plan_tolerance(output: str, precision: str) -> dict[str, float]:
+    """The bounds of one output of a plan against the fp32 ONNX, from the one table (`export.compare.TOL`).
+
+    Args:
+        output: the output's name ("img", "w_plus"; any other name is held to the "img" bound).
+        precision: the plan's, "fp16" or "fp32".
+
+    Returns:
+        fp16: the precision parity contract (`parity_tolerance`); fp32: `TOL[("tensorrt", "float32")]`.
+    """
+    if precision == "fp32":
+        return dict(TOL[("tensorrt", "float32")])
+    return parity_tolerance(output if output in ("img", "w_plus") else "img", precision)
 
 
 def parity_report(plan_path: str | os.PathLike, reference_onnx: str | os.PathLike, *,
@@ -968,11 +902,11 @@ def parity_report(plan_path: str | os.PathLike, reference_onnx: str | os.PathLik
     Args:
         plan_path: the plan under test (FP16 or FP32).
         reference_onnx: the fp32 ONNX of the same part (the one exported without --fp16).
-        batch_sizes: batch sizes to check (each runs `default_inputs(meta, b, seed)`).
+        batch_sizes: batch sizes to check (each runs `default_inputs(description, info, b, seed)`).
         seed: input seed.
         device: CUDA device.
         inputs: explicit inputs (name -> array) instead of the seeded ones; `batch_sizes` ignored.
-        tolerances: output name -> bounds; default `PARITY_TOLERANCES` for the plan's precision.
+        tolerances: output name -> bounds; default `plan_tolerance(name, precision)`.
         out: JSON path (default `<plan>.parity.json`).
 
     Returns:
@@ -985,23 +919,25 @@ def parity_report(plan_path: str | os.PathLike, reference_onnx: str | os.PathLik
 
     plan_path = Path(plan_path)
     with TensorRTRunner(plan_path, device) as runner:
-        meta = runner.meta
-        precision = _plan_precision(meta)
+        info = runner.info
+        precision = _plan_precision(info)
         tol = dict(tolerances) if tolerances is not None else {
-            o["name"]: PARITY_TOLERANCES.get((o["name"], precision), {"rel": 1e-2}) for o in meta["outputs"]}
+            o["name"]: plan_tolerance(o["name"], precision) for o in info["outputs"]}
         session = ort.InferenceSession(str(reference_onnx), providers=["CPUExecutionProvider"])
-        feeds = [dict(inputs)] if inputs is not None else [default_inputs(meta, b, seed) for b in batch_sizes]
+        feeds = [dict(inputs)] if inputs is not None else [default_inputs(runner.description, info, b, seed)
+                                                           for b in batch_sizes]
         runs = []
         for feed in feeds:
             got = runner.infer({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()})
             got = {k: v.float().cpu().numpy() for k, v in got.items()}
             names = [o.name for o in session.get_outputs()]
             ref = dict(zip(names, session.run(names, {k: v.astype(np.float32) for k, v in feed.items()})))
-            cmp = compare_outputs(got, {k: ref[k] for k in got if k in ref}, tol)
+            cmp = compare_outputs(got, {k: ref[k] for k in got if k in ref}, tol, backend="tensorrt",
+                                  against="onnxruntime fp32")
             runs.append({"batch": int(next(iter(feed.values())).shape[0]), **cmp})
     report = {
         "plan": str(plan_path), "reference": str(reference_onnx), "precision": precision,
-        "tensorrt_version": meta.get("tensorrt_version"), "gpu": gpu_info(cuda_device(device).index),
+        "tensorrt_version": info.get("tensorrt_version"), "gpu": gpu_info(cuda_device(device).index),
         "inputs": "given" if inputs is not None else
                   f"seeded (seed {seed}): x ~ U[-1, 1], w_plus ~ latent_avg + 0.5 N(0, 1)",
         "passed": all(r["passed"] for r in runs), "runs": runs,
@@ -1033,7 +969,7 @@ def latency_report(plan_path: str | os.PathLike, *, batch_sizes: Sequence[int] |
         sizes = list(batch_sizes) if batch_sizes else sorted({b for p in runner.profiles for b in (p.opt, p.max)})
         results = []
         for b in sizes:
-            feed = {k: torch.from_numpy(v).to(runner.device) for k, v in default_inputs(runner.meta, b).items()}
+            feed = {k: torch.from_numpy(v).to(runner.device) for k, v in default_inputs(runner.description, runner.info, b).items()}
             t0 = time.perf_counter()
             runner.infer(feed)
             first_ms = (time.perf_counter() - t0) * 1e3
@@ -1053,7 +989,7 @@ def latency_report(plan_path: str | os.PathLike, *, batch_sizes: Sequence[int] |
                             "mean_ms": float(np.mean(times)), "img_per_s": b / (p50 / 1e3),
                             "chunks": len(plan_chunks(b, runner.profiles)), "warmup": warmup, "iters": iters})
         report = {"plan": str(plan_path), "gpu": gpu_info(runner.device.index),
-                  "tensorrt_version": runner.meta.get("tensorrt_version"), "precision": _plan_precision(runner.meta),
+                  "tensorrt_version": runner.info.get("tensorrt_version"), "precision": _plan_precision(runner.info),
                   "results": results}
     write_json(out or f"{plan_path}.latency.json", report)
     return report
@@ -1088,35 +1024,42 @@ def resolve_plan_pair(path: str | os.PathLike) -> tuple[Path, Path]:
     return enc, gen
 
 
-def check_plan_pair(encoder_meta: Mapping[str, Any], generator_meta: Mapping[str, Any]) -> None:
+def check_plan_pair(encoder: tuple[ModelDescription, Mapping[str, Any]],
+                    generator: tuple[ModelDescription, Mapping[str, Any]]) -> None:
     """The two plans of a backend must be an encoder and a generator of one checkpoint.
+
+    Args:
+        encoder, generator: `(description, info)` of each plan's sidecar (`read_sidecar(plan, PLAN_KIND)`).
 
     Raises:
         TensorRTError: wrong parts, or different checkpoint, n_styles or output_size.
     """
-    if encoder_meta.get("part") != "encoder" or generator_meta.get("part") != "generator":
-        raise TensorRTError(f"expected an encoder plan and a generator plan, got parts {encoder_meta.get('part')!r} "
-                            f"and {generator_meta.get('part')!r}")
+    (enc_desc, enc_info), (gen_desc, gen_info) = encoder, generator
+    if enc_info.get("part") != "encoder" or gen_info.get("part") != "generator":
+        raise TensorRTError(f"expected an encoder plan and a generator plan, got parts {enc_info.get('part')!r} "
+                            f"and {gen_info.get('part')!r}")
     for key in ("n_styles", "output_size", "checkpoint"):
-        if encoder_meta.get(key) != generator_meta.get(key):
-            raise TensorRTError(f"encoder and generator plans disagree on {key} ({encoder_meta.get(key)!r} vs "
-                                f"{generator_meta.get(key)!r}): export both parts from the same checkpoint")
+        a, b = getattr(enc_desc, key), getattr(gen_desc, key)
+        if a != b:
+            raise TensorRTError(f"encoder and generator plans disagree on {key} ({a!r} vs {b!r}): export both parts "
+                                "from the same checkpoint")
 
 
 class TensorRTPSP:
     """pSp on two TensorRT plans: `encode` on the encoder plan, `synthesize` on the generator plan.
 
-    Attributes (those `engine.api.Engine` reads): `opts`, `input_nc`, `label_nc`, `output_size`,
-    `n_styles`, `dataset_type`; plus `latent_avg` (already inside the encoder plan: informational)
-    and `encoder` / `generator` (the `TensorRTRunner`s).
+    Attributes (those `engine.api.Engine` reads): `description` (the encoder plan's sidecar), and from
+    it `opts`, `input_nc`, `label_nc`, `output_size`, `n_styles`, `dataset_type`; plus `latent_avg`
+    `[n_styles, 512]` (already inside the encoder plan: informational) and `encoder` / `generator`
+    (the `TensorRTRunner`s).
     """
 
     def __init__(self, encoder_plan: str | os.PathLike, generator_plan: str | os.PathLike,
                  device: str | torch.device = "cuda"):
         self.encoder = TensorRTRunner(encoder_plan, device)
         self.generator = TensorRTRunner(generator_plan, device)
-        enc_meta, gen_meta = read_plan_sidecar(encoder_plan), read_plan_sidecar(generator_plan)
-        check_plan_pair(enc_meta, gen_meta)
+        enc, gen = read_sidecar(encoder_plan, PLAN_KIND), read_sidecar(generator_plan, PLAN_KIND)
+        check_plan_pair(enc, gen)
         self.encoder.activate()
         try:
             self.generator.activate()
@@ -1124,16 +1067,12 @@ class TensorRTPSP:
             self.encoder.deactivate()
             raise
         self.device = self.encoder.device
-        opts = enc_meta.get("opts")
-        self.opts: dict = dict(opts) if isinstance(opts, dict) else {
-            "output_size": enc_meta["output_size"], "input_nc": enc_meta["input_nc"], "label_nc": enc_meta["label_nc"]}
-        self.input_nc = int(enc_meta["input_nc"])
-        self.label_nc = int(enc_meta["label_nc"])
-        self.output_size = int(enc_meta["output_size"])
-        self.n_styles = int(enc_meta["n_styles"])
-        self.dataset_type = enc_meta.get("dataset_type") or self.opts.get("dataset_type")
-        self.generator_resized = bool(gen_meta.get("resize"))
-        self.latent_avg = torch.tensor(enc_meta["latent_avg"], dtype=torch.float32)
+        self.description = d = enc[0]
+        self.opts: dict = dict(d.opts)
+        self.input_nc, self.label_nc, self.output_size, self.n_styles = d.input_nc, d.label_nc, d.output_size, d.n_styles
+        self.dataset_type = d.dataset_type or self.opts.get("dataset_type")
+        self.generator_resized = bool(gen[1].get("resize"))
+        self.latent_avg = torch.tensor(d.latent_avg, dtype=torch.float32)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, input_nc, 256, 256]` float32 -> w_plus `[B, n_styles, 512]` float32 (latent_avg added)."""
@@ -1245,7 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
                          timing_cache=args.timing_cache, version_compatible=args.version_compatible,
                          exclude_lean_runtime=args.exclude_lean_runtime, workspace_mib=args.workspace_mib,
                          verbose=args.verbose)
-            print(f"wrote {args.plan} and {plan_sidecar_path(args.plan)}", file=sys.stderr)
+            print(f"wrote {args.plan} and {sidecar_path(args.plan)}", file=sys.stderr)
         code = 0
         for kind in args.report or []:
             if kind == "parity":

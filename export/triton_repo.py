@@ -10,7 +10,8 @@ Layout written:
 
     REPO/<name>/config.pbtxt
     REPO/<name>/1/model.plan          (a hard link to the plan where possible, else a copy)
-    REPO/<name>/psp_engine.json       (the plan's sidecar: provenance, preprocessing, latent_avg)
+    REPO/<name>/psp_engine.json       (a copy of the plan's sidecar `<plan>.json`: the model description
+                                       with preprocessing and latent_avg, and the plan's build)
 
 The instance group lists every optimisation profile of the plan so that the server picks, per
 batch, a profile that covers it (without `profile`, Triton uses profile 0 only). So every batch
@@ -25,7 +26,6 @@ CLI: `python -m export.triton_repo --plan M.plan --out REPO [--name psp] [--max-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -33,11 +33,12 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from reference.cli import int_at_least
+from reference.cli import ArgumentParser, int_at_least, run_cli, say
+from reference.description import ModelDescription, read_sidecar, sidecar_path
 from reference.errors import PSPError
-from reference.files import atomic_path, atomic_write_bytes
+from reference.files import atomic_copy, atomic_path, atomic_write_bytes
 
-from .tensorrt import TensorRTError, plan_sidecar_path, read_plan_sidecar
+from .tensorrt import PLAN_KIND
 
 # Sidecar dtype names -> Triton's DataType enum names (model_config.proto).
 TRITON_DTYPES = {
@@ -52,24 +53,28 @@ class TritonRepoError(PSPError):
     """A model repository cannot be written as asked (missing sidecar, batch sizes the plan cannot run)."""
 
 
-def read_sidecar(plan: str | os.PathLike) -> dict[str, Any]:
-    """Read `<plan>.json` and check the parts a Triton config needs.
+def read_plan_sidecar(plan: str | os.PathLike) -> tuple[ModelDescription, dict[str, Any]]:
+    """Read `<plan>.json` (kind "tensorrt-plan" of the one sidecar schema) and check the parts a Triton
+    config needs.
+
+    Returns:
+        `(description, info)` as `reference.description.read_sidecar`.
 
     Raises:
-        TritonRepoError: missing plan or sidecar, not a plan sidecar, or missing inputs/outputs/profiles.
+        TritonRepoError: missing plan; missing, unreadable or other sidecar; missing inputs/outputs/profiles.
     """
     plan = Path(plan)
     if not plan.is_file():
         raise TritonRepoError(f"{plan}: no such plan; build one with python -m export.tensorrt")
-    path = plan_sidecar_path(plan)
     try:
-        meta = read_plan_sidecar(plan)
-    except TensorRTError as e:
+        description, info = read_sidecar(plan, PLAN_KIND)
+    except PSPError as e:
         raise TritonRepoError(str(e)) from None
-    missing = [k for k in ("inputs", "outputs", "profiles") if not meta.get(k)]
+    missing = [k for k in ("inputs", "outputs", "profiles") if not info.get(k)]
     if missing:
-        raise TritonRepoError(f"{path}: sidecar lacks {', '.join(missing)}; rebuild with python -m export.tensorrt")
-    return meta
+        raise TritonRepoError(f"{sidecar_path(plan)}: sidecar lacks {', '.join(missing)}; rebuild with "
+                              "python -m export.tensorrt")
+    return description, info
 
 
 def _covered(profiles: Sequence[Mapping[str, Any]], batch: int) -> bool:
@@ -115,7 +120,7 @@ def config_pbtxt(meta: Mapping[str, Any], name: str, max_batch: int, preferred: 
     """The text of `config.pbtxt` for a plan (protobuf text format of Triton's `ModelConfig`).
 
     Args:
-        meta: the plan sidecar (inputs, outputs with -1 for the batch, profiles).
+        meta: the plan sidecar's artifact info (inputs, outputs with -1 for the batch, profiles).
         name: the model name (= its directory in the repository).
         max_batch: `max_batch_size`.
         preferred: `dynamic_batching.preferred_batch_size` (may be empty).
@@ -180,7 +185,7 @@ def write_triton_repo(plan: str | os.PathLike, out: str | os.PathLike, *, name: 
         raise TritonRepoError(f"--name {name!r}: use letters, digits, '_', '-' or '.'")
     if version < 1:
         raise TritonRepoError(f"model version must be >= 1, got {version}")
-    meta = read_sidecar(plan)
+    _, meta = read_plan_sidecar(plan)
     profiles = meta["profiles"]
     max_batch = int(max_batch) if max_batch is not None else max(int(p["max"]) for p in profiles)
     preferred = [int(b) for b in preferred_batch]
@@ -194,7 +199,7 @@ def write_triton_repo(plan: str | os.PathLike, out: str | os.PathLike, *, name: 
     config = model_dir / "config.pbtxt"
     atomic_write_bytes(config, text)
     sidecar = model_dir / "psp_engine.json"
-    atomic_write_bytes(sidecar, json.dumps(meta, indent=2) + "\n")
+    atomic_copy(sidecar_path(plan), sidecar)
     return {"config": config, "plan": dest, "sidecar": sidecar, "placed": placed, "max_batch": max_batch}
 
 
@@ -210,13 +215,13 @@ def _sizes(text: str) -> list[int]:
     return [_positive(v) for v in text.split(",") if v.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     """The CLI's argument parser."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m export.triton_repo",
         description="Write a Triton Inference Server model repository (config.pbtxt + <version>/model.plan) for a "
                     "TensorRT plan built by python -m export.tensorrt; reads only the plan's <plan>.json sidecar.",
-        epilog="Exit codes: 0 written, 2 usage error or a plan/sidecar that does not fit (one line).")
+        epilog="Exit codes: 0 written, 2 usage error or a plan/sidecar that does not fit (one line), 130 interrupted.")
     p.add_argument("--plan", required=True, metavar="M.plan", help="the TensorRT plan (its M.plan.json beside it)")
     p.add_argument("--out", required=True, metavar="REPO", help="model repository folder (created if missing)")
     p.add_argument("--name", default="psp", help="model name and folder (default psp)")
@@ -230,19 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 written, 2 error)."""
-    args = build_parser().parse_args(argv)
-    try:
-        res = write_triton_repo(args.plan, args.out, name=args.name, max_batch=args.max_batch,
-                                preferred_batch=args.preferred_batch, max_queue_delay_us=args.max_queue_delay_us,
-                                version=args.version)
-    except (PSPError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {res['config']} and {res['plan']} ({res['placed']}, max_batch_size {res['max_batch']})",
-          file=sys.stderr)
+def _body(args: argparse.Namespace) -> int:
+    res = write_triton_repo(args.plan, args.out, name=args.name, max_batch=args.max_batch,
+                            preferred_batch=args.preferred_batch, max_queue_delay_us=args.max_queue_delay_us,
+                            version=args.version)
+    say(f"wrote {res['config']} and {res['plan']} ({res['placed']}, max_batch_size {res['max_batch']})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 written, 2 error, 130 interrupted)."""
+    return run_cli(build_parser(), _body, argv, interrupted="rerun the same command (each file is replaced whole)")
 
 
 if __name__ == "__main__":

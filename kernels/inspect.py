@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from kernels._triton import KernelSpec, interpret_mode, jit_function
+from reference.cli import ArgumentParser, run_cli, say
 from reference.errors import PSPError
 
 SPEC_MODULES = ("kernels.bias_act", "kernels.upfirdn2d", "kernels.modulated_conv2d")
@@ -633,11 +634,14 @@ def _archs(text: str) -> list[int]:
     return archs
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    """The CLI's argument parser."""
+    p = ArgumentParser(
         prog="python -m kernels.inspect",
         description="Compile every Triton kernel configuration of the 1024 generator for sm_80/sm_90 "
         "without a GPU; report registers, spills, shared memory, tensor-core MMA and the roofline.",
+        epilog="Exit codes: 0 all compiled without spills, 1 a failure or spill, 2 usage error (one line), "
+        "130 interrupted.",
     )
     p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
     p.add_argument("--arch", type=_archs, default=list(DEFAULT_ARCHS), help="compute capabilities (default 80,90)")
@@ -659,21 +663,13 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m kernels.inspect`: 0 all compiled without spills, 1 a failure or spill, 2 usage error."""
+def _body(args: argparse.Namespace) -> int:
+    if args.worker:
+        return _worker(args)
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    try:
-        if args.worker:
-            return _worker(args)
         specs, compiled = compile_all(args.source or SPEC_MODULES, args.arch, args.output_size, args.jobs)
-    except InspectError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
     except RuntimeError as e:  # a worker process crashed (e.g. a compiler segfault): say so, exit 1
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        say(f"error: {e}")
         return 1
     reports = make_reports(specs, compiled, args.arch)
     found = problems(reports)
@@ -690,6 +686,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in found:
         print(line, file=sys.stderr)
     return 1 if found else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m kernels.inspect`: 0 all compiled without spills, 1 a failure or spill, 2 usage error, 130 interrupted."""
+    return run_cli(build_parser(), _body, argv, interrupted="nothing was written; rerun the same command")
 
 
 if __name__ == "__main__":

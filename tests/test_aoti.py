@@ -1,5 +1,5 @@
 """export.aoti: AOTInductor packages of a small pSp, run from Python and from the C++ runner,
-against the reference model (fp32, TOL["aoti"]).
+against the reference model (fp32, export.compare.TOL["aoti"]).
 
 Inductor compiles C++ (tens of seconds per package on 2 cores): each package is built once per
 module. The whole-model package has a dynamic batch (activation modulation); the generator package
@@ -8,7 +8,6 @@ goes through the CLI with a static batch (official grouped convolution) and `--r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -22,8 +21,9 @@ from conftest import REPO
 from export import aoti
 from reference import load_psp, save_checkpoint
 from reference.configs import BASE_OPTS
+from reference.description import read_sidecar, sidecar_path
 from reference.weights import make_state_dict, psp_modules
-from tolerances import assert_close
+from export.compare import assert_close
 
 CXX = os.environ.get("CXX", "g++")
 if shutil.which(CXX) is None:  # inductor itself compiles C++: nothing here can run without one
@@ -121,12 +121,15 @@ def test_python_package_matches_reference(psp, psp_package, batch):
 
 
 def test_sidecar_and_model_restored(psp, psp_package):
-    meta = json.loads(aoti.sidecar_path(psp_package).read_text())
+    assert sidecar_path(psp_package).name == "psp.pt2.json"
+    desc, meta = read_sidecar(psp_package, aoti.AOTI_KIND)
     assert meta["part"] == "psp" and meta["dynamic_batch"] is True
     assert meta["inputs"] == {"x": {"shape": ["batch", 3, 256, 256], "dtype": "float32"}}
     assert meta["outputs"] == {"img": {"shape": ["batch", 3, OUTPUT_SIZE, OUTPUT_SIZE], "dtype": "float32"},
                                "w_plus": {"shape": ["batch", N_STYLES, 512], "dtype": "float32"}}
-    assert (meta["output_size"], meta["n_styles"], meta["input_nc"]) == (OUTPUT_SIZE, N_STYLES, 3)
+    assert (desc.output_size, desc.n_styles, desc.input_nc, desc.precision) == (OUTPUT_SIZE, N_STYLES, 3, "fp32")
+    assert desc.learn_in_w and torch.equal(torch.tensor(desc.latent_avg), psp.latent_avg.expand(N_STYLES, 512))
+    assert aoti.load_package(psp_package).description == desc
     assert meta["modulated_conv"].startswith("activation modulation")
     assert meta["torch_version"] == torch.__version__
     # the export switched the formulation only while tracing
@@ -146,7 +149,8 @@ def test_python_package_refuses_wrong_inputs(psp_package):
 
 def test_generator_part_static_batch_cli(psp, generator_package):
     """The official grouped-conv formulation, static batch, resize to 256 (pooling a 16 px image up)."""
-    meta = json.loads(aoti.sidecar_path(generator_package).read_text())
+    desc, meta = read_sidecar(generator_package, aoti.AOTI_KIND)
+    assert desc.checkpoint["size"] > 0            # the CLI records the checkpoint
     assert meta["part"] == "generator" and meta["dynamic_batch"] is False and meta["resize"] is True
     assert meta["inputs"]["w_plus"]["shape"] == [2, N_STYLES, 512]
     assert meta["outputs"]["img"]["shape"] == [2, 3, 256, 256]

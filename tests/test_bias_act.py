@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from kernels import bias_act as ba  # noqa: E402
 from kernels._triton import interpret_mode, jit_function  # noqa: E402
 from triton_trace import trace
-from tolerances import assert_close  # noqa: E402
+from export.compare import assert_close  # noqa: E402
 
 DEVICE = "cpu" if interpret_mode() else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

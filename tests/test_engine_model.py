@@ -12,7 +12,7 @@ from export.engine_model import EnginePSP, _adaptive_pool_matrix, face_pool
 from reference import load_psp
 from reference.configs import BASE_OPTS
 from reference.weights import make_state_dict, psp_modules
-from tolerances import assert_close
+from export.compare import assert_close
 
 
 def small_psp(encoder_type: str, output_size: int = 32, input_nc: int = 3, seed: int = 0):

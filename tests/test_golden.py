@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from reference import style_mix
-from tolerances import assert_close
+from export.compare import assert_close
 
 LATENT_MASK = range(8, 14)
 

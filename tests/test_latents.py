@@ -22,7 +22,7 @@ from engine import latents as lt
 from reference.description import ModelDescription
 from reference.psp import load_mapping
 from engine.api import Engine, UsageError
-from tolerances import assert_close
+from export.compare import assert_close
 
 GOLDEN_MASK = "8-13"  # the golden vectors' latent_mask=[8..13] at 256 px (14 styles)
 

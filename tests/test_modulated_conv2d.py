@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 from kernels import modulated_conv2d as mc  # noqa: E402
 from kernels._triton import interpret_mode, jit_function  # noqa: E402
 from reference import ops as ref_ops  # noqa: E402
-from tolerances import assert_close  # noqa: E402
+from export.compare import assert_close  # noqa: E402
 
 DEVICE = "cpu" if interpret_mode() else "cuda"
 BLUR = ref_ops.setup_filter([1, 3, 3, 1], gain=4)  # the stored blur.kernel / upsample.kernel

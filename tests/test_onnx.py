@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -17,8 +16,9 @@ from export.engine_model import EnginePSP
 from export.parity import run_parity
 from reference import load_psp, save_checkpoint
 from reference.configs import BASE_OPTS
+from reference.description import read_sidecar, sidecar_path
 from reference.weights import make_state_dict, psp_modules
-from tolerances import assert_close
+from export.compare import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -94,19 +94,25 @@ def test_graph_contract(exported):
                 assert weights and all(t == onnx.TensorProto.FLOAT for t in weights), n.name
             convs = [n for n in m.graph.node if n.op_type == "Conv"]
             assert any(inits.get(n.input[1]) == onnx.TensorProto.FLOAT16 for n in convs)
-        side = json.loads(path.with_suffix(".json").read_text())
-        assert side["part"] == part and side["n_styles"] == 8 and side["output_size"] == 32
-        assert np.asarray(side["latent_avg"]).shape == (8, 512)
-        assert side["checkpoint"]["size"] > 0
+        assert sidecar_path(path).name == path.name + ".json"
+        desc, info = read_sidecar(path, "onnx")
+        assert info["part"] == part and desc.n_styles == 8 and desc.output_size == 32
+        assert desc.precision == ("fp16" if fp16 else "fp32") and info["opset"] == xo.OPSET
+        assert list(info["inputs"]) == ins and list(info["outputs"]) == outs
+        assert np.asarray(desc.latent_avg).shape == (8, 512)
+        assert desc.checkpoint["size"] > 0
 
 
 def test_cli_and_bad_checkpoint(small, tmp_path, capsys):
     path, _ = small
     assert xo.main(["--checkpoint", str(path), "--out", str(tmp_path), "--part", "encoder"]) == 0
-    assert (tmp_path / "small32.encoder.onnx").is_file() and (tmp_path / "small32.encoder.json").is_file()
+    assert (tmp_path / "small32.encoder.onnx").is_file() and (tmp_path / "small32.encoder.onnx.json").is_file()
     (tmp_path / "bad.pt").write_bytes(b"")
     assert xo.main(["--checkpoint", str(tmp_path / "bad.pt"), "--out", str(tmp_path)]) == 2
-    assert "empty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "empty" in err and err.startswith("error: ") and err.count("\n") == 1
+    assert xo.main(["--checkpoint", str(path), "--out", str(tmp_path), "--opset", "16"]) == 2
+    assert "expected an integer >= 17" in capsys.readouterr().err
 
 
 def test_auto_backend_picks_the_measured_fastest():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from reference.ops import bias_act, demodulation_coefficients, modulated_conv2d, setup_filter, upfirdn2d
-from tolerances import assert_close
+from export.compare import assert_close
 
 
 def upfirdn2d_direct(x: np.ndarray, f: np.ndarray, up: int, down: int, pad: tuple[int, int, int, int]) -> np.ndarray:

@@ -131,7 +131,7 @@ def test_generator_formulations_and_batches():
         activation = model.synthesize(w_plus)
         model.decoder.set_fused_modconv(True)
         single = torch.cat([model.synthesize(w_plus[i : i + 1]) for i in range(3)])
-    from tolerances import assert_close
+    from export.compare import assert_close
 
     assert_close(activation, grouped, "generator_formulations")
     assert_close(single, grouped, "generator_formulations")

@@ -27,7 +27,7 @@ from engine.manifest import MANIFEST_NAME, read_records
 from reference import save_checkpoint
 from reference.configs import BASE_OPTS
 from reference.weights import make_state_dict, psp_modules
-from tolerances import assert_close
+from export.compare import assert_close
 
 SEED = 3
 K = 2

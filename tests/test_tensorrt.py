@@ -2,7 +2,7 @@
 `tensorrt` and a CUDA device exist (each skips with the reason elsewhere; nothing is mocked).
 
 Without TensorRT (run everywhere): the fp32 layer matcher on the node names of a real ONNX export,
-the precision decision, profiles and batch chunking, the plan sidecar writer, the comparator, the
+the precision decision, profiles and batch chunking, the plan sidecar writer, the plan tolerances, the
 CLI parser and the one-line exit-2 error where tensorrt is missing, and the C++ runner's CMake
 configuration (which must either configure or stop with the missing-TensorRT message).
 """
@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reference.files import write_json
 import torch
 from torch import nn
 
 from export import tensorrt as T
+from export.compare import compare_outputs
+from reference.description import ModelDescription, read_sidecar, sidecar_path, write_sidecar
+from reference.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER_DIR = REPO / "examples" / "cpp" / "tensorrt_runner"
@@ -80,15 +82,21 @@ class TinyNet(nn.Module):
         return self.conv2(torch.nn.functional.leaky_relu(self.conv1(x, w), 0.2), w)
 
 
-def onnx_sidecar(part: str = "psp", n_styles: int = 2, output_size: int = 16) -> dict:
-    """An ONNX sidecar as export.onnx writes it (the contract's keys)."""
-    return {
-        "part": part, "output_size": output_size, "n_styles": n_styles, "input_nc": 3, "label_nc": 0,
-        "resize": False, "latent_avg": [[0.25] * 512 for _ in range(n_styles)],
-        "preprocessing": {"resize": 256, "interpolation": "bilinear", "normalize": {"mean": 0.5, "std": 0.5},
-                          "channels": "RGB", "layout": "NCHW"},
-        "checkpoint": {"path": "tiny.pt", "size": 123, "sha256_first_mib": "0" * 64}, "opset": 17,
-    }
+def description(n_styles: int = 2, output_size: int = 16) -> ModelDescription:
+    """The model description an ONNX sidecar of export.onnx carries (the one schema of reference.description)."""
+    return ModelDescription(input_nc=3, label_nc=0, output_size=output_size, n_styles=n_styles,
+                            dataset_type="ffhq_encode", opts={"output_size": output_size, "input_nc": 3},
+                            checkpoint={"path": "tiny.pt", "size": 123, "sha256_first_mib": "0" * 64},
+                            latent_avg=[[0.25] * 512 for _ in range(n_styles)])
+
+
+def onnx_info(part: str = "psp", output_size: int = 16) -> dict:
+    """The artifact part of an ONNX sidecar as export.onnx writes it."""
+    return {"part": part, "resize": False, "image_size": output_size, "opset": 17}
+
+
+def write_onnx_sidecar(path: Path, part: str = "psp", n_styles: int = 2, output_size: int = 16) -> Path:
+    return write_sidecar(path, description(n_styles, output_size), "onnx", **onnx_info(part, output_size))
 
 
 def export_tiny(tmp_path: Path, seed: int = 0) -> tuple[Path, TinyNet]:
@@ -98,7 +106,7 @@ def export_tiny(tmp_path: Path, seed: int = 0) -> tuple[Path, TinyNet]:
     path = tmp_path / "tiny.onnx"
     torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), str(path), input_names=["x"], output_names=["img"],
                       dynamic_axes={"x": {0: "batch"}, "img": {0: "batch"}}, opset_version=17, dynamo=False)
-    write_json(T.onnx_sidecar_path(path), onnx_sidecar())
+    write_onnx_sidecar(path)
     return path, model
 
 
@@ -184,7 +192,7 @@ def test_fp32_patterns_cover_the_real_export(psp256, tmp_path):
     assert len({n.rsplit("/affine/", 1)[0] for n in hits["/affine"]}) == 20, hits["/affine"][:5]
     assert len({n.rsplit("/demod/", 1)[0] for n in hits["/demod"]}) == 13, hits["/demod"][:5]
     assert not [n for n in T.match_fp32_layers(names) if n.endswith("/Conv") and "/demod/" not in n]
-    assert T.onnx_fp16_count(path) == 0 and T.read_onnx_sidecar(path)["part"] == "generator"
+    assert T.onnx_fp16_count(path) == 0 and read_sidecar(path, "onnx")[1]["part"] == "generator"
     path16 = export_onnx(model, tmp_path / "gen.fp16.onnx", "generator", fp16=True)
     assert T.onnx_fp16_count(path16) > 0
     assert T.precision_mode(True, True, True) == "strong"
@@ -286,90 +294,57 @@ def build_info(n_styles: int = 18, size: int = 1024) -> dict:
     }
 
 
-def test_plan_sidecar_copies_the_onnx_sidecar_and_the_build(tmp_path):
-    onnx_meta = onnx_sidecar("psp", n_styles=18, output_size=1024)
-    meta = T.plan_sidecar(onnx_meta, build_info())
-    for key in T.ONNX_SIDECAR_KEYS:
-        assert meta[key] == onnx_meta[key], key
-    assert meta["format"] == T.SIDECAR_FORMAT and meta["version"] == T.SIDECAR_VERSION
-    assert meta["tensorrt_version"] == "10.9.0.34"
-    assert meta["gpu"]["compute_capability"] == "8.0"
-    assert meta["inputs"] == [{"name": "x", "shape": [-1, 3, 256, 256], "dtype": "float32"}]
-    assert [o["name"] for o in meta["outputs"]] == ["img", "w_plus"]
-    assert meta["profiles"][1] == {"name": "p1", "min": 2, "opt": 4, "max": 8}
-    assert meta["flags"]["precision"] == "fp16" and meta["build_time_s"] == 123.457
-    assert meta["fp32_layers"] == ["/decoder/convs.0/affine/Gemm"] and "built_at" in meta
-    path = write_json(T.plan_sidecar_path(tmp_path / "psp.plan"), meta)
-    assert path.name == "psp.plan.json"
-    (tmp_path / "psp.plan").write_bytes(b"plan")
-    assert T.read_plan_sidecar(tmp_path / "psp.plan") == json.loads(path.read_text())
+def test_plan_sidecar_keeps_the_description_and_the_build(tmp_path):
+    plan = tmp_path / "psp.plan"
+    plan.write_bytes(b"plan")
+    desc = description(n_styles=18, output_size=1024)
+    path = T.write_plan_sidecar(plan, desc, {**onnx_info("psp", 1024), "inputs": {"x": {}}}, build_info())
+    assert path.name == "psp.plan.json" and path == sidecar_path(plan)
+    got, info = read_sidecar(plan, T.PLAN_KIND)
+    assert got == desc.replace(precision="fp16") and got.latent_avg == desc.latent_avg   # the plan's precision
+    assert info["kind"] == "tensorrt-plan"
+    assert (info["part"], info["resize"], info["image_size"], info["opset"]) == ("psp", False, 1024, 17)
+    assert info["tensorrt_version"] == "10.9.0.34"
+    assert info["compute_capability"] == "8.0" and info["gpu"] == {"name": "NVIDIA A100-SXM4-80GB", "index": 0}
+    assert info["inputs"] == [{"name": "x", "shape": [-1, 3, 256, 256], "dtype": "float32"}]   # the plan's IO
+    assert [o["name"] for o in info["outputs"]] == ["img", "w_plus"]
+    assert info["profiles"][1] == {"name": "p1", "min": 2, "opt": 4, "max": 8}
+    assert info["flags"]["precision"] == "fp16" and info["build_time_s"] == 123.457
+    assert info["fp32_layers"] == ["/decoder/convs.0/affine/Gemm"] and "built_at" in info
+    with pytest.raises(CheckpointError, match="describes a 'tensorrt-plan' artifact, expected 'onnx'"):
+        read_sidecar(plan, "onnx")
 
 
 def test_plan_sidecar_names_what_is_missing(tmp_path):
-    onnx_meta = onnx_sidecar()
-    del onnx_meta["latent_avg"]
-    with pytest.raises(T.TensorRTError, match="latent_avg"):
-        T.plan_sidecar(onnx_meta, build_info())
+    with pytest.raises(T.TensorRTError, match="lacks part"):
+        T.plan_artifact_info({"resize": False}, build_info())
     info = build_info()
     del info["profiles"]
     with pytest.raises(T.TensorRTError, match="profiles"):
-        T.plan_sidecar(onnx_sidecar(), info)
-    with pytest.raises(T.TensorRTError, match=r"missing\.json: the ONNX sidecar is missing; export with"):
-        T.read_onnx_sidecar(tmp_path / "missing.onnx")
-    with pytest.raises(T.TensorRTError, match=r"plan's sidecar is missing"):
-        T.read_plan_sidecar(tmp_path / "nothing.plan")
+        T.plan_artifact_info(onnx_info(), info)
+    (tmp_path / "m.onnx").write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match=r"m\.onnx\.json: the sidecar of m\.onnx is missing; export it again"):
+        T.build_engine(tmp_path / "m.onnx", tmp_path / "m.plan")   # checked before TensorRT is needed
+    with pytest.raises(CheckpointError, match=r"nothing\.plan\.json: the sidecar of nothing\.plan is missing"):
+        read_sidecar(tmp_path / "nothing.plan", T.PLAN_KIND)
 
 
 def test_check_compute_capability():
-    meta = {"gpu": {"name": "NVIDIA A100", "compute_capability": "8.0"}}
-    T.check_compute_capability(meta, {"name": "NVIDIA A100", "compute_capability": "8.0"}, "a.plan")
+    info = {"gpu": {"name": "NVIDIA A100"}, "compute_capability": "8.0"}
+    T.check_compute_capability(info, {"name": "NVIDIA A100", "compute_capability": "8.0"}, "a.plan")
     with pytest.raises(T.TensorRTError, match=r"a\.plan: built for compute capability 8\.0 \(NVIDIA A100\), this GPU "
                                               r"is 8\.9 \(NVIDIA L4\); rebuild"):
-        T.check_compute_capability(meta, {"name": "NVIDIA L4", "compute_capability": "8.9"}, "a.plan")
-
-
-# ----------------------------------------------------------------------------------------------
-# the comparator
-
-
-def test_compare_outputs_measures_relative_error_and_non_finite(tmp_path):
-    rng = np.random.default_rng(0)
-    ref = {"img": rng.standard_normal((2, 3, 5, 7)).astype(np.float32), "w_plus": rng.standard_normal((2, 4, 512))}
-    noise = rng.standard_normal(ref["img"].shape)
-    noisy = ref["img"] + 1e-3 * noise * np.linalg.norm(ref["img"]) / np.linalg.norm(noise)
-    tol = {"img": {"rel": 1e-2}, "w_plus": {"rel": 1e-6}}
-    rep = T.compare_outputs({"img": noisy, "w_plus": ref["w_plus"]}, ref, tol)
-    assert rep["passed"]
-    assert rep["outputs"]["img"]["rel"] == pytest.approx(1e-3, rel=1e-3)
-    assert rep["outputs"]["w_plus"]["rel"] == 0.0 and rep["outputs"]["w_plus"]["max_abs"] == 0.0
-    worst = tuple(rep["outputs"]["img"]["worst_index"])
-    assert rep["outputs"]["img"]["max_abs"] == pytest.approx(float(np.abs(noisy - ref["img"]).max()))
-    assert abs(noisy - ref["img"])[worst] == pytest.approx(rep["outputs"]["img"]["max_abs"])
-
-    assert not T.compare_outputs({"img": noisy}, {"img": ref["img"]}, {"img": {"rel": 1e-4}})["passed"]
-
-    bad = noisy.copy()
-    bad[1, 2, 3, 4] = np.nan
-    bad[0, 0, 0, 0] = np.inf
-    rep = T.compare_outputs({"img": bad}, {"img": ref["img"]}, {"img": {"rel": 1.0}})
-    out = rep["outputs"]["img"]
-    assert (out["nan"], out["inf"], out["passed"], rep["passed"]) == (1, 1, False, False)
-    assert out["rel"] == float("inf")
-    write_json(tmp_path / "r.json", rep)   # strict JSON: non-finite numbers become strings
-    loaded = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
-    assert loaded["outputs"]["img"]["rel"] == "inf"
-
-    rep = T.compare_outputs({"img": ref["img"][:1]}, {"img": ref["img"]}, {})
-    assert not rep["passed"] and "shape" in rep["outputs"]["img"]["error"]
+        T.check_compute_capability(info, {"name": "NVIDIA L4", "compute_capability": "8.9"}, "a.plan")
 
 
 def test_default_inputs():
-    meta = T.plan_sidecar(onnx_sidecar("generator", n_styles=4, output_size=64), {
+    desc = description(n_styles=4, output_size=64)
+    info = T.plan_artifact_info(onnx_info("generator", 64), {
         **build_info(), "inputs": [{"name": "w_plus", "shape": [-1, 4, 512], "dtype": "float32"}]})
-    a = T.default_inputs(meta, 3, seed=1)
+    a = T.default_inputs(desc, info, 3, seed=1)
     assert a["w_plus"].shape == (3, 4, 512) and a["w_plus"].dtype == np.float32
     assert abs(float(a["w_plus"].mean()) - 0.25) < 0.05   # latent_avg 0.25 + 0.5 N(0, 1)
-    np.testing.assert_array_equal(a["w_plus"], T.default_inputs(meta, 3, seed=1)["w_plus"])
+    np.testing.assert_array_equal(a["w_plus"], T.default_inputs(desc, info, 3, seed=1)["w_plus"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,12 +363,15 @@ def test_resolve_plan_pair(tmp_path):
 
 
 def test_check_plan_pair():
-    enc, gen = onnx_sidecar("encoder", 18, 1024), onnx_sidecar("generator", 18, 1024)
+    enc, gen = (description(18, 1024), {"part": "encoder"}), (description(18, 1024), {"part": "generator"})
     T.check_plan_pair(enc, gen)
     with pytest.raises(T.TensorRTError, match="parts 'generator' and 'encoder'"):
         T.check_plan_pair(gen, enc)
     with pytest.raises(T.TensorRTError, match="disagree on n_styles"):
-        T.check_plan_pair(enc, onnx_sidecar("generator", 14, 1024))
+        T.check_plan_pair(enc, (description(14, 1024), {"part": "generator"}))
+    other = description(18, 1024).replace(checkpoint={"path": "other.pt", "size": 1, "sha256_first_mib": "1" * 64})
+    with pytest.raises(T.TensorRTError, match="disagree on checkpoint"):
+        T.check_plan_pair(enc, (other, {"part": "generator"}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,8 +415,7 @@ def test_cli_without_tensorrt_one_line_exit_2(tmp_path):
 def test_backend_without_tensorrt_says_so(tmp_path):
     for part in ("encoder", "generator"):
         (tmp_path / f"psp.{part}.plan").write_bytes(b"not a plan")
-        write_json(T.plan_sidecar_path(tmp_path / f"psp.{part}.plan"),
-                            T.plan_sidecar(onnx_sidecar(part, 2, 16), build_info(2, 16)))
+        T.write_plan_sidecar(tmp_path / f"psp.{part}.plan", description(2, 16), onnx_info(part, 16), build_info(2, 16))
     with pytest.raises(T.TensorRTUnavailableError, match="tensorrt is not installed"):
         T.load_tensorrt_backend(tmp_path / "psp", "cuda")
 
@@ -519,15 +496,16 @@ def fp16_plan(tiny_onnx, tmp_path_factory) -> Path:
 @needs_trt_cuda
 def test_build_writes_plan_sidecar_and_timing_cache(fp16_plan, tiny_onnx):
     trt = T.import_tensorrt()
-    meta = T.read_plan_sidecar(fp16_plan)
+    desc, meta = read_sidecar(fp16_plan, T.PLAN_KIND)
     assert fp16_plan.stat().st_size > 0
     assert (fp16_plan.parent / "timing.cache").stat().st_size > 0
     assert meta["tensorrt_version"] == trt.__version__
-    assert meta["gpu"] == T.gpu_info(0)
+    gpu = T.gpu_info(0)
+    assert meta["compute_capability"] == gpu.pop("compute_capability") and meta["gpu"] == gpu
     assert meta["inputs"] == [{"name": "x", "shape": [-1, 3, 16, 16], "dtype": "float32"}]
     assert meta["outputs"] == [{"name": "img", "shape": [-1, 3, 16, 16], "dtype": "float32"}]
     assert [p["name"] for p in meta["profiles"]] == ["one", "batch"]
-    assert meta["latent_avg"] == onnx_sidecar()["latent_avg"]
+    assert desc.latent_avg == description().latent_avg and desc.precision == "fp16"
     assert meta["flags"]["precision"] == "fp16"
     if meta["flags"]["precision_mode"] == "fp16-weak":  # TensorRT 10: the fp32 islands were pinned
         assert any("/affine" in n for n in meta["fp32_layers"]) and any("/demod" in n for n in meta["fp32_layers"])
@@ -546,7 +524,7 @@ def test_runner_matches_torch(fp16_plan, tiny_onnx, batch):
         ref = model(x)
     assert out.shape == ref.shape and out.is_cuda
     rel = (out.float().cpu() - ref).norm() / ref.norm()
-    assert rel <= T.PARITY_TOLERANCES[("img", "fp16")]["rel"], float(rel)
+    assert rel <= T.plan_tolerance("img", "fp16")["rel"], float(rel)
 
 
 @needs_trt_cuda
@@ -571,9 +549,10 @@ def test_fp32_plan_is_tight(tiny_onnx, tmp_path):
 def test_runner_refuses_another_gpu(fp16_plan, tmp_path):
     plan = tmp_path / "other.plan"
     shutil.copyfile(fp16_plan, plan)
-    meta = T.read_plan_sidecar(fp16_plan)
-    meta["gpu"] = {"name": "some other GPU", "compute_capability": "1.0"}
-    write_json(T.plan_sidecar_path(plan), meta)
+    desc, info = read_sidecar(fp16_plan, T.PLAN_KIND)
+    info = {**{k: v for k, v in info.items() if k != "kind"}, "gpu": {"name": "some other GPU"},
+            "compute_capability": "1.0"}
+    write_sidecar(plan, desc, T.PLAN_KIND, **info)
     with pytest.raises(T.TensorRTError, match="built for compute capability 1.0"):
         T.TensorRTRunner(plan).activate()
 
@@ -589,7 +568,7 @@ def test_parser_errors_name_the_node(tmp_path):
     path = tmp_path / "broken.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("psp.test", 1)]),
               str(path))
-    write_json(T.onnx_sidecar_path(path), onnx_sidecar())
+    write_onnx_sidecar(path)
     with pytest.raises(T.TensorRTError, match="ONNX parser failed: node 0"):
         T.build_engine(path, tmp_path / "broken.plan")
 
@@ -604,7 +583,7 @@ def _tiny_pair(tmp_path: Path) -> tuple[Path, nn.Module, nn.Module]:
         path = tmp_path / f"{part}.onnx"
         torch.onnx.export(model, (args,), str(path), input_names=[i], output_names=[o], opset_version=17,
                           dynamic_axes={i: {0: "batch"}, o: {0: "batch"}}, dynamo=False)
-        write_json(T.onnx_sidecar_path(path), onnx_sidecar(part, n_styles=4, output_size=32))
+        write_onnx_sidecar(path, part, n_styles=4, output_size=32)
         T.build_engine(path, tmp_path / f"tiny.{part}.plan", fp16=False, profiles=[(1, 2, 4)], workspace_mib=512)
     return tmp_path / "tiny", enc, gen
 
@@ -622,8 +601,8 @@ def test_backend_encode_synthesize(tmp_path):
         w = model.encode(x)
         img = model.synthesize(w)
         assert w.shape == (3, 4, 512) and img.shape == (3, 3, 32, 32)
-        assert (w.cpu() - w_ref).norm() / w_ref.norm() <= T.PARITY_TOLERANCES[("w_plus", "fp32")]["rel"]
-        assert (img.cpu() - img_ref).norm() / img_ref.norm() <= T.PARITY_TOLERANCES[("img", "fp32")]["rel"]
+        assert (w.cpu() - w_ref).norm() / w_ref.norm() <= T.plan_tolerance("w_plus", "fp32")["rel"]
+        assert (img.cpu() - img_ref).norm() / img_ref.norm() <= T.plan_tolerance("img", "fp32")["rel"]
     finally:
         model.close()
 
@@ -640,4 +619,4 @@ def test_cpp_runner_matches_python(runner_build, fp16_plan, tmp_path):
     cpp = np.fromfile(tmp_path / "img.f32", "<f4").reshape(3, 3, 16, 16)
     with T.TensorRTRunner(fp16_plan) as r:
         py = r.infer({"x": torch.from_numpy(x)})["img"].float().cpu().numpy()
-    assert T.compare_outputs({"img": cpp}, {"img": py}, {"img": {"rel": 1e-3}})["passed"]
+    assert compare_outputs({"img": cpp}, {"img": py}, {"img": {"rel": 1e-3}})["passed"]

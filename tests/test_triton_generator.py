@@ -16,7 +16,7 @@ from kernels._triton import interpret_mode
 from export.engine_model import Synthesis
 from reference.stylegan2 import Generator
 from reference.weights import make_state_dict
-from tolerances import assert_close
+from export.compare import assert_close
 
 pytestmark = pytest.mark.skipif(
     not (interpret_mode() or torch.cuda.is_available()),

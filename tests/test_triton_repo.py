@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from reference.files import write_json
+from reference.description import ModelDescription, read_sidecar, sidecar_path
 
 from export import tensorrt as T
 from export import triton_repo as TR
@@ -115,14 +115,10 @@ def test_parser_on_a_triton_example():
 # fixtures: a plan sidecar from the real writer, and plan bytes
 
 
-def onnx_meta(part: str = "psp", n_styles: int = 18, size: int = 1024) -> dict:
-    return {
-        "part": part, "output_size": size, "n_styles": n_styles, "input_nc": 3, "label_nc": 0, "resize": False,
-        "latent_avg": [[0.0] * 512 for _ in range(n_styles)],
-        "preprocessing": {"resize": 256, "interpolation": "bilinear", "normalize": {"mean": 0.5, "std": 0.5},
-                          "channels": "RGB", "layout": "NCHW"},
-        "checkpoint": {"path": "psp_ffhq_encode.pt", "size": 1, "sha256_first_mib": "0" * 64}, "opset": 17,
-    }
+def description(n_styles: int = 18, size: int = 1024) -> ModelDescription:
+    return ModelDescription(input_nc=3, label_nc=0, output_size=size, n_styles=n_styles, dataset_type="ffhq_encode",
+                            checkpoint={"path": "psp_ffhq_encode.pt", "size": 1, "sha256_first_mib": "0" * 64},
+                            latent_avg=[[0.0] * 512 for _ in range(n_styles)])
 
 
 def write_plan(tmp_path: Path, profiles=((1, 1, 1), (2, 4, 8)), name: str = "psp.plan", n_styles: int = 18,
@@ -137,7 +133,7 @@ def write_plan(tmp_path: Path, profiles=((1, 1, 1), (2, 4, 8)), name: str = "psp
         "profiles": [{"name": f"p{i}", "min": a, "opt": b, "max": c} for i, (a, b, c) in enumerate(profiles)],
         "flags": {"precision": "fp16"}, "build_time_s": 1.0,
     }
-    write_json(T.plan_sidecar_path(plan), T.plan_sidecar(onnx_meta(n_styles=n_styles, size=size), build))
+    T.write_plan_sidecar(plan, description(n_styles, size), {"part": "psp", "resize": False, "opset": 17}, build)
     return plan
 
 
@@ -168,7 +164,8 @@ def test_cli_writes_a_repository(tmp_path):
     model = tmp_path / "repo" / "psp"
     assert (model / "1" / "model.plan").read_bytes() == plan.read_bytes()
     assert sorted(p.name for p in (model / "1").iterdir()) == ["model.plan"]   # nothing else in the version dir
-    assert T.read_plan_sidecar(plan) == __import__("json").loads((model / "psp_engine.json").read_text())
+    assert (model / "psp_engine.json").read_bytes() == sidecar_path(plan).read_bytes()   # the plan's sidecar
+    assert read_sidecar(plan, T.PLAN_KIND)[0] == description().replace(precision="fp16")
 
     cfg = parse_pbtxt((model / "config.pbtxt").read_text())
     assert cfg["name"] == ["psp"] and cfg["platform"] == ["tensorrt_plan"]
@@ -249,7 +246,7 @@ def test_missing_sidecar(tmp_path):
     plan = tmp_path / "m.plan"
     plan.write_bytes(b"x")
     err = _one_line_error(cli("--plan", str(plan), "--out", str(tmp_path / "repo")))
-    assert f"{plan}.json: the plan's sidecar is missing" in err and "python -m export.tensorrt" in err
+    assert f"{plan}.json: the sidecar of m.plan is missing" in err and "export.tensorrt" in err
     assert not (tmp_path / "repo").exists()
 
 
@@ -263,7 +260,7 @@ def test_not_a_sidecar(tmp_path, capsys):
     plan.write_bytes(b"x")
     (tmp_path / "m.plan.json").write_text('{"hello": 1}')
     err = _one_line_error(cli_here(capsys, "--plan", str(plan), "--out", str(tmp_path / "r")))
-    assert "not a psp-engine plan sidecar" in err
+    assert "m.plan.json: not a psp-engine sidecar of version 2" in err
 
 
 def test_max_batch_above_the_profiles(tmp_path, capsys):

@@ -20,7 +20,7 @@ from kernels import upfirdn2d as ud  # noqa: E402
 from kernels._triton import interpret_mode, jit_function  # noqa: E402
 from reference.ops import setup_filter  # noqa: E402
 from triton_trace import trace
-from tolerances import assert_close  # noqa: E402
+from export.compare import assert_close  # noqa: E402
 
 DEVICE = "cpu" if interpret_mode() else "cuda"
 FILTERS = {

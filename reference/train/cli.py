@@ -12,12 +12,9 @@ data or weight-file error (one line on stderr, no traceback); 130 interrupted (r
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Callable, Mapping
 
-from ..cli import int_at_least
-
-from ..errors import PSPError
+from ..cli import ArgumentParser, int_at_least, run_cli
 from .coach import Coach, _say, check_data
 from .options import IMAGE_SIZES, PRESETS, TASKS, resolve_opts
 
@@ -39,11 +36,11 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     """The CLI's parser; options not given stay absent from the namespace (so presets can fill them)."""
     pos, nonneg = int_at_least(1), int_at_least(0)
     presets = "; ".join(f"{p.name}{'' if p.sure else ' (a guess)'}" for p in PRESETS.values())
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m reference.train", argument_default=argparse.SUPPRESS,
         description="Train a pSp encoder for a StyleGAN2 generator, as official pixel2style2pixel scripts/train.py. "
                     "Checkpoints go to EXP_DIR/checkpoints/iteration_N.pt and best_model.pt in the official layout; "
@@ -131,23 +128,18 @@ def run(given: Mapping[str, Any], resume: bool = False, say: Callable[[str], Non
     return coach, coach.train()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 done, 1 bad data found by --check-data, 2 error, 130 interrupted)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
+def _body(args: argparse.Namespace) -> int:
     given = vars(args)
     resume = bool(given.pop("resume", False))
     check = bool(given.pop("check_data", False))
-    try:
-        if check:
-            return 1 if check_data(resolve_opts(given)) else 0
-        run(given, resume=resume)
-    except PSPError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun with --resume to continue from the last iteration checkpoint", file=sys.stderr)
-        return 130
+    if check:
+        return 1 if check_data(resolve_opts(given)) else 0
+    run(given, resume=resume)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 done, 1 bad data found by --check-data, 2 error, 130 interrupted
+    (Ctrl-C or SIGTERM))."""
+    return run_cli(build_parser(), _body, argv,
+                   interrupted="rerun with --resume to continue from the last iteration checkpoint")
