@@ -39,13 +39,14 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from reference.cli import plural
 from reference.errors import CheckpointError, PSPError, UsageError
 from reference.images import (MAX_PIXELS, atomic_write_image, atomic_write_npy, couple, display_rgb, input_channels,
                               read_input, tensor_to_uint8, to_input_tensor)
 
 from .align import NoFaceError
 from .api import Engine
-from .inputs import Job, check_output_names
+from .inputs import Job, check_output_names, file_ids, unsafe_output
 from .latents import Edit, apply_edits, default_latent_mask, fit_jpeg, mix_with_w, mixing_z, strip
 from .manifest import InputStat, Manifest, checkpoint_identity
 
@@ -134,7 +135,7 @@ class Summary:
     def format(self) -> str:
         """Multi-line human summary."""
         lines = [f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped; "
-                 f"{self.ok} images in {self.seconds:.1f} s = {self.images_per_s:.2f} img/s"]
+                 f"{plural(self.ok, 'image')} in {self.seconds:.1f} s = {self.images_per_s:.2f} img/s"]
         if self.ok:
             lines.append("mean ms per image: " + ", ".join(f"{s} {self.stage_ms[s] / self.ok:.1f}" for s in STAGES))
         lines += [f"failed: {reason}" if reason.startswith(src) else f"failed: {src}: {reason}"
@@ -184,7 +185,10 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
 
     Per batch: every item is read and converted on its own (a bad file is recorded "failed" and
     the others go on), the good ones go through the model together, then each is written
-    atomically. Jobs the manifest marks done are recorded "skipped". The last partial batch runs.
+    atomically. An item whose latents or images hold NaN/Inf is recorded "failed" and nothing of
+    it is written; an output path outside `opts.out_dir` or onto an input fails its item too. Jobs
+    the manifest marks done are counted "skipped" without a new record (the manifest stays
+    proportional to the inputs). The last partial batch runs.
     With `opts.edits` the encoder's latents are edited before synthesis; with `opts.n_outputs`
     K > 0 each input is also mixed with the K mapped z vectors and those K images are rendered
     (in chunks of `opts.batch_size`), written, and shown in a grid (see the module docstring).
@@ -217,6 +221,7 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
     if (opts.largest_face or opts.save_aligned) and not opts.align:
         raise UsageError("--largest-face and --save-aligned need --align")
     check_output_names(jobs, opts)
+    inputs = file_ids([job.source for job in jobs])  # checked again before each write (faces' names are new)
     if opts.n_outputs:  # before any input: a bad mask or a backend without a mapping fails the run, not each input
         mask = opts.mixing_mask(eng)
         w_inject = eng.mapping(torch.from_numpy(mixing_z(opts.seed, opts.n_outputs)))  # [K, 512]
@@ -235,9 +240,7 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
     todo = []
     for job in jobs:
         stat = InputStat.of(job.source)
-        done = manifest.done(stat)
-        if done is not None:
-            manifest.append(stat, "skipped", outputs=done["outputs"])
+        if manifest.done(stat) is not None:  # no record: a no-op rerun leaves the manifest as it was
             summary.skipped += 1
             if progress is not None:
                 progress.update(1)
@@ -282,6 +285,12 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
                 if r.job.source not in {q.job.source for q in ready[:ready.index(r)]}:  # once per input
                     fail(r.job, r.stat, f"model failed on this batch: {type(e).__name__}: {e}", {"read": r.read_ms})
             continue
+        bad = non_finite(len(ready), latents=w_plus, image=img,
+                          **({"mixed latents": w_mixed, "mixed images": mix_img} if opts.n_outputs else {}))
+        if bad:  # zero them so the conversions below stay quiet; those items are not written
+            w_plus, img = w_plus.nan_to_num(0.0, 0.0, 0.0), img.nan_to_num(0.0, 0.0, 0.0)
+            if opts.n_outputs:
+                w_mixed, mix_img = w_mixed.nan_to_num(0.0, 0.0, 0.0), mix_img.nan_to_num(0.0, 0.0, 0.0)
         out_u8 = tensor_to_uint8(img)  # [B, R, R, 3]
         latents = w_plus.to("cpu", torch.float32).numpy()  # [B, n_styles, 512]
         if opts.n_outputs:
@@ -296,6 +305,13 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
                                   opts.save_aligned)
             if r.job.source in written and written[r.job.source] is None:
                 continue  # an earlier face of this input failed to write: the input is recorded failed
+            harm = bad.get(i) or next(filter(None, (unsafe_output(p, opts.out_dir, inputs) for p in paths.values())),
+                                      None)
+            if harm is not None:
+                written[r.job.source] = None
+                fail(r.job, r.stat, f"{r.job.source}: {harm}; nothing written",
+                     {"read": r.read_ms, "encode": encode_ms, "synthesize": synth_ms})
+                continue
             try:
                 if "aligned" in paths:
                     atomic_write_image(paths["aligned"], np.asarray(r.aligned.convert("RGB")))
@@ -331,6 +347,26 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
 
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def non_finite(n: int, **tensors: torch.Tensor) -> dict[int, str]:
+    """`{item: reason}` for the items whose tensors hold NaN or Inf.
+
+    Args:
+        n: items in the batch.
+        tensors: name -> tensor whose first dimension is `n` items, or `n * K` (K rows per item,
+            as the mixes are), any other shape.
+
+    Returns:
+        For each bad item, one reason naming what was not finite and the likely causes.
+    """
+    bad: dict[int, str] = {}
+    for name, t in tensors.items():
+        finite = torch.isfinite(t.detach()).reshape(n, -1).all(1).cpu()  # [n]
+        for i in (~finite).nonzero().flatten().tolist():
+            bad.setdefault(i, f"the model produced NaN/Inf {name} (the checkpoint's weights or an --edit overflow "
+                              "float32)")
+    return bad
 
 
 def _ms(t0: float) -> float:

@@ -3,12 +3,21 @@
 Naming rule: each input's path relative to the deepest folder holding all inputs is mirrored
 under the output folder, with the extension replaced (`<rel>/<stem>.png`, ...). Inputs whose
 `<rel>/<stem>` would collide (`x.jpg` and `x.png` in one folder, compared case-insensitively) keep
-their whole name instead: `<rel>/x.jpg.png`, `<rel>/x.png.png`. The root depends on the set of
-inputs, so rerun with the same `--input` arguments to resume. See `engine.batch` for the outputs.
+their whole name instead: `<rel>/x.jpg.png`, `<rel>/x.png.png`; so does an input whose stem is
+empty or only dots (`..jpg` -> `..jpg.png`), which would otherwise name a folder. The root depends
+on the set of inputs, so rerun with the same `--input` arguments to resume. See `engine.batch` for
+the outputs.
+
+Safety rule: the output folder never overlaps the inputs harmfully. An input folder that is the
+output folder or inside it is refused; an output folder inside an input folder is not searched
+(real paths, symlinks resolved); every output path must lie inside the output folder (real path)
+and must not be an input file (`check_output_names`, before the model loads, and again before each
+write).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 from collections import Counter
@@ -31,13 +40,15 @@ def find_inputs(specs: Sequence[str], exclude: str | os.PathLike | None = None) 
             `IMAGE_EXTENSIONS`, case-insensitive; hidden files and folders skipped), or glob
             patterns (`**` recursive; matched folders are searched, matched files filtered by
             extension).
-        exclude: a folder never searched (the output folder, so outputs are not re-read as inputs).
+        exclude: a folder never searched (the output folder, so outputs are not re-read as inputs);
+            compared by real path.
 
     Returns:
         Files in argument order (sorted within a folder or pattern), each once.
 
     Raises:
-        UsageError: an argument that is not a file or folder and matches nothing, or no image
+        UsageError: an argument that is not a file or folder and matches nothing; a folder
+            argument that is `exclude` or inside it (outputs would mix with the inputs); no image
             found at all.
     """
     skip = exclude
@@ -45,6 +56,10 @@ def find_inputs(specs: Sequence[str], exclude: str | os.PathLike | None = None) 
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
+            if is_under(p, skip):
+                where = "is" if os.path.realpath(p) == os.path.realpath(skip) else "is inside"
+                raise UsageError(f"--input {spec} {where} the --output folder {exclude}: the outputs would be written "
+                                 "among (and over) the inputs; choose an --output folder outside the inputs")
             matches = scan_folder(p, skip)
         elif p.is_file():
             matches = [p]
@@ -85,7 +100,14 @@ class Job:
                 save_aligned: bool = False) -> dict[str, Path]:
         """Output files of this job: "image" (.png), optional "latent" (.npy) and "coupled" (.jpg);
         with `n_outputs` K > 0 also "mix<k>" (.png) and, with latents, "mix<k>_latent" (.npy) for
-        k < K, and "grid" (.jpg); with `save_aligned` "aligned" (.png, the aligned crop)."""
+        k < K, and "grid" (.jpg); with `save_aligned` "aligned" (.png, the aligned crop).
+
+        Raises:
+            ValueError: a base that is absolute, empty, or has a `.`/`..` component (it would name
+                a file outside `out_dir`; `plan_jobs` never makes one).
+        """
+        if self.base.is_absolute() or not self.base.name or any(part in (".", "..") for part in self.base.parts):
+            raise ValueError(f"{self.source}: output base {str(self.base)!r} would leave the output folder")
         stem = out_dir / Path(self.base)
         paths = {"image": stem.with_name(stem.name + ".png")}
         if save_aligned:
@@ -107,17 +129,46 @@ class Job:
         return Job(self.source, PurePosixPath(f"{self.base}_face{i}"))
 
 
+def file_ids(paths: Sequence[str | os.PathLike]) -> dict[tuple[int, int], str]:
+    """`{(st_dev, st_ino): path}` of the files that exist (the identity `os.path.samefile` compares)."""
+    ids = {}
+    for p in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(p)
+            ids.setdefault((st.st_dev, st.st_ino), str(p))
+    return ids
+
+
+def unsafe_output(path: Path, out_dir: Path, inputs: dict[tuple[int, int], str]) -> str | None:
+    """Why writing `path` would be harmful, or None: it lies outside `out_dir` (real paths, so a
+    symlinked subfolder pointing elsewhere counts as outside), or it is one of the `inputs`
+    (`file_ids` of the input files)."""
+    if not is_under(path, out_dir) or os.path.realpath(path) == os.path.realpath(out_dir):
+        return f"{path} is outside the --output folder {out_dir}"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    source = inputs.get((st.st_dev, st.st_ino))
+    return f"{path} is the input {source}: it would be overwritten" if source is not None else None
+
+
 def check_output_names(jobs: Sequence[Job], opts: "RunOptions") -> None:
-    """Refuse a run where two inputs would write the same file (case-insensitively), e.g. with
-    style mixing `a.jpg`'s `a_mix0.png` and the inversion of an input `a_mix0.jpg`.
+    """Refuse a run that would write outside `opts.out_dir`, over an input file, or twice to the
+    same file (case-insensitively), e.g. with style mixing `a.jpg`'s `a_mix0.png` and the inversion
+    of an input `a_mix0.jpg`. Cheap (a stat per output): call it before the model loads.
 
     Raises:
-        UsageError: naming both inputs and the file.
+        UsageError: naming the input(s), the file and the fix.
     """
+    inputs = file_ids([job.source for job in jobs])
     seen: dict[str, int] = {}
     for i, job in enumerate(jobs):
         for path in job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs,
                                 opts.save_aligned).values():
+            harm = unsafe_output(path, opts.out_dir, inputs)
+            if harm is not None:
+                raise UsageError(f"{job.source}: its output {harm}; choose an --output folder that holds no input")
             j = seen.setdefault(str(path).casefold(), i)
             if j != i:
                 raise UsageError(f"{job.source} and {jobs[j].source} would both write {path}; rename one of them "
@@ -136,7 +187,7 @@ def plan_jobs(files: Sequence[Path]) -> list[Job]:
     absolute = [Path(os.path.abspath(f)) for f in files]
     root = Path(os.path.commonpath([str(f.parent) for f in absolute])) if absolute else Path()
     rel = [PurePosixPath(f.relative_to(root).as_posix()) for f in absolute]
-    stems = [r.with_suffix("") if r.suffix else r for r in rel]
+    stems = [r.with_suffix("") if r.suffix and r.stem.strip(".") else r for r in rel]
     counts = Counter(str(s).casefold() for s in stems)
     return [Job(f, s if counts[str(s).casefold()] == 1 else r) for f, s, r in zip(files, stems, rel)]
 

@@ -48,6 +48,9 @@ class LatentFileError(PSPError, ValueError):
     """A latent or direction `.npy` file cannot be read or has a shape that does not fit the checkpoint."""
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # latents are float32: an edit beyond this overflows to Inf
+
+
 # ------------------------------------------------------------------------------------------------
 # Style mixing
 
@@ -306,6 +309,9 @@ def load_direction(path: str | os.PathLike, n_styles: int) -> np.ndarray:
 
 
 def _direction(a: np.ndarray, n_styles: int, path: str | os.PathLike) -> np.ndarray:
+    if a.size and float(np.abs(a).max()) > FLOAT32_MAX:
+        raise LatentFileError(f"{path}: direction values up to {float(np.abs(a).max()):.3g} overflow float32 (the "
+                              f"latents' type, at most {FLOAT32_MAX:.3g}); save a direction of ordinary magnitude")
     if a.shape in ((Z_DIM,), (1, Z_DIM)):
         return np.broadcast_to(a.reshape(1, Z_DIM), (n_styles, Z_DIM)).astype(np.float32)
     if a.shape in ((n_styles, Z_DIM), (1, n_styles, Z_DIM)):
@@ -346,7 +352,7 @@ def parse_edit(text: str) -> Edit:
         An unloaded `Edit` (`load_edit` reads the file).
 
     Raises:
-        UsageError: an empty path, or a strength that is NaN or infinite.
+        UsageError: an empty path, or a strength that is NaN, infinite or beyond float32's range.
     """
     path, strength = text, 1.0
     head, sep, tail = text.rpartition(":")
@@ -359,8 +365,9 @@ def parse_edit(text: str) -> Edit:
             path = head
     if not path:
         raise UsageError(f"--edit {text!r}: no file; write DIR.npy:STRENGTH (e.g. smile.npy:1.5)")
-    if not math.isfinite(strength):
-        raise UsageError(f"--edit {text!r}: strength must be a finite number, got {tail!r}")
+    if not math.isfinite(strength) or abs(strength) > FLOAT32_MAX:
+        raise UsageError(f"--edit {text!r}: strength must be a finite number within float32's range "
+                         f"(|strength| <= {FLOAT32_MAX:.3g}), got {tail!r}")
     return Edit(Path(path), strength)
 
 
@@ -368,10 +375,50 @@ def load_edit(edit: Edit, n_styles: int) -> Edit:
     """`edit` with its direction `[n_styles, 512]` and the file's SHA-256 filled in (file read once).
 
     Raises:
-        LatentFileError: see `load_direction`.
+        LatentFileError: see `load_direction`; or strength x direction overflows float32.
     """
     a, digest = read_npy(edit.path, "direction")
-    return replace(edit, direction=_direction(a, n_styles, edit.path), sha256=digest)
+    loaded = replace(edit, direction=_direction(a, n_styles, edit.path), sha256=digest)
+    _edit_delta([loaded])
+    return loaded
+
+
+def load_edits(edits: Sequence[Edit], n_styles: int) -> tuple[Edit, ...]:
+    """`load_edit` of each, then a check that their sum fits float32 (what `apply_edits` adds).
+
+    Raises:
+        LatentFileError: a file as `load_edit`; or the edits' sum overflows float32.
+    """
+    loaded = tuple(load_edit(e, n_styles) for e in edits)
+    _edit_delta(loaded)
+    return loaded
+
+
+def _edit_delta(edits: Sequence[Edit]) -> np.ndarray | None:
+    """`sum_i strength_i * d_i` `[n_styles, 512]` float32 over the nonzero-strength loaded edits (None: none).
+
+    Formed in float64 and rounded once, so it does not depend on the device.
+
+    Raises:
+        ValueError: an edit not loaded, or directions of different shapes.
+        LatentFileError: the sum overflows float32 (naming the edits and the fix).
+    """
+    active = [e for e in edits if e.strength != 0]
+    if not active:
+        return None
+    delta = np.zeros(active[0].direction.shape if active[0].direction is not None else (0,), np.float64)
+    for e in active:
+        if e.direction is None:
+            raise ValueError(f"{e.path}: edit not loaded; call load_edit(edit, n_styles) first")
+        if e.direction.shape != delta.shape:
+            raise ValueError(f"{e.path}: direction {list(e.direction.shape)} does not match {list(delta.shape)}")
+        delta += e.strength * e.direction.astype(np.float64)
+    peak = float(np.abs(delta).max()) if delta.size else 0.0
+    if not peak <= FLOAT32_MAX:
+        names = ", ".join(f"{e.path}:{e.strength:g}" for e in active)
+        raise LatentFileError(f"--edit {names}: strength x direction reaches {peak:.3g}, beyond float32's range "
+                              f"({FLOAT32_MAX:.3g}): the latents would be Inf/NaN; use a smaller strength")
+    return delta.astype(np.float32)
 
 
 def apply_edits(w_plus: torch.Tensor | np.ndarray, edits: Sequence[Edit]) -> torch.Tensor | np.ndarray:
@@ -390,18 +437,13 @@ def apply_edits(w_plus: torch.Tensor | np.ndarray, edits: Sequence[Edit]) -> tor
 
     Raises:
         ValueError: an edit not loaded, or a direction whose shape does not match `w_plus`.
+        LatentFileError: the edits' sum overflows float32.
     """
-    active = [e for e in edits if e.strength != 0]
-    if not active:
+    delta32 = _edit_delta(edits)
+    if delta32 is None:
         return w_plus
-    delta = np.zeros(tuple(w_plus.shape[-2:]), np.float64)
-    for e in active:
-        if e.direction is None:
-            raise ValueError(f"{e.path}: edit not loaded; call load_edit(edit, n_styles) first")
-        if e.direction.shape != delta.shape:
-            raise ValueError(f"{e.path}: direction {list(e.direction.shape)} does not match latents {list(w_plus.shape)}")
-        delta += e.strength * e.direction.astype(np.float64)
-    delta32 = delta.astype(np.float32)
+    if delta32.shape != tuple(w_plus.shape[-2:]):
+        raise ValueError(f"edit directions {list(delta32.shape)} do not match latents {list(w_plus.shape)}")
     if isinstance(w_plus, torch.Tensor):
         return w_plus + torch.from_numpy(delta32).to(w_plus.device, w_plus.dtype)
     return (w_plus + delta32).astype(w_plus.dtype, copy=False)

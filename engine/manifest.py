@@ -12,9 +12,14 @@ Format (one object per line, UTF-8, keys sorted):
     config          what the fingerprint hashes: checkpoint identity, backend, output options
     time            UTC time the record was written, ISO 8601
 
-Records are only ever appended: each is one `write()` of a whole line on a file opened with
-O_APPEND, then flush + fsync, so a crash loses at most the line being written, and a torn last
-line is ignored on reading (and closed with a newline before the next append).
+Records are appended while a run goes: each is one `write()` of a whole line on a file opened
+with O_APPEND, then flush + fsync, so a crash loses at most the line being written, and a torn
+last line is ignored on reading. Opening the manifest for a run compacts it first (rewritten
+atomically, in file order): per input only its latest record that is not "skipped" and a later
+"skipped" one (e.g. no face found) are kept, unreadable lines are dropped. Inputs skipped because
+they are done get no record. So the manifest stays proportional to the inputs however often a
+folder is rerun. Compaction assumes one writer: the CLIs hold the folder's lock
+(`reference.files.folder_lock`) while the manifest is open.
 
 Resuming: an input is skipped when its latest record that is not "skipped" is "ok", has the
 current fingerprint, the input's size and mtime are unchanged, and all its outputs still exist.
@@ -31,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from reference.files import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.jsonl"
 STATUSES = ("ok", "failed", "skipped")
@@ -111,14 +118,19 @@ class Manifest:
         self.run = dict(run or {})
         self.n_unreadable = 0  # lines ignored on reading (torn or edited)
         self._latest: dict[str, dict] = {}  # input -> latest non-"skipped" record
+        self._keep: list[int] = []  # indices into the file's lines that compaction keeps, in order
+        self._n_lines = 0
         self._file = None
         self._read()
 
     def _read(self) -> None:
         if not self.path.is_file():
             return
+        last: dict[str, int] = {}  # input -> line of its latest non-"skipped" record
+        last_skip: dict[str, int] = {}  # input -> line of its latest "skipped" record
         with open(self.path, "rb") as f:
-            for raw in f:
+            for n, raw in enumerate(f):
+                self._n_lines = n + 1
                 try:
                     rec = json.loads(raw)
                     key, status = rec["input"], rec["status"]
@@ -127,9 +139,20 @@ class Manifest:
                     continue
                 if status != "skipped":
                     self._latest[key] = rec
+                    last[key] = n
+                else:
+                    last_skip[key] = n
+        keep = set(last.values()) | {n for key, n in last_skip.items() if n > last.get(key, -1)}
+        self._keep = sorted(keep)
 
     def __enter__(self) -> "Manifest":
+        """Open for appending; compact first when the file holds lines no rerun needs (module docstring)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self._n_lines > len(self._keep):
+            keep = set(self._keep)
+            with open(self.path, "rb") as f:
+                kept = [raw.rstrip(b"\n") + b"\n" for n, raw in enumerate(f) if n in keep]
+            atomic_write_bytes(self.path, b"".join(kept))
         self._file = open(self.path, "ab")
         if self._file.tell() > 0:
             with open(self.path, "rb") as f:
@@ -186,8 +209,11 @@ class Manifest:
             "run": self.run,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        line = json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n"
-        self._file.write(line.encode("utf-8"))
+        try:
+            line = (json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # a file name that is not UTF-8 (surrogate escapes): \u escapes round-trip
+            line = (json.dumps(rec, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
+        self._file.write(line)
         self._file.flush()
         os.fsync(self._file.fileno())
         if status != "skipped":

@@ -13,15 +13,17 @@ Exit codes: 0 all inputs ok or skipped; 1 at least one input failed (see the man
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-
+from typing import Iterator
 
 from tqdm import tqdm
 
-from reference.cli import ArgumentParser, argparse_type, int_at_least, run_cli, say
+from reference.cli import ArgumentParser, argparse_type, int_at_least, plural, run_cli, say
+from reference.files import cache_dir, folder_lock, sweep_temp_files
 from reference.images import MAX_PIXELS
 from reference.sr import bicubic_kernel, parse_factors
 
@@ -31,15 +33,25 @@ from export.backends import help_text as backend_help
 from . import api, demo
 from . import latents as lt
 from .batch import ALIGN_SIZE, RunOptions, run_jobs
-from .inputs import find_inputs, plan_jobs
+from .inputs import check_output_names, find_inputs, plan_jobs
 from .manifest import MANIFEST_NAME, Manifest
 
+CACHE_TEMP_AGE_S = 3600  # s: a cache temp file older than this is a killed process's leftover (exports take minutes)
 
 _positive_int = int_at_least(1)
 
 
 def _unit_float(text: str) -> float:
     return lt.check_alpha(float(text))
+
+
+def _resize_factor(text: str) -> int | str:
+    """`--resize-factor`: 'input' or a degradation factor (range-checked by `reference.sr.bicubic_kernel`)."""
+    if text == "input":
+        return text
+    factor = int(text)
+    bicubic_kernel(factor)  # ValueError out of range
+    return factor
 
 
 def _seed(text: str) -> int:
@@ -121,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--save-aligned", action="store_true", help="with --align: also keep each crop as <name>_aligned.png")
     sr = p.add_argument_group("super resolution")
     sr.add_argument("--resize-factor", default=None, metavar="F|input",
+                    type=argparse_type(_resize_factor, "a positive integer factor or 'input'"),
                     help="super-resolution checkpoints: degrade each input as the official transform does (bicubic "
                          "downsampling by F, then back to 256) before encoding; 'input' for inputs that are already "
                          "low-resolution (only resized to 256). Default: the checkpoint's training factor when it has "
@@ -128,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_resize_factor(arg: str | None, eng: api.Engine, say=lambda msg: None) -> int | None:
+def resolve_resize_factor(arg: str | int | None, eng: api.Engine, say=lambda msg: None) -> int | None:
     """The degradation factor of `--resize-factor` for this checkpoint (None: no degradation).
 
     Source: official `configs/transforms_config.py::SuperResTransforms` (`resize_factors`, default
@@ -234,20 +247,54 @@ def main(argv: list[str] | None = None) -> int:
                    interrupted="finished inputs are recorded in the manifest; rerun the same command to resume")
 
 
+@contextlib.contextmanager
+def claim_output_folder(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir` for one run of a batch CLI (engine.run, engine.synthesize).
+
+    Takes the folder's lock (`reference.files.folder_lock`: a second run into the same folder stops
+    with exit 2 naming the holder; a dead holder's lock is taken over), then removes the temp files
+    an interrupted run left: every `*.psp-tmp` under `out_dir` (the lock guarantees no other writer)
+    and those in the cache older than `CACHE_TEMP_AGE_S` (another process may be exporting there).
+    A folder this run created and left empty (e.g. the checkpoint failed to load) is removed.
+
+    Raises:
+        FolderBusyError: another run holds the folder.
+        OSError: the folder cannot be created.
+    """
+    existed = out_dir.is_dir()
+    try:
+        with folder_lock(out_dir):
+            stale = sweep_temp_files(out_dir) + sweep_temp_files(cache_dir(), older_than_s=CACHE_TEMP_AGE_S)
+            if stale:
+                say(f"removed {plural(len(stale), 'temp file')} left by an interrupted run")
+            yield
+    finally:
+        if not existed:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only succeeds when empty
+
+
 def _run(args: argparse.Namespace) -> int:
     opts = RunOptions(out_dir=Path(args.output), batch_size=args.batch_size, resize_outputs=args.resize_outputs,
                       couple_outputs=args.couple_outputs, save_latents=args.save_latents,
-                      max_pixels=args.max_pixels)
+                      max_pixels=args.max_pixels, align=args.align, largest_face=args.largest_face,
+                      save_aligned=args.save_aligned)
     opts = replace(opts, **mixing_options(args))
     if (args.largest_face or args.save_aligned) and not args.align:
         raise api.UsageError("--largest-face and --save-aligned need --align")
     check_edit_files(args.edit)
     jobs = plan_jobs(find_inputs(args.input, exclude=opts.out_dir))
+    check_output_names(jobs, opts)  # before the (slow) checkpoint load
+    with claim_output_folder(opts.out_dir):
+        return _invert(args, opts, jobs)
+
+
+def _invert(args: argparse.Namespace, opts: RunOptions, jobs: list) -> int:
+    """`_run` once the options are checked and the output folder is held: load, then run the jobs."""
     if args.checkpoint is None:
         say(demo.DEMO_NOTICE)
-    eng = load_engine(args, f"{len(jobs)} input(s) -> {opts.out_dir}")
-    opts = replace(opts, edits=tuple(lt.load_edit(e, eng.n_styles) for e in args.edit),
-                   align=args.align, largest_face=args.largest_face, save_aligned=args.save_aligned,
+    eng = load_engine(args, f"{plural(len(jobs), 'input')} -> {opts.out_dir}")
+    opts = replace(opts, edits=lt.load_edits(args.edit, eng.n_styles),
                    degrade_factor=resolve_resize_factor(args.resize_factor, eng, say))
     if opts.degrade_factor is not None:
         say(f"super resolution: inputs degraded by factor {opts.degrade_factor} (official bicubic downsampling)")

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from reference.cli import ArgumentParser, int_at_least, run_cli, say
+from reference.cli import ArgumentParser, int_at_least, plural, run_cli, say
 from reference.errors import PSPError
 
 from . import api, demo
@@ -48,10 +48,10 @@ from . import latents as lt
 from reference.files import scan_folder
 from reference.images import atomic_write_image, tensor_to_uint8
 
-from .batch import Progress
-from .inputs import Job, plan_jobs
+from .batch import Progress, non_finite
+from .inputs import Job, file_ids, plan_jobs, unsafe_output
 from .manifest import MANIFEST_NAME, InputStat, Manifest, checkpoint_identity
-from .run import add_edit_argument, add_engine_arguments, finish, load_engine, run_facts
+from .run import add_edit_argument, add_engine_arguments, claim_output_folder, finish, load_engine, run_facts
 
 STRIP_HEIGHT = 256  # px, the most an interpolation strip's frames are shown at
 
@@ -151,7 +151,7 @@ class SynthSummary:
         """Multi-line human summary."""
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
         lines = [f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped; "
-                 f"{self.images} images in {self.seconds:.1f} s = {rate:.2f} img/s"]
+                 f"{plural(self.images, 'image')} in {self.seconds:.1f} s = {rate:.2f} img/s"]
         lines += [f"failed: {reason}" if reason.startswith(src) else f"failed: {src}: {reason}"
                   for src, reason in self.failures]
         return "\n".join(lines)
@@ -161,12 +161,15 @@ class SynthSummary:
 # The run loops
 
 
-def _render(eng: api.Engine, w_plus: np.ndarray, opts: SynthOptions) -> np.ndarray:
-    """Edited latents `[N, n_styles, 512]` -> uint8 `[N, R, R, 3]`, in chunks of `opts.batch_size`."""
+def _render(eng: api.Engine, w_plus: np.ndarray, opts: SynthOptions) -> tuple[np.ndarray, dict[int, str]]:
+    """Edited latents `[N, n_styles, 512]` -> `(uint8 [N, R, R, 3], {n: reason})`, in chunks of
+    `opts.batch_size`; the dict names the latents whose edited latents or image hold NaN/Inf (their
+    images are black and must not be written)."""
     w = lt.apply_edits(torch.from_numpy(np.ascontiguousarray(w_plus, np.float32)), opts.edits)
-    out = [tensor_to_uint8(eng.synthesize(w[i : i + opts.batch_size], resize=opts.resize_outputs))
-           for i in range(0, w.shape[0], opts.batch_size)]
-    return np.concatenate(out)
+    img = torch.cat([eng.synthesize(w[i : i + opts.batch_size], resize=opts.resize_outputs)
+                     for i in range(0, w.shape[0], opts.batch_size)])  # [N, 3, R, R]
+    bad = non_finite(w.shape[0], latents=w, image=img)
+    return tensor_to_uint8(img.nan_to_num(0.0, 0.0, 0.0) if bad else img), bad
 
 
 def run_latents(eng: api.Engine, jobs: Sequence[Job], opts: SynthOptions, manifest: Manifest,
@@ -191,6 +194,7 @@ def run_latents(eng: api.Engine, jobs: Sequence[Job], opts: SynthOptions, manife
     summary = summary if summary is not None else SynthSummary()
     t_start = time.perf_counter()
     claimed: dict[str, str] = {}  # output path (casefolded) -> the file that writes it, in this run
+    inputs = file_ids([job.source for job in jobs])
 
     def tick() -> None:
         if progress is not None:
@@ -209,7 +213,7 @@ def run_latents(eng: api.Engine, jobs: Sequence[Job], opts: SynthOptions, manife
             return
         t0 = time.perf_counter()
         try:
-            u8 = _render(eng, np.concatenate([g[2] for g in group]), opts)
+            u8, bad = _render(eng, np.concatenate([g[2] for g in group]), opts)
         except RuntimeError as e:  # e.g. out of memory: this group fails, the run goes on
             for job, stat, _, _, read_ms in group:
                 fail(job, stat, f"model failed on this batch: {type(e).__name__}: {e}", {"read": read_ms})
@@ -220,9 +224,14 @@ def run_latents(eng: api.Engine, jobs: Sequence[Job], opts: SynthOptions, manife
         for job, stat, w, batched, read_ms in group:
             t0 = time.perf_counter()
             images = u8[start : start + w.shape[0]]
+            harm = next((bad[n] for n in range(start, start + w.shape[0]) if n in bad), None)
             start += w.shape[0]
             paths = image_names(job, opts.out_dir, w.shape[0] if batched else None)
             timings = {"read": read_ms, "synthesize": synth_ms}
+            harm = harm or next(filter(None, (unsafe_output(p, opts.out_dir, inputs) for p in paths)), None)
+            if harm is not None:
+                fail(job, stat, f"{job.source}: {harm}; nothing written", timings)
+                continue
             clash = next((claimed[str(p).casefold()] for p in paths
                           if claimed.get(str(p).casefold(), str(job.source)) != str(job.source)), None)
             if clash is not None:
@@ -246,8 +255,7 @@ def run_latents(eng: api.Engine, jobs: Sequence[Job], opts: SynthOptions, manife
     for job in jobs:
         stat = InputStat.of(job.source)
         done = manifest.done(stat)
-        if done is not None:
-            manifest.append(stat, "skipped", outputs=done["outputs"])
+        if done is not None:  # no record: a no-op rerun leaves the manifest as it was
             summary.skipped += 1
             for o in done["outputs"]:
                 claimed[str(opts.out_dir / o).casefold()] = str(job.source)
@@ -285,9 +293,7 @@ def run_interpolation(eng: api.Engine, a: Path, b: Path, steps: int, opts: Synth
     sa, sb = InputStat.of(a), InputStat.of(b)
     stat = InputStat(f"{sa.path} -> {sb.path} ({steps} steps)", sa.size + sb.size if min(sa.size, sb.size) >= 0 else -1,
                      max(sa.mtime_ns, sb.mtime_ns) if min(sa.mtime_ns, sb.mtime_ns) >= 0 else -1)
-    done = manifest.done(stat)
-    if done is not None:
-        manifest.append(stat, "skipped", outputs=done["outputs"])
+    if manifest.done(stat) is not None:
         summary.skipped += 1
         summary.seconds += time.perf_counter() - t_start
         return summary
@@ -303,8 +309,14 @@ def run_interpolation(eng: api.Engine, a: Path, b: Path, steps: int, opts: Synth
             ends.append(w[0])
         read_ms = _ms(t0)
         t0 = time.perf_counter()
-        frames = _render(eng, lt.interpolate(ends[0], ends[1], steps), opts)  # [steps, R, R, 3]
+        frames, bad = _render(eng, lt.interpolate(ends[0], ends[1], steps), opts)  # [steps, R, R, 3]
         synth_ms = _ms(t0)
+        if bad:
+            raise lt.LatentFileError(f"{a} -> {b}: frame {min(bad)}: {bad[min(bad)]}; nothing written")
+        harm = next(filter(None, (unsafe_output(p, opts.out_dir, file_ids([a, b])) for p in
+                                  (*frames_paths, strip_path))), None)
+        if harm is not None:
+            raise lt.LatentFileError(f"{harm}; nothing written")
         t0 = time.perf_counter()
         for path, img in zip(frames_paths, frames):
             atomic_write_image(path, img)
@@ -398,10 +410,17 @@ def _run(args: argparse.Namespace) -> int:
             raise api.UsageError(f"--interpolate {p}: no such file")
     for e in args.edit:
         lt.read_npy(e.path, "direction")  # fail fast, before the checkpoint load
+    with claim_output_folder(opts.out_dir):
+        return _render_all(args, opts, jobs, ends, summary)
+
+
+def _render_all(args: argparse.Namespace, opts: SynthOptions, jobs: list[Job], ends: list[Path],
+                summary: SynthSummary) -> int:
+    """`_run` once the options are checked and the output folder is held: load, then render."""
     if args.checkpoint is None:
         say(demo.DEMO_NOTICE)
-    eng = load_engine(args, f"{len(jobs)} latent file(s){' + 1 interpolation' if ends else ''} -> {opts.out_dir}")
-    opts.edits = tuple(lt.load_edit(e, eng.n_styles) for e in args.edit)
+    eng = load_engine(args, f"{plural(len(jobs), 'latent file')}{' + 1 interpolation' if ends else ''} -> {opts.out_dir}")
+    opts.edits = lt.load_edits(args.edit, eng.n_styles)
     with Manifest(opts.out_dir, opts.config(eng), run_facts(eng)) as manifest:
         if manifest.n_unreadable:
             say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")

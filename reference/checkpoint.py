@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import stat
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,12 +36,99 @@ INFERENCE_DEFAULTS = {
 }
 
 
+class UnsafeLoadWarning(UserWarning):
+    """A checkpoint was loaded with full unpickling (`trust_pickle=True`), which runs code from the file."""
+
+
+warnings.simplefilter("always", UnsafeLoadWarning)  # every unsafe load is announced, not only the first
+
+# (magic bytes at offset 0, what the file is): files people pass as a checkpoint by mistake
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF87a", "a GIF image"),
+    (b"GIF89a", "a GIF image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"\x93NUMPY", "a NumPy .npy array (a latent or direction?)"),
+    (b"\x1f\x8b", "a gzip-compressed file (decompress it first)"),
+    (b"%PDF", "a PDF document"),
+    (b"\x7fELF", "a program (ELF executable)"),
+)
+_GRAPH_SUFFIXES = {".onnx": "an ONNX graph (the engine exports those from the .pt checkpoint itself)",
+                   ".plan": "a TensorRT plan (for --backend tensorrt)",
+                   ".engine": "a TensorRT plan (for --backend tensorrt)"}
+_FIX = "pass the pSp checkpoint file (.pt, e.g. psp_ffhq_encode.pt) with --checkpoint"
+
+
+def sniff(path: Path, head: bytes) -> str | None:
+    """What a file that is not a PyTorch checkpoint is, from its first bytes and name (None: it may be one).
+
+    PyTorch writes a zip archive holding `<name>/data.pkl` (torch >= 1.6) or a bare pickle
+    (legacy, first byte 0x80); anything else is named: images by their signature, NumPy arrays,
+    ONNX graphs and TensorRT plans by their extension, text files (an HTML page from a failed
+    download, a Git LFS pointer).
+
+    Args:
+        path: the file (its zip directory is read when it is a zip archive).
+        head: its first bytes (4 KiB is plenty).
+
+    Returns:
+        A phrase such as "a JPEG image", or None for a zip with a `data.pkl` or a pickle.
+    """
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "a truncated or damaged zip archive (an incomplete download? re-download it)"
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return None
+        if names and all(n.endswith(".npy") for n in names):
+            return "a NumPy .npz archive"
+        return f"a zip archive without a PyTorch checkpoint inside (it holds {', '.join(names[:3]) or 'nothing'})"
+    if head[:1] == b"\x80":
+        return None
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return what
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if head[:2] == b"BM" and len(head) >= 6 and int.from_bytes(head[2:6], "little") == path.stat().st_size:
+        return "a BMP image"
+    if path.suffix.lower() in _GRAPH_SUFFIXES:
+        return _GRAPH_SUFFIXES[path.suffix.lower()]
+    if b"\x00" not in head:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            text = head[: e.start].decode("utf-8") if e.start >= len(head) - 3 else None
+        if text is not None:
+            start = text.lstrip().lower()
+            if start.startswith(("<!doctype html", "<html")):
+                return "an HTML page (a download that failed or needs a confirmation click?)"
+            if start.startswith("version https://git-lfs"):
+                return "a Git LFS pointer, not the file itself (run git lfs pull)"
+            return "a text file"
+    return None
+
+
+def _refused_global(message: str) -> str | None:
+    """The global that `weights_only` refused, in full (e.g. "argparse.Namespace"), or None."""
+    m = re.search(r"Unsupported global: GLOBAL (\S+?) was not", message) or re.search(r"GLOBAL (\S+)", message)
+    if m:
+        return m.group(1)
+    m = re.search(r"unrecognized function `?([^`\s]+)", message)
+    return m.group(1) if m else None
+
+
 def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
     """Load a checkpoint file into a dict of tensors and plain values, on the CPU.
 
     Uses `torch.load(..., weights_only=True)` (memory-mapped where the file format allows).
     Old checkpoints whose pickles hold other objects fail there; `trust_pickle=True` retries
-    with full unpickling, which runs code from the file: only for files you trust.
+    with full unpickling, which runs code from the file: only for files you trust. When it does,
+    an `UnsafeLoadWarning` says so (the CLIs print it as one line).
 
     Args:
         path: a `.pt`/`.pth` file.
@@ -47,14 +138,37 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
         The loaded object (a dict for every supported layout).
 
     Raises:
-        CheckpointError: missing/unreadable file, not a torch checkpoint, or a pickle that
-            `weights_only` refuses (the message says how to opt in).
+        CheckpointError: naming the file and the fix: missing; a folder; not a regular file (a
+            FIFO, a device); permission denied; empty; another kind of file (an image, an .npy, an
+            ONNX graph, text, ...: see `sniff`); damaged; or a pickle that `weights_only` refuses
+            (naming the refused global in full, and how to opt in).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: checkpoint file is empty")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file not found; {_FIX}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot access the checkpoint ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        inside = sorted(p.name for p in path.glob("*.pt*"))[:3]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: pass the .pt file inside it{hint}")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path} is not a regular file (a pipe, socket or device): {_FIX}")
+    if st.st_size == 0:
+        raise CheckpointError(f"{path}: checkpoint file is empty (an interrupted download or copy?); {_FIX}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied: make the checkpoint readable (chmod u+r) or pass a copy "
+                              "you can read") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+    what = sniff(path, head)
+    if what is not None:
+        raise CheckpointError(f"{path} is {what}, not a PyTorch checkpoint: {_FIX}")
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -63,23 +177,51 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        refused = _refused_global(str(e))
+        if refused is None:
+            detail = " ".join(str(e).split("WeightsUnpickler error:")[-1].split())[:200]
+            raise CheckpointError(f"{path}: damaged or not a PyTorch checkpoint (its pickle cannot be read: "
+                                  f"{detail}); re-download it") from None
         if not trust_pickle:
             raise CheckpointError(
-                f"{path}: the file holds Python objects that safe loading (weights_only=True) refuses "
-                f"({str(e).splitlines()[0][:200]}). If it is an old official checkpoint you trust, load it "
-                "with trust_pickle=True (CLI: --trust-pickle); never do so for a file from an unknown source."
+                f"{path}: the file holds a Python object of type {refused}, which safe loading (weights_only) "
+                "refuses. If it is an old official checkpoint you trust, rerun with --trust-pickle (Python: "
+                "trust_pickle=True), which runs code from the file; never do so for a file from an unknown source."
             ) from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:  # noqa: BLE001 - any failure here is a bad file
-            raise CheckpointError(f"{path}: cannot read the checkpoint even with trust_pickle: {e2}") from None
+            raise CheckpointError(f"{path}: cannot read the checkpoint even with full unpickling "
+                                  f"({type(e2).__name__}: {e2}); re-download it") from None
+        warnings.warn(f"{path}: loaded with full unpickling (--trust-pickle) because it holds a {refused}; this ran "
+                      "code from the file", UnsafeLoadWarning, stacklevel=2)
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, ...
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, damaged pickle, ...
+        raise CheckpointError(f"{path}: damaged or not a PyTorch checkpoint ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]}); re-download it") from None
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}; {_FIX}")
     return dict(obj)
+
+
+def check_finite(tensors: Mapping[str, Any], source: str) -> None:
+    """Refuse floating tensors holding NaN or Inf (a corrupt file would give NaN latents and black images).
+
+    One `torch.isfinite(...).all()` per tensor (about 0.5 s for a 1.2 GB checkpoint on a CPU).
+
+    Raises:
+        CheckpointError: naming the first bad key (in `tensors`' order) and the fix.
+    """
+    for key, v in tensors.items():
+        if not (isinstance(v, torch.Tensor) and v.is_floating_point()):
+            continue
+        ok = bool(torch.isfinite(v).all())
+        if ok and v.dtype == torch.float64 and v.numel():  # loaded as float32: must also fit its range
+            ok = float(v.abs().max()) <= torch.finfo(torch.float32).max
+        if not ok:
+            raise CheckpointError(f"{source}: {key} holds NaN/Inf values (in float32); the file is corrupt: "
+                                  "re-download it (or re-export it from a healthy training run)")
 
 
 def save_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -142,11 +284,12 @@ def validate_state_dict(
     source: str,
     hint: str = "",
 ) -> None:
-    """Strict key and shape check of `given` against a model's `expected` state dict.
+    """Strict key and shape check of `given` against a model's `expected` state dict, then a
+    check that every floating tensor is finite (`check_finite`).
 
     Raises:
         CheckpointError: naming the missing, unexpected and mis-shaped keys (the first few of
-            each, with counts) and `hint` (the likely cause).
+            each, with counts) and `hint` (the likely cause); or the first key holding NaN/Inf.
     """
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
@@ -157,6 +300,7 @@ def validate_state_dict(
     ]
     not_tensor = [k for k in expected if k in given and not isinstance(given[k], torch.Tensor)]
     if not (missing or unexpected or misshaped or not_tensor):
+        check_finite({k: given[k] for k in expected}, source)
         return
 
     def some(items: list[str]) -> str:

@@ -7,6 +7,7 @@ Every CLI of the project (`engine.run`, `engine.synthesize`, `engine.align`, `en
   file error (`PSPError`, `OSError`: one line on stderr, no traceback), 130 when interrupted;
 - SIGTERM is handled like Ctrl-C (`KeyboardInterrupt`), so `kill` and a scheduler's stop leave the
   same state as Ctrl-C: finished work recorded, no temp file left;
+- a warning (e.g. a checkpoint loaded with --trust-pickle) prints as one line;
 - a mistyped option is reported as unrecognized, with the closest real option, before any
   "required argument" complaint.
 
@@ -21,6 +22,7 @@ import difflib
 import signal
 import sys
 import threading
+import warnings
 from typing import Callable, Sequence
 
 from .errors import PSPError
@@ -31,6 +33,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 def say(msg: str) -> None:
     """Print one message to stderr (white space folded to one line for errors), flushed."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """`"1 image"`, `"2 images"`: a count with its noun (`words` for an irregular plural)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -107,6 +114,18 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def one_line_warnings():
+    """Within the block, a warning prints as one line, "warning: <message>" (no file, line or source)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        say("warning: " + " ".join(str(message).split()))
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
             argv: Sequence[str] | None = None, interrupted: str = "rerun the same command to resume",
             errors: tuple[type[BaseException], ...] = (PSPError, OSError)) -> int:
@@ -127,7 +146,7 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace]
     except SystemExit as e:  # argparse: 2 on a usage error, 0 after --help
         return int(e.code or 0)
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), one_line_warnings():
             return body(args)
     except errors as e:
         return usage_error(e)

@@ -11,14 +11,24 @@ Source: POSIX `rename(2)` atomicity (`os.replace`); `tempfile.mkstemp`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
+from .errors import PSPError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: the lock falls back to the holder's pid
+    fcntl = None
+
+LOCK_NAME = ".psp-engine.lock"  # the advisory lock of a folder a run writes into (see `folder_lock`)
 TEMP_SUFFIX = ".psp-tmp"  # every temp file of this project ends so (see `sweep_temp_files`)
 NAME_MAX = 255  # bytes: the file-name limit of ext4, xfs, btrfs, tmpfs, APFS, NTFS
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff",
@@ -36,8 +46,16 @@ def temp_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     tail = f".{secrets.token_hex(4)}{TEMP_SUFFIX}"
     room = NAME_MAX - 1 - len(tail.encode())
-    name = path.name.encode()[:room].decode("utf-8", "ignore")
-    return path.with_name(f".{name}{tail}")
+    name = os.fsencode(path.name)[:room]  # bytes as the file system sees them (undecodable names included)
+    while name:  # do not cut a UTF-8 sequence in two
+        try:
+            name.decode("utf-8")
+            break
+        except UnicodeDecodeError as e:
+            if e.start < len(name) - 3:  # not a cut at the end: the name is not UTF-8; keep its bytes
+                break
+            name = name[:e.start]
+    return path.with_name(f".{os.fsdecode(name)}{tail}")
 
 
 @contextlib.contextmanager
@@ -142,6 +160,94 @@ def sweep_temp_files(folder: str | os.PathLike, older_than_s: float = 0.0, recur
                         p.unlink()
                         removed.append(p)
     return removed
+
+
+class FolderBusyError(PSPError):
+    """Another live process holds the folder's lock (`folder_lock`)."""
+
+
+def _read_holder(path: Path) -> dict:
+    """The `{"pid", "host", "started"}` a lock file records ({} when unreadable or empty)."""
+    try:
+        holder = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _pid_alive(pid: object) -> bool:
+    """Whether process `pid` exists on this host (a pid we may not signal exists)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _busy(folder: Path, holder: dict) -> FolderBusyError:
+    who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+    return FolderBusyError(f"{folder} is in use by another psp-engine run ({who}); wait for it to finish, or "
+                           "write into another folder")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold the advisory lock of `folder` (created if missing) for the block: one writer per folder.
+
+    The lock is `fcntl.flock` on `folder/.psp-engine.lock`, which records the holder's pid, host and
+    start time (JSON). The kernel drops a flock when its holder dies (SIGKILL included), so a lock
+    file left by a dead process is taken over; where flock is not available (Windows, some network
+    file systems) a lock file whose pid is dead on this host counts as stale. The file is removed
+    on release.
+
+    Yields:
+        The lock file's `Path`.
+
+    Raises:
+        FolderBusyError: a live process holds the lock (the message names its pid, host and start).
+        OSError: the folder cannot be created or the lock file written.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is None:
+                raise OSError(errno.ENOSYS, "no flock")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _busy(folder, _read_holder(path)) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                os.close(fd)
+                raise
+            holder = _read_holder(path)  # no flock here: the recorded pid decides
+            if holder.get("host") == me["host"] and holder.get("pid") != me["pid"] and _pid_alive(holder.get("pid")):
+                os.close(fd)
+                raise _busy(folder, holder) from None
+        try:  # a holder that just released may have unlinked the file we locked: lock the new one
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
 
 
 def is_under(path: str | os.PathLike, folder: str | os.PathLike | None) -> bool:

@@ -182,6 +182,7 @@ def _latent_avg_for(model: PSP, latent_avg: Any, source: str) -> torch.Tensor:
             "the official code would fail here too. Re-save the checkpoint with its latent_avg."
         )
     la = latent_avg.detach().float()
+    ckio.check_finite({"latent_avg": la}, source)
     ok_shapes = {(512,), (1, 512)} | (set() if model.learn_in_w else {(model.n_styles, 512)})
     if tuple(la.shape) not in ok_shapes:
         raise CheckpointError(
