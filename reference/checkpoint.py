@@ -193,8 +193,8 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
         except Exception as e2:  # noqa: BLE001 - any failure here is a bad file
             raise CheckpointError(f"{path}: cannot read the checkpoint even with full unpickling "
                                   f"({type(e2).__name__}: {e2}); re-download it") from None
-        warnings.warn(f"{path}: loaded with full unpickling (--trust-pickle) because it holds a {refused}; this ran "
-                      "code from the file", UnsafeLoadWarning, stacklevel=2)
+        warnings.warn(f"{path}: loaded with full unpickling (--trust-pickle) because it holds an object of type "
+                      f"{refused}; this ran code from the file", UnsafeLoadWarning, stacklevel=2)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated zip, damaged pickle, ...

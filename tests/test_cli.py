@@ -23,7 +23,7 @@ from PIL import Image
 import engine
 from conftest import REPO
 from engine import api, run
-from engine.batch import find_inputs, plan_jobs
+from engine.inputs import find_inputs, plan_jobs
 from reference.images import tensor_to_uint8
 from engine.manifest import MANIFEST_NAME, InputStat, Manifest, read_records
 
@@ -110,7 +110,7 @@ def test_rerun_skips_everything(e2e, shared, ffhq256_checkpoint, capsys):
     assert rc == 0
     assert "0 ok, 0 failed, 12 skipped" in capsys.readouterr().err
     records = read_records(out)
-    assert [r["status"] for r in records[-N_FACES:]] == ["skipped"] * N_FACES
+    assert len(records) == N_FACES and {r["status"] for r in records} == {"ok"}, "a no-op rerun adds no record"
     assert {p: (out / p).stat().st_mtime_ns for p in before} == before, "a skipped input must not be rewritten"
 
 
@@ -361,7 +361,7 @@ def test_manifest_survives_a_torn_line(tmp_path):
     with m:
         m.append(InputStat.of(src), "skipped", outputs=["a.png"])
     lines = (out / MANIFEST_NAME).read_bytes().splitlines()
-    assert len(lines) == 3 and json.loads(lines[-1])["status"] == "skipped"
+    assert len(lines) == 2 and json.loads(lines[-1])["status"] == "skipped", "the torn line is compacted away"
 
 
 def test_output_names_mirror_inputs_without_collisions(tmp_path):

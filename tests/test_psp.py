@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from reference import CheckpointError, load_psp, load_stylegan2, make_checkpoint, save_checkpoint
+from reference.checkpoint import UnsafeLoadWarning
 from reference.configs import BASE_OPTS
 from reference.encoders import ENCODER_TYPES
 from reference.weights import make_state_dict, psp_modules
@@ -198,7 +199,7 @@ def test_opts_that_do_not_fit_the_weights_give_the_cause():
 
 @pytest.mark.parametrize(
     "content,match",
-    [(b"", "empty"), (b"this is not a checkpoint\n", "not a readable PyTorch checkpoint")],
+    [(b"", "empty"), (b"this is not a checkpoint\n", "is a text file, not a PyTorch checkpoint")],
 )
 def test_unreadable_files(tmp_path, content, match):
     path = tmp_path / "bad.pt"
@@ -224,7 +225,8 @@ def test_pickled_objects_need_explicit_trust(tmp_path):
     torch.save(old, path)
     with pytest.raises(CheckpointError, match="trust_pickle=True"):
         load_psp(path)
-    model = load_psp(path, trust_pickle=True)
+    with pytest.warns(UnsafeLoadWarning, match="argparse.Namespace"):
+        model = load_psp(path, trust_pickle=True)
     assert model.output_size == 16
 
 
