@@ -16,7 +16,7 @@ Records are appended while a run goes: each is one `write()` of a whole line on 
 with O_APPEND, then flush + fsync, so a crash loses at most the line being written, and a torn
 last line is ignored on reading. Opening the manifest for a run compacts it first (rewritten
 atomically, in file order): per input only its latest record that is not "skipped" and a later
-"skipped" one (e.g. no face found) are kept, unreadable lines are dropped. Inputs skipped because
+"skipped" one with a reason (e.g. no face found) are kept, unreadable lines are dropped. Inputs skipped because
 they are done get no record. So the manifest stays proportional to the inputs however often a
 folder is rerun. Compaction assumes one writer: the CLIs hold the folder's lock
 (`reference.files.folder_lock`) while the manifest is open.
@@ -140,7 +140,7 @@ class Manifest:
                 if status != "skipped":
                     self._latest[key] = rec
                     last[key] = n
-                else:
+                elif rec.get("error"):  # a reason (no face): kept; a no-op skip is not worth a line
                     last_skip[key] = n
         keep = set(last.values()) | {n for key, n in last_skip.items() if n > last.get(key, -1)}
         self._keep = sorted(keep)
