@@ -448,6 +448,7 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float = 300.0) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigkill_and_sigterm_mid_run_then_a_rerun_completes(tmp_path, small_w):
     ins, out = tmp_path / "in", tmp_path / "out"
     names = ["a.png", "b.png", "c.png", "d.png", "l" * 246 + ".png"]  # a name of 250 characters too
