@@ -1,4 +1,5 @@
-"""Shared test helpers: the one path helper for ../shared, and the session-wide 256 px pSp model.
+"""Shared test helpers: the one path helper for ../shared, the session-wide 256 px pSp model, and
+the session-wide 32 px learn_in_w checkpoint (the cheapest for CLI runs).
 
 `shared_dir()` and the `shared` fixture are the only way tests find the shared test data
 (`data/`, `golden/`); files there are read in place, never copied into the repo.
@@ -64,3 +65,24 @@ def psp256(ffhq256_checkpoint):
     from reference import load_psp
 
     return load_psp(ffhq256_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def small_w(tmp_path_factory) -> Path:
+    """A learn_in_w pSp (BackboneEncoderUsingLastLayerIntoW) at 32 px, 8 styles, saved once per session
+    (the cheapest encoder and generator: about a second per encode)."""
+    import torch
+
+    from reference import save_checkpoint
+    from reference.configs import BASE_OPTS
+    from reference.weights import make_state_dict, psp_modules
+
+    opts = {**BASE_OPTS, "encoder_type": "BackboneEncoderUsingLastLayerIntoW", "learn_in_w": True,
+            "output_size": 32, "n_styles": 8}
+    with torch.device("meta"):
+        model = psp_modules(opts)
+    la = 0.5 * torch.randn(1, 512, generator=torch.Generator().manual_seed(1))
+    path = tmp_path_factory.mktemp("ckpt") / "small_w32.pt"
+    save_checkpoint({"state_dict": make_state_dict(model, 0), "opts": opts, "latent_avg": la}, path)
+    yield path
+    path.unlink(missing_ok=True)

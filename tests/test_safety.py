@@ -42,15 +42,13 @@ from reference import files as rfiles
 from reference import load_psp, save_checkpoint
 from reference.checkpoint import UnsafeLoadWarning, read_checkpoint
 from reference.cli import ArgumentParser, run_cli
-from reference.configs import BASE_OPTS
 from reference.errors import CheckpointError, UsageError
 from reference.files import (LOCK_NAME, NAME_MAX, TEMP_SUFFIX, FolderBusyError, atomic_write_bytes, folder_lock,
                              is_under, temp_path)
 from reference.psp import load_mapping
-from reference.weights import make_state_dict, psp_modules
 
 REPO = Path(__file__).resolve().parents[1]
-N_STYLES = 8  # the 32 px checkpoint
+N_STYLES = 8  # of the small_w checkpoint (tests/conftest.py)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,20 +78,6 @@ def draw_png(path: Path, value: int = 128, size: int = 40) -> Path:
 
 def temp_files(*folders: Path) -> list[Path]:
     return [p for d in folders for p in d.rglob(f"*{TEMP_SUFFIX}")]
-
-
-@pytest.fixture(scope="module")
-def small_w(tmp_path_factory) -> Path:
-    """A learn_in_w pSp at 32 px, 8 styles (the cheapest to build and run), as a file."""
-    opts = {**BASE_OPTS, "encoder_type": "BackboneEncoderUsingLastLayerIntoW", "learn_in_w": True,
-            "output_size": 32, "n_styles": N_STYLES}
-    with torch.device("meta"):
-        model = psp_modules(opts)
-    la = 0.5 * torch.randn(1, 512, generator=torch.Generator().manual_seed(1))
-    path = tmp_path_factory.mktemp("ckpt") / "small_w32.pt"
-    save_checkpoint({"state_dict": make_state_dict(model, 0), "opts": opts, "latent_avg": la}, path)
-    yield path
-    path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")

@@ -24,29 +24,12 @@ from engine import demo, run, synthesize
 from engine import latents as lt
 from reference.images import tensor_to_uint8
 from engine.manifest import MANIFEST_NAME, read_records
-from reference import save_checkpoint
-from reference.configs import BASE_OPTS
-from reference.weights import make_state_dict, psp_modules
 from export.compare import assert_close
 
 SEED = 3
 K = 2
 MASK = [6, 7]
-N_STYLES = 8
-
-
-@pytest.fixture(scope="module")
-def small_w(tmp_path_factory):
-    """A learn_in_w pSp (BackboneEncoderUsingLastLayerIntoW) at 32 px, 8 styles."""
-    opts = {**BASE_OPTS, "encoder_type": "BackboneEncoderUsingLastLayerIntoW", "learn_in_w": True,
-            "output_size": 32, "n_styles": N_STYLES}
-    with torch.device("meta"):
-        model = psp_modules(opts)
-    la = 0.5 * torch.randn(1, 512, generator=torch.Generator().manual_seed(1))
-    path = tmp_path_factory.mktemp("ckpt") / "small_w32.pt"
-    save_checkpoint({"state_dict": make_state_dict(model, 0), "opts": opts, "latent_avg": la}, path)
-    yield path
-    path.unlink(missing_ok=True)
+N_STYLES = 8  # of the small_w checkpoint (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
