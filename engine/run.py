@@ -7,7 +7,13 @@ reshaped; the work is done by `engine.batch`. Style mixing (`--n-outputs`, `--la
 deterministically; `--edit` adds linear directions (see `engine.latents`).
 
 Exit codes: 0 all inputs ok or skipped; 1 at least one input failed (see the manifest);
-2 usage or checkpoint error (one line on stderr, no traceback); 130 interrupted (rerun to resume).
+2 usage or checkpoint error, or another run holds the output folder (one line on stderr, no
+traceback); 130 interrupted, by Ctrl-C or SIGTERM (rerun to resume).
+
+Safety: options, inputs and output names are checked before the checkpoint loads (an output
+folder that is an input folder, an output that would overwrite an input or land outside
+`--output`: see `engine.inputs`); the output folder is then locked for the run and cleared of
+the temp files an interrupted run left (`claim_output_folder`).
 """
 
 from __future__ import annotations

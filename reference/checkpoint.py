@@ -185,8 +185,8 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
         if not trust_pickle:
             raise CheckpointError(
                 f"{path}: the file holds a Python object of type {refused}, which safe loading (weights_only) "
-                "refuses. If it is an old official checkpoint you trust, rerun with --trust-pickle (Python: "
-                "trust_pickle=True), which runs code from the file; never do so for a file from an unknown source."
+                "refuses. If it is an old official checkpoint you trust, rerun with --trust-pickle, "
+                "which runs code from the file; never do so for a file from an unknown source."
             ) from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)

@@ -223,7 +223,7 @@ def test_pickled_objects_need_explicit_trust(tmp_path):
     old = dict(ckpt, opts=argparse.Namespace(**ckpt["opts"]))  # as some old training scripts saved it
     path = tmp_path / "old.pt"
     torch.save(old, path)
-    with pytest.raises(CheckpointError, match="trust_pickle=True"):
+    with pytest.raises(CheckpointError, match="--trust-pickle"):
         load_psp(path)
     with pytest.warns(UnsafeLoadWarning, match="argparse.Namespace"):
         model = load_psp(path, trust_pickle=True)
