@@ -106,6 +106,9 @@ class StandIn:
         w[m < -0.99] = float("nan")
         return w
 
+    def mapping(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(z)  # mixed into every style (mask 0-7), a mix renders +Inf
+
     def synthesize(self, w_plus: torch.Tensor, resize: bool = False) -> torch.Tensor:
         m = w_plus.flatten(1).mean(1)  # [B]
         img = m.clamp(-1, 1)[:, None, None, None].expand(-1, 3, 8, 8).clone()
@@ -277,6 +280,15 @@ def test_non_finite_items_fail_and_the_run_goes_on(tmp_path, stand_in):
     reasons = {Path(r["input"]).stem: r["error"] for r in read_records(opts.out_dir) if r["status"] == "failed"}
     assert "NaN/Inf latents" in reasons["black"] and "NaN/Inf image" in reasons["white"]
     assert sorted(p.name for p in opts.out_dir.iterdir()) == sorted([MANIFEST_NAME, "gray.npy", "gray.png"])
+
+
+def test_non_finite_mixes_fail_their_input(tmp_path, stand_in):
+    files = [draw_png(tmp_path / "in" / "gray.png", 128)]
+    opts = RunOptions(out_dir=tmp_path / "out", n_outputs=2, latent_mask=tuple(range(N_STYLES)))
+    with Manifest(opts.out_dir, opts.config(stand_in)) as m:
+        summary = run_jobs(stand_in, plan_jobs(files), opts, m)
+    assert (summary.ok, summary.failed) == (0, 1) and "NaN/Inf mixed images" in summary.failures[0][1]
+    assert sorted(p.name for p in opts.out_dir.iterdir()) == [MANIFEST_NAME]
 
 
 def test_synthesize_fails_non_finite_renders(tmp_path, stand_in):
