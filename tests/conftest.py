@@ -67,10 +67,11 @@ def psp256(ffhq256_checkpoint):
     return load_psp(ffhq256_checkpoint)
 
 
-@pytest.fixture(scope="session")
-def small_w(tmp_path_factory) -> Path:
-    """A learn_in_w pSp (BackboneEncoderUsingLastLayerIntoW) at 32 px, 8 styles, saved once per session
-    (the cheapest encoder and generator: about a second per encode)."""
+def save_small_w(path: Path, output_size: int) -> Path:
+    """Save a learn_in_w pSp (BackboneEncoderUsingLastLayerIntoW, the cheapest encoder) with an
+    `output_size` px generator, by the weight rule (seed 0), in the official file layout."""
+    import math
+
     import torch
 
     from reference import save_checkpoint
@@ -78,11 +79,17 @@ def small_w(tmp_path_factory) -> Path:
     from reference.weights import make_state_dict, psp_modules
 
     opts = {**BASE_OPTS, "encoder_type": "BackboneEncoderUsingLastLayerIntoW", "learn_in_w": True,
-            "output_size": 32, "n_styles": 8}
+            "output_size": output_size, "n_styles": 2 * int(math.log2(output_size)) - 2}
     with torch.device("meta"):
         model = psp_modules(opts)
     la = 0.5 * torch.randn(1, 512, generator=torch.Generator().manual_seed(1))
-    path = tmp_path_factory.mktemp("ckpt") / "small_w32.pt"
-    save_checkpoint({"state_dict": make_state_dict(model, 0), "opts": opts, "latent_avg": la}, path)
+    return save_checkpoint({"state_dict": make_state_dict(model, 0), "opts": opts, "latent_avg": la}, path)
+
+
+@pytest.fixture(scope="session")
+def small_w(tmp_path_factory) -> Path:
+    """`save_small_w` at 32 px (8 styles), once per session: the cheapest checkpoint for CLI runs
+    (about a second per encode)."""
+    path = save_small_w(tmp_path_factory.mktemp("ckpt") / "small_w32.pt", 32)
     yield path
     path.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reference import Generator, load_psp, save_checkpoint
+from reference import Generator, load_psp
 from reference.configs import BASE_OPTS
 from reference.errors import InputImageError, PSPError
 from reference.perceptual import LPIPS, MissingWeightsError
@@ -39,7 +39,9 @@ from reference.train import (
     run,
     w_norm_loss,
 )
-from reference.weights import make_state_dict, psp_modules
+from reference.weights import make_state_dict
+
+from conftest import save_small_w
 
 OUTPUT_SIZE = 16
 N_FACES = 4
@@ -60,13 +62,7 @@ def faces(shared, tmp_path_factory):
 def small_ckpt(tmp_path_factory):
     """A learn_in_w pSp (BackboneEncoderUsingLastLayerIntoW) with a 16 px generator (6 styles), by the
     weight rule, in the official file layout. The smallest encoder keeps the runs within budget."""
-    opts = {**BASE_OPTS, "output_size": OUTPUT_SIZE, "n_styles": 6, "learn_in_w": True,
-            "encoder_type": "BackboneEncoderUsingLastLayerIntoW"}
-    with torch.device("meta"):
-        model = psp_modules(opts)
-    la = 0.5 * torch.randn(1, 512, generator=torch.Generator().manual_seed(1))
-    path = tmp_path_factory.mktemp("ckpt") / "small16.pt"
-    save_checkpoint({"state_dict": make_state_dict(model, 0), "opts": opts, "latent_avg": la}, path)
+    path = save_small_w(tmp_path_factory.mktemp("ckpt") / "small16.pt", OUTPUT_SIZE)
     yield path
     path.unlink(missing_ok=True)
 
