@@ -242,7 +242,8 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(me) + "\n").encode())
         yield path
     finally:
         with contextlib.suppress(OSError):
