@@ -94,7 +94,7 @@ class StandIn:
     """
 
     label_nc, input_nc, n_styles, output_size = 0, 3, N_STYLES, 8
-    backend = "stand-in"
+    backend, precision = "stand-in", "fp32"
     device = torch.device("cpu")
 
     def __init__(self, checkpoint: Path):
