@@ -576,7 +576,7 @@ def emulate_rounding(model: EnginePSP, precision: str = "bf16",
     for name, mod in model.named_modules():
         if keep_fp32(name, mod):
             keep.update(id(x) for x in mod.modules())
-    for name, mod in list(model.encoder.named_modules("encoder")) + list(model.synthesis.named_modules("synthesis")):
+    for name, mod in list(model.encoder.named_modules(prefix="encoder")) + list(model.synthesis.named_modules(prefix="synthesis")):
         if id(mod) in keep or mod is model.encoder or mod is model.synthesis:
             continue
         for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
