@@ -50,6 +50,7 @@ def _make(shape, layout, dtype, seed):
     return x.to(dtype).to(DEVICE), b.to(DEVICE), dim
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "channels_last"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -65,6 +66,7 @@ def test_matches_reference(dtype, shape, layout, act):
         assert float(out.float().abs().max()) <= kw["clamp"]
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_no_bias_negative_dim_and_2d(dtype):
     g = torch.Generator().manual_seed(1)
@@ -78,6 +80,7 @@ def test_no_bias_negative_dim_and_2d(dtype):
                  str(dtype).split(".")[-1])  # fmt: skip
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 def test_nan_and_inf_propagate_like_the_reference():
     x = torch.tensor([[float("nan"), float("inf"), -float("inf"), 1.0, -1.0]], device=DEVICE)
     b = torch.zeros(5, device=DEVICE)
@@ -109,6 +112,7 @@ def test_triton_errors():
         ba.bias_act(x, clamp=-1.0, impl="triton")
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.skipif(interpret_mode(), reason=COMPILE_SKIP)
 def test_torch_compile_fullgraph():
     x, b, _ = _make((3, 5, 13, 7), "nchw", torch.float16, seed=3)

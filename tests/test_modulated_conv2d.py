@@ -79,6 +79,7 @@ STYLED_CASES = [
 ]
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,c_in,c_out,size,up,demod,noise,clamp", STYLED_CASES)
 def test_styled_conv2d_matches_reference(dtype, n, c_in, c_out, size, up, demod, noise, clamp):
@@ -111,6 +112,7 @@ MODCONV_CASES = [
 ]
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,c_in,c_out,size,k,up,demod,padding,fused", MODCONV_CASES)
 def test_modulated_conv2d_matches_reference(dtype, n, c_in, c_out, size, k, up, demod, padding, fused):
@@ -132,6 +134,7 @@ RGB_CASES = [
 ]
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,c_in,size,skip,fir", RGB_CASES)
 def test_to_rgb_matches_reference(dtype, n, c_in, size, skip, fir):
@@ -146,6 +149,7 @@ def test_to_rgb_matches_reference(dtype, n, c_in, size, skip, fir):
     assert_close(out.cpu(), ref, "to_rgb_triton", str(dtype).removeprefix("torch."))
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 def test_generator_block_configs(monkeypatch):
     """The GPU block sizes (`conv_config`) at small sizes: BLOCK_M 16 (several M blocks), BLOCK_N 16
     (two N blocks over 24 channels), BLOCK_K 16 (two K blocks over 20 channels)."""
@@ -159,6 +163,7 @@ def test_generator_block_configs(monkeypatch):
         assert_close(out.cpu(), ref, "styled_conv2d_triton", "float32")
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 def test_several_channel_blocks(monkeypatch):
     """BLOCK_N = BLOCK_K = 16 on 20 -> 24 channels: two K blocks and two N blocks, both masked."""
     _use_config(monkeypatch, lambda *a: dict(_CONV_CONFIG(*a), BLOCK_M=128, BLOCK_N=16, BLOCK_K=16))
@@ -168,6 +173,7 @@ def test_several_channel_blocks(monkeypatch):
     assert_close(out.cpu(), ref, "styled_conv2d_triton", "float32")
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.parametrize("up", [1, 2])
 def test_layouts_channels_last_and_strided(up):
     """channels_last in -> channels_last out (the vectorised path: 32 -> 16 channels, fp16);
@@ -188,6 +194,7 @@ def test_layouts_channels_last_and_strided(up):
     assert_close(out.cpu(), ref, "styled_conv2d_triton", "float16")
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 def test_cached_operands_and_tensor_strength_give_identical_output():
     """`packed_weight` / `wsq` / `poly_weight` passed in, and a tensor noise strength, change nothing."""
     p = _layer(2, 13, 7, 7, seed=8)
@@ -203,6 +210,7 @@ def test_cached_operands_and_tensor_strength_give_identical_output():
     torch.testing.assert_close(poly, plain, rtol=0, atol=0)
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.skipif(
     interpret_mode(),
     reason="Triton 3.9's interpreter multiplies bf16 tl.dot operands as raw integers (triton-lang/triton#11584)",
@@ -221,6 +229,7 @@ def test_bfloat16_matches_reference():  # pragma: no cover - needs a GPU
 # fp16 hazards
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.parametrize("style_scale", [1e-6, 1e-3, 1e3, 3e4])
 def test_fp16_demodulation_extreme_styles_stay_finite(style_scale):
     """Styles making sum(s^2 w^2) tiny (1e-8 epsilon dominates) or huge (x * s beyond fp16's
@@ -235,6 +244,7 @@ def test_fp16_demodulation_extreme_styles_stay_finite(style_scale):
         assert_close(out.cpu(), ref, "modulated_conv2d_triton", "float16")
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 def test_fp16_to_rgb_large_styles_stay_finite():
     """No demodulation: |x * s| up to ~1e5 would overflow fp16; the output itself is in range."""
     p = _layer(2, 32, 3, 6, k=1, seed=12)

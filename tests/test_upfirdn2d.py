@@ -54,6 +54,7 @@ def _x(shape, dtype, seed):
     return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.parametrize("up, down, pad, fname, shape, gain", _cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_matches_reference(dtype, up, down, pad, fname, shape, gain):
@@ -69,6 +70,7 @@ def test_matches_reference(dtype, up, down, pad, fname, shape, gain):
 USES = {"blur": dict(up=1, padding=(1, 1, 1, 1)), "skip_upsample": dict(up=2, padding=(2, 1, 2, 1))}
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.parametrize("shape", [(1, 3, 8, 8), (3, 13, 9, 9), (8, 3, 13, 7)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("use", list(USES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
@@ -82,6 +84,7 @@ def test_stylegan2_uses(dtype, use, shape):
     assert_close(out, ref, "upfirdn2d_triton", str(dtype).split(".")[-1])
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
 def test_strided_input(layout):
     x = _x((3, 5, 13, 14), torch.float32, seed=5)
@@ -91,6 +94,7 @@ def test_strided_input(layout):
     assert_close(out, ud.upfirdn2d(x.contiguous(), fir, up=2, down=1, padding=(2, 1, 3, 0)), "upfirdn2d_triton")
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 def test_separable_equals_outer_product():
     x = _x((3, 5, 9, 11), torch.float32, seed=9)
     k = torch.tensor([1.0, 2.0, 5.0], device=DEVICE)
@@ -127,6 +131,7 @@ COMPILE_SKIP = (
 )
 
 
+@pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
 @pytest.mark.skipif(interpret_mode(), reason=COMPILE_SKIP)
 def test_torch_compile_fullgraph():
     x = _x((3, 5, 13, 7), torch.float16, seed=3)
