@@ -135,7 +135,7 @@ class Plan:
     budget_s: float
 
 
-ALL_OPS = ("bias_act", "upfirdn2d", "styled_conv2d", "to_rgb")
+ALL_OPS = ("styled_conv2d", "to_rgb", "upfirdn2d", "bias_act")  # the generator's own kernels first
 PLANS = {
     "full": Plan("cuda", (256, 1024), 2, ("fp32", "bf16", "fp16"), 1024, (1, 8, 32), 3, 10, True, None, None,
                  1024, (1, 8), ALL_OPS, None, 450.0),
@@ -706,7 +706,23 @@ def end_to_end(plan: Plan, device: torch.device, seed: int, golden_path: Path | 
             del eng
             _free(device)
             record("e2e_parity", parity)
+    speed["fastest"] = fastest(speed["rows"])
     return parity, speed
+
+
+def fastest(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per precision, the rows that ran, fastest first (eager ms per image at the largest batch each
+    ran): the measurement `export.backends.AUTO_ORDER` is to cite for CUDA."""
+    best: dict[tuple[str, str], tuple[int, float]] = {}
+    for r in rows:
+        if "ms_per_image" in r:
+            key = (r["precision"], r["backend"])
+            if key not in best or r["batch"] > best[key][0]:
+                best[key] = (r["batch"], r["ms_per_image"])
+    order: dict[str, list[str]] = {}
+    for (precision, backend), (batch, ms) in sorted(best.items(), key=lambda kv: kv[1][1]):
+        order.setdefault(precision, []).append(f"{backend} ({ms:.3g} ms/img at batch {batch})")
+    return order
 
 
 # ------------------------------------------------------------------------------------------------
@@ -721,6 +737,7 @@ def kernel_speed(plan: Plan, device: torch.device, env: dict[str, Any], budget: 
     from kernels.inspect import PEAKS
 
     cases = gk.build_cases(plan.kernel_size, plan.kernel_batches, plan.kernel_ops)
+    cases.sort(key=lambda c: (not c.used, plan.kernel_ops.index(c.op), c.batch))  # what the generator runs first
     if plan.kernel_cases_per_op:
         by_op: dict[str, list] = {}
         for c in sorted(cases, key=lambda c: c.flops):
@@ -835,6 +852,7 @@ def markdown(results: dict[str, Any]) -> str:
             rows.append([r["backend"], r["precision"], r["batch"], _f(r.get("ms_per_image")), _f(r.get("images_per_s")),
                          _f(r.get("peak_mib"), ".0f"), graph, r.get("error") or r.get("skipped") or ""])
         out.append(_table(["backend", "precision", "batch", "ms/img", "img/s", "peak MiB", "CUDA graph", "note"], rows))
+        out += [f"- fastest {p}: {', '.join(o)}" for p, o in sp.get("fastest", {}).items()]
         for name, p in sp["placement"].items():
             out.append(f"- {name}: {p}")
     ks = sec.get("kernel_speed", {}).get("data")
