@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -274,6 +275,7 @@ def environment(plan: Plan, device: torch.device) -> dict[str, Any]:
     env["copy"] = copy_bandwidth(device, copy_mib * 2**20, reps)
     env["matmul"] = {name: matmul_rate(device, mm_n, dt, reps)
                      for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16))}
+    _free(device)  # hand the buffers back before the tests' processes start
     return env
 
 
@@ -374,6 +376,8 @@ def pytest_runtest_logreport(report):  # pytest hook: one JSON line per test out
     path = os.environ.get(ENV_REPORT)
     if not path or not (report.when == "call" or report.outcome != "passed"):
         return
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # under pytest-xdist the controller writes every line
+        return
     msg = ""
     if report.outcome != "passed":
         longrepr = report.longrepr
@@ -401,11 +405,14 @@ def kernel_parity(plan: Plan, out: Path, seed: int, budget: Budget) -> dict[str,
         env["TRITON_INTERPRET"] = "1"
     else:
         env.pop("TRITON_INTERPRET", None)
-    timeout = max(60.0, min(budget.left() * 0.4, 240.0 if plan.mode == "cuda" else 600.0))
+    timeout = max(60.0, min(budget.left() * 0.45, 240.0 if plan.mode == "cuda" else 600.0))
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *KERNEL_TESTS, "-p", "benchmarks.gpu_suite",
            "-q", "--no-header", "-p", "no:cacheprovider", "-o", "addopts="]
     if plan.kernel_tests_k:
         cmd += ["-k", plan.kernel_tests_k]
+    workers = min(8, (os.cpu_count() or 1) // 2)
+    if plan.mode == "cuda" and workers > 1 and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(workers)]  # Triton compiles each configuration once per process: spread them
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -465,36 +472,12 @@ def _small_checkpoint(size: int, seed: int) -> dict:
 
 
 def _compare(out: torch.Tensor, ref: Any, output: str, precision: str, backend: str, against: str) -> dict[str, Any]:
-    """One output against its reference under the parity table: rel error, worst |diff|, NaN/Inf,
-    uint8 share (images), pass/fail."""
-    try:
-        from export import compare as cmp  # the one comparator and tolerance table (issue 9)
-    except ImportError:  # until export/compare.py lands on main: export.parity's comparator
-        return _compare_interim(out, ref, output, precision, backend, against)
-    tol = cmp.parity_tolerance(output, precision, against)
-    return cmp.compare(out, ref, tol, output=output, backend=backend, against=against).as_dict()
+    """One output against its reference under the parity table (`export.compare`): rel error, worst
+    |diff|, NaN/Inf, uint8 share (images), pass/fail."""
+    from export.compare import compare, parity_tolerance
 
-
-def _compare_interim(out: torch.Tensor, ref: Any, output: str, precision: str, backend: str,
-                     against: str) -> dict[str, Any]:
-    """`_compare` on `export.parity.compare`, with issue 9's parity table; removed when export.compare lands."""
-    import numpy as np
-
-    from export.parity import compare
-
-    tol = {"rel": 1e-5 if precision == "fp32" else (1e-2 if output == "w_plus" else 2e-2)}
-    if against == "golden" and precision == "fp32":
-        tol["atol"] = 1e-4
-    c = compare(backend, output, against, out, ref, tol)
-    o = out.detach().double().cpu().numpy()
-    row = {"backend": backend, "output": output, "against": against, "shape": list(o.shape), "max_abs": c.max_abs,
-           "rel": c.rel, "finite": c.finite, "tolerance": tol, "passed": c.passed,
-           "nan": int(np.isnan(o).sum()), "inf": int(np.isinf(o).sum()), "u8_share": None}
-    if output == "img":
-        r = np.asarray(ref.detach().cpu().double().numpy() if isinstance(ref, torch.Tensor) else ref, np.float64)
-        u8 = lambda a: (np.clip(np.nan_to_num((a + 1) / 2), 0, 1) * 255).astype(np.int16)  # noqa: E731
-        row["u8_share"] = float(np.mean(np.abs(u8(o) - u8(r)) > 2))
-    return row
+    tol = parity_tolerance(output, precision, against)
+    return compare(out, ref, tol, output=output, backend=backend, against=against).as_dict()
 
 
 def golden_file(given: Path | None) -> tuple[Path | None, str]:
@@ -686,20 +669,22 @@ def end_to_end(plan: Plan, device: torch.device, seed: int, golden_path: Path | 
                 except Exception as e:  # noqa: BLE001
                     parity["rows"].append(dict(e2, error=_error(e), passed=False))
                     continue
+                label = f"{r['backend']}:{r['precision']}"
                 if r["backend"] == "reference":
                     refs[name] = (w_plus, img)
                     e2["baseline"] = True
-                    if name == "golden":
-                        e2["w_plus"] = _compare(w_plus, golden["latents"], "w_plus", "fp32", "reference", "golden")
-                        e2["img"] = _compare(img, golden["images_resize_false"], "img", "fp32", "reference", "golden")
-                        e2["against"] = "golden"
                 elif name in refs:
                     e2["against"] = "reference fp32"
-                    e2["w_plus"] = _compare(w_plus, refs[name][0], "w_plus", r["precision"], r["backend"], "reference")
-                    e2["img"] = _compare(img, refs[name][1], "img", r["precision"], r["backend"], "reference")
+                    e2["w_plus"] = _compare(w_plus, refs[name][0], "w_plus", r["precision"], label, "reference")
+                    e2["img"] = _compare(img, refs[name][1], "img", r["precision"], label, "reference")
                 else:
                     e2["error"] = "no fp32 reference output to compare with (the reference row failed)"
-                e2["passed"] = "error" not in e2 and all(e2[k]["passed"] for k in ("w_plus", "img") if k in e2)
+                if name == "golden":  # every row also against the official outputs
+                    e2["golden_w_plus"] = _compare(w_plus, golden["latents"], "w_plus", r["precision"], label, "golden")
+                    e2["golden_img"] = _compare(img, golden["images_resize_false"], "img", r["precision"], label,
+                                                "golden")
+                e2["passed"] = "error" not in e2 and all(
+                    e2[k]["passed"] for k in ("w_plus", "img", "golden_w_plus", "golden_img") if k in e2)
                 parity["rows"].append(e2)
             if size == plan.speed_size:
                 speed["rows"].extend(time_row(eng, plan, device, size, seed, budget))
@@ -831,15 +816,17 @@ def markdown(results: dict[str, Any]) -> str:
         for r in par["rows"]:
             if "w_plus" in r or "error" in r or "skipped" in r or r.get("baseline"):
                 w, i = r.get("w_plus", {}), r.get("img", {})
+                gw, gi = r.get("golden_w_plus", {}), r.get("golden_img", {})
                 verdict = ("skipped: " + r["skipped"] if "skipped" in r else "ERROR " + r["error"] if "error" in r
-                           else "baseline" if r.get("baseline") and "w_plus" not in r
-                           else "pass" if r.get("passed") else "FAIL")
+                           else "pass" if r.get("passed") else "FAIL") + (" (baseline)" if r.get("baseline") else "")
                 rows.append([r.get("size"), r.get("backend", ""), r.get("precision", ""), r.get("inputs", ""),
                              r.get("against", ""), _f(w.get("rel")), _f(i.get("rel")), _f(i.get("max_abs")),
                              _f((w.get("nan", 0) + w.get("inf", 0) + i.get("nan", 0) + i.get("inf", 0)) if w else None),
-                             _f(i.get("u8_share"), ".2%") if i.get("u8_share") is not None else "", verdict])
+                             _f(i.get("u8_share"), ".2%") if i.get("u8_share") is not None else "",
+                             _f(gw.get("rel")), _f(gi.get("rel")), _f(gi.get("max_abs")), verdict])
         out.append(_table(["size", "backend", "precision", "inputs", "against", "rel w_plus", "rel img",
-                           "worst abs img", "NaN/Inf", "u8 > 2", "result"], rows))
+                           "worst abs img", "NaN/Inf", "u8 > 2", "golden rel w_plus", "golden rel img",
+                           "golden worst abs img", "result"], rows))
         out += [f"- {r['backend']} {r['precision']}: skipped: {r['skip']}" for r in par["skipped_rows"]]
     sp = sec.get("e2e_speed", {}).get("data")
     if sp:
