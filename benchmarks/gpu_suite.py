@@ -73,13 +73,13 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from reference.cli import ArgumentParser, int_at_least, run_cli, say
+from reference.cli import ArgumentParser, run_cli, say
 from reference.files import write_json
 
 REPO = Path(__file__).resolve().parent.parent
