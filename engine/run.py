@@ -15,21 +15,23 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
 from tqdm import tqdm
 
 from reference.cli import ArgumentParser, argparse_type, int_at_least, run_cli, say
+from reference.errors import CheckpointError
 from reference.images import MAX_PIXELS
+from reference.psp import psp_opts
 from reference.sr import bicubic_kernel, parse_factors
 
 from . import api, demo
 from . import latents as lt
-from .batch import ALIGN_SIZE, RunOptions, run_jobs
+from .batch import ALIGN_SIZE, RunOptions, Summary, run_jobs
 from .inputs import find_inputs, plan_jobs
-from .manifest import MANIFEST_NAME, Manifest
+from .manifest import MANIFEST_NAME, InputStat, Manifest
 
 
 _positive_int = int_at_least(1)
@@ -198,6 +200,70 @@ def check_edit_files(edits: list[lt.Edit]) -> None:
         lt.read_npy(e.path, "direction")
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a run's options and fingerprint depend on in the model (the attributes `Engine` has of
+    the same names), known before loading it: the checkpoint file's identity and opts, the backend.
+
+    Attributes:
+        checkpoint: the checkpoint file; backend: the resolved backend name ("auto" resolved).
+        n_styles: W+ styles; opts: the checkpoint's opts with inference defaults (`reference.psp_opts`).
+        is_demo: the built-in demo checkpoint.
+    """
+
+    checkpoint: Path
+    backend: str
+    n_styles: int
+    opts: dict
+    is_demo: bool
+
+
+def preload_facts(args: argparse.Namespace) -> ModelFacts | None:
+    """`ModelFacts` of the model this command would load, without loading it (the checkpoint's
+    opts are read memory-mapped: about 0.3 s for 1.2 GB), or None where that needs the load: the
+    demo checkpoint not built yet, TensorRT plans, a file safe loading cannot read (`api.load`
+    then reports it), or `--trust-pickle` (unpickling runs code from the file: once is enough).
+
+    Raises:
+        UsageError: an unavailable --device (as `api.load` would).
+    """
+    backend = api.resolve_backend(args.backend, api.resolve_device(args.device))
+    path = demo.demo_path() if args.checkpoint is None else Path(args.checkpoint)
+    if backend == "tensorrt" or args.trust_pickle or not path.is_file():
+        return None
+    try:
+        opts = psp_opts(path)
+    except CheckpointError:
+        return None
+    return ModelFacts(path, backend, int(opts["n_styles"]), opts, args.checkpoint is None)
+
+
+def model_options(args: argparse.Namespace, opts: RunOptions, model, say=lambda msg: None) -> RunOptions:
+    """`opts` completed with what depends on the model: edits (checked against n_styles), the
+    latent mask, the super-resolution factor, the alignment options. The one place these are
+    resolved, both for the pre-load check (`model` a `ModelFacts`) and the run (an `Engine`), so both
+    give the same fingerprint.
+
+    Raises:
+        UsageError, LatentFileError: a bad --edit file, --latent-mask or --resize-factor for this model.
+    """
+    opts = replace(opts, edits=tuple(lt.load_edit(e, model.n_styles) for e in args.edit),
+                   align=args.align, largest_face=args.largest_face, save_aligned=args.save_aligned,
+                   degrade_factor=resolve_resize_factor(args.resize_factor, model, say))
+    if args.latent_mask is not None:
+        opts = replace(opts, latent_mask=tuple(lt.parse_latent_mask(args.latent_mask, model.n_styles)))
+    return opts
+
+
+def all_done(jobs: list, opts: RunOptions, facts: ModelFacts) -> bool:
+    """Whether the manifest in `opts.out_dir` marks every job done with the fingerprint these options
+    and this model give (`Manifest.done`: same config, input unchanged, outputs present)."""
+    if not jobs or not (opts.out_dir / MANIFEST_NAME).is_file():
+        return False
+    manifest = Manifest(opts.out_dir, opts.config(facts))
+    return all(manifest.done(InputStat.of(job.source)) is not None for job in jobs)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI.
 
@@ -222,19 +288,20 @@ def _run(args: argparse.Namespace) -> int:
     jobs = plan_jobs(find_inputs(args.input, exclude=opts.out_dir))
     if args.checkpoint is None:
         say(demo.DEMO_NOTICE)
+    facts = preload_facts(args)
+    if facts is not None and all_done(jobs, model_options(args, opts, facts), facts):
+        say(f"nothing to do: all {len(jobs)} input(s) are done with these options (see {opts.out_dir / MANIFEST_NAME}); "
+            "the model was not loaded")
+        return finish(Summary(skipped=len(jobs)), opts.out_dir, facts)
     t0 = time.perf_counter()
     eng = api.load(args.checkpoint, backend=args.backend, device=args.device,
                    trust_pickle=args.trust_pickle, announce=say)
     say(f"loaded {eng.checkpoint} in {time.perf_counter() - t0:.1f} s: output {eng.output_size}px, "
         f"{eng.n_styles} styles, input_nc {eng.input_nc}, label_nc {eng.label_nc}; "
         f"{len(jobs)} input(s) -> {opts.out_dir}")
-    opts = replace(opts, edits=tuple(lt.load_edit(e, eng.n_styles) for e in args.edit),
-                   align=args.align, largest_face=args.largest_face, save_aligned=args.save_aligned,
-                   degrade_factor=resolve_resize_factor(args.resize_factor, eng, say))
+    opts = model_options(args, opts, eng, say)
     if opts.degrade_factor is not None:
         say(f"super resolution: inputs degraded by factor {opts.degrade_factor} (official bicubic downsampling)")
-    if args.latent_mask is not None:
-        opts = replace(opts, latent_mask=tuple(lt.parse_latent_mask(args.latent_mask, eng.n_styles)))
     if opts.n_outputs:
         say(f"style mixing: {opts.n_outputs} output(s) per input, styles {_ranges(opts.mixing_mask(eng))}, "
             f"alpha {'replace' if opts.mix_alpha is None else opts.mix_alpha}, seed {opts.seed}")
