@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from engine import api
-from engine.batch import RunOptions, plan_jobs, run_jobs
+from engine.batch import RunOptions, run_jobs
+from engine.inputs import plan_jobs
 from reference.images import to_input_tensor
 from engine.manifest import Manifest
 from reference import load_psp, make_checkpoint
