@@ -29,6 +29,7 @@ from reference.sr import bicubic_kernel, parse_factors
 
 from . import api, demo
 from . import latents as lt
+from .align import add_face_arguments, check_setup as check_align_setup, upsample as align_upsample
 from .batch import ALIGN_SIZE, RunOptions, Summary, run_jobs
 from .inputs import find_inputs, plan_jobs
 from .manifest import MANIFEST_NAME, InputStat, Manifest
@@ -123,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--align", action="store_true",
                        help=f"align each photo first ({ALIGN_SIZE} px crops, resized to 256 for the encoder); a photo "
                             "with several faces gives <name>_face0, <name>_face1, ... (most confident first); a photo "
-                            "without a face is recorded as skipped with the reason")
-    align.add_argument("--largest-face", action="store_true", help="with --align: only the largest face of each photo")
+                            "without a face is recorded as failed with the reason (exit code 1, as engine.align)")
+    add_face_arguments(align)
     align.add_argument("--save-aligned", action="store_true", help="with --align: also keep each crop as <name>_aligned.png")
     sr = p.add_argument_group("super resolution")
     sr.add_argument("--resize-factor", default=None, metavar="F|input",
@@ -249,6 +250,7 @@ def model_options(args: argparse.Namespace, opts: RunOptions, model, say=lambda 
     """
     opts = replace(opts, edits=tuple(lt.load_edit(e, model.n_styles) for e in args.edit),
                    align=args.align, largest_face=args.largest_face, save_aligned=args.save_aligned,
+                   all_faces=args.all_faces, upsample=align_upsample(args),
                    degrade_factor=resolve_resize_factor(args.resize_factor, model, say))
     if args.latent_mask is not None:
         opts = replace(opts, latent_mask=tuple(lt.parse_latent_mask(args.latent_mask, model.n_styles)))
@@ -282,8 +284,13 @@ def _run(args: argparse.Namespace) -> int:
                       couple_outputs=args.couple_outputs, save_latents=args.save_latents,
                       max_pixels=args.max_pixels)
     opts = replace(opts, **mixing_options(args))
-    if (args.largest_face or args.save_aligned) and not args.align:
-        raise api.UsageError("--largest-face and --save-aligned need --align")
+    if not args.align:
+        given = [o for o, v in (("--largest-face", args.largest_face), ("--all-faces", args.all_faces),
+                                ("--upsample", args.upsample is not None), ("--save-aligned", args.save_aligned)) if v]
+        if given:
+            raise api.UsageError(f"{', '.join(given)}: only used with --align")
+    else:
+        check_align_setup()  # a missing dlib is reported before the model loads
     check_edit_files(args.edit)
     jobs = plan_jobs(find_inputs(args.input, exclude=opts.out_dir))
     if args.checkpoint is None:
