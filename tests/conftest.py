@@ -23,6 +23,13 @@ if "TRITON_INTERPRET" not in os.environ:
     if not _has_cuda:
         os.environ["TRITON_INTERPRET"] = "1"
 
+# Under pytest-xdist (`-n N`) each worker is a process of its own: one torch thread each, so N
+# workers share the cores instead of each starting one thread per core.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parent.parent
 
 
