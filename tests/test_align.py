@@ -184,7 +184,7 @@ def test_best_detection_first_not_last(shared):
 
 def test_astronaut_yields_one_face_by_default(shared):
     """The mission patch scores 0.117 (box 90x91 px, as large as her face): the default score threshold
-    leaves it out, --all-faces keeps it. The defaults keep every real face of the shared photos."""
+    leaves it out, --all-faces keeps it. The weakest real face of the shared photos passes with a margin."""
     photo = read_image(shared / ASTRONAUT)
     detections = detect_faces(photo, name=ASTRONAUT)
     assert len(detections) == 2, "dlib's default threshold finds the face and the patch"
@@ -192,9 +192,8 @@ def test_astronaut_yields_one_face_by_default(shared):
     assert face.score >= align.MIN_SCORE + 0.5 and patch.score <= align.MIN_SCORE - 0.2, "margins of the default"
     assert [f.box for f, _ in align_image(photo, name=ASTRONAUT, output_size=32)] == [face.box]
     assert [f.box for f, _ in align_image(photo, name=ASTRONAUT, output_size=32, all_faces=True)] == [face.box, patch.box]
-    for rel in sorted((shared / "data" / "faces").rglob("*.*g")):
-        kept = [f for f in detect_faces(read_image(rel), name=rel.name) if align.is_face(f)]
-        assert kept, f"{rel.name}: a real face is left out by the defaults"
+    weakest = shared / "data" / "faces" / "aligned" / "restyle_merkel_512.jpg"  # the lowest real score measured, 0.65
+    assert [f.score >= align.MIN_SCORE + 0.2 for f in detect_faces(read_image(weakest), name=weakest.name)] == [True]
 
 
 def test_min_face_size():
