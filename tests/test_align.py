@@ -261,6 +261,7 @@ def test_cli_good_bad_and_resume(shared, tmp_path, capsys):
     assert files_under(out) == ["good.png", "sub/two_face0.png", "sub/two_face1.png"]
 
 
+@pytest.mark.slow
 def test_cli_subprocess_largest_face(shared, tmp_path):
     """As a user runs it, in a fresh interpreter: exit 0, one crop with --largest-face."""
     out = tmp_path / "out"

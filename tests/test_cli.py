@@ -71,6 +71,7 @@ def e2e(shared, ffhq256_checkpoint, tmp_path_factory):
     return out, proc, read_records(out)
 
 
+@pytest.mark.slow
 def test_end_to_end(e2e, shared, golden):
     out, proc, records = e2e
     assert proc.returncode == 0, proc.stderr
@@ -101,6 +102,7 @@ def test_end_to_end(e2e, shared, golden):
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, "only float32 rounding at truncation edges may differ"
 
 
+@pytest.mark.slow
 def test_rerun_skips_everything(e2e, shared, ffhq256_checkpoint, capsys):
     out, proc, _ = e2e
     assert proc.returncode == 0, proc.stderr

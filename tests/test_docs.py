@@ -10,11 +10,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 README = (REPO / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_shared_skip_says_what_and_where(tmp_path):
     """Without the shared data, a test that needs it is skipped with what the folder is and where it comes from."""
     env = {k: v for k, v in os.environ.items() if k != "CI"} | {"PSP_SHARED": str(tmp_path / "no_shared")}
