@@ -9,9 +9,11 @@ Where this module departs from the official script, on purpose:
 - A photo without a detected face raises `NoFaceError` naming the file (the official
   `get_landmark` fails with `UnboundLocalError: shape`, and `align_all_parallel.py` then skips the
   file without a word).
-- Every face is returned, most confident first, or only the largest with `largest_face`. The
-  official code keeps the landmarks of the LAST detection, which is neither the best nor the
-  largest: on `skimage_astronaut.png` it is a false positive on the mission patch.
+- Detections need a score of at least `MIN_SCORE` and a box of at least `MIN_FACE_SIZE` px
+  (`all_faces` keeps every detection of dlib's default threshold, as the official code sees them).
+  Every face that passes is returned, most confident first, or only the largest with
+  `largest_face`. The official code keeps the landmarks of the LAST detection, which is neither
+  the best nor the largest: on `skimage_astronaut.png` it is a false positive on the mission patch.
 - The image is read by `reference.images.read_image` (EXIF orientation applied, alpha over white,
   16-bit scaled) instead of `PIL.Image.open`, and greyscale photos are aligned as RGB.
 - `PIL.Image.ANTIALIAS` (removed in Pillow 10) is its alias `Image.LANCZOS`.
@@ -45,10 +47,24 @@ from .inputs import find_inputs, plan_jobs
 LANDMARKS_MODEL = "shape_predictor_68_face_landmarks.dat"
 N_LANDMARKS = 68
 # dlib's detector threshold offset: 0 is what `detector(img, upsample)` (the official call) uses;
-# lower values add detections, mostly false positives.
+# lower values add detections, mostly false positives. `all_faces` keeps every detection at it.
 DETECTOR_THRESHOLD = 0.0
+# The defaults that decide what a face is (dlib HOG scores at upsample 1, measured on the shared photos):
+# real faces score 0.65 (restyle_merkel_512) to 3.08, a profile 0.95; the false positive on the
+# astronaut's mission patch (skimage_astronaut.png) scores 0.117 with a 90x91 px box, as large as her
+# face (1.164, 91x91 px), so the score separates them and the size cannot. 0.4 leaves a margin of
+# 0.28 above the patch and 0.25 below the weakest real face.
+MIN_SCORE = 0.4
+# Smallest face box side kept, px: a smaller face has too few pixels for a 1024 px crop (its FFHQ
+# quad is about 2.2x the box, upscaled over 7x) and dlib's landmarks get unreliable. The smallest
+# real face of the shared photos is 91 px (the astronaut).
+MIN_FACE_SIZE = 64
+DEFAULT_UPSAMPLE = 1  # as official pSp's `detector(img, 1)`
 CLI_OUTPUT_SIZE = 1024  # px; see build_parser's --output-size help
 FFHQ_SUPERSAMPLING = 4  # the FFHQ dataset warps to 4096 px and downsizes to 1024
+
+
+INSTALL_HINT = "pip install -e '.[align]' (in the psp-engine checkout)"
 
 
 class AlignmentSetupError(PSPError):
@@ -111,8 +127,8 @@ def model_path(filename: str = LANDMARKS_MODEL) -> Path:
             return path
     where = f"not in {locations[0]}/models" if locations else "the package is not installed"
     raise AlignmentSetupError(
-        f"{filename}: dlib model file not found ({where}); face alignment needs it: "
-        "pip install face-recognition-models"
+        f"{filename}: dlib model file not found ({where}); face alignment needs the face-recognition-models "
+        f"package: {INSTALL_HINT}"
     )
 
 
@@ -120,8 +136,18 @@ def _dlib():
     try:
         import dlib
     except ImportError:
-        raise AlignmentSetupError("face alignment needs dlib: pip install dlib-bin (prebuilt) or dlib") from None
+        raise AlignmentSetupError(f"face alignment needs dlib, which is not installed: {INSTALL_HINT}") from None
     return dlib
+
+
+def check_setup() -> None:
+    """Check that alignment can run (dlib imports, the landmark model is installed), before any slow work.
+
+    Raises:
+        AlignmentSetupError: naming what is missing and `pip install -e '.[align]'`.
+    """
+    _dlib()
+    model_path(LANDMARKS_MODEL)
 
 
 @functools.lru_cache(maxsize=None)
@@ -301,9 +327,17 @@ def _reflect_pad(img: Image.Image, quad: np.ndarray, qsize: float, pad: Sequence
     return padded, quad + (left, top)
 
 
+def is_face(face: Face) -> bool:
+    """Whether a detection counts as a face by default: score >= `MIN_SCORE` and both box sides >=
+    `MIN_FACE_SIZE` px (see their comments for the measurements behind them)."""
+    left, top, right, bottom = face.box
+    return face.score >= MIN_SCORE and min(right - left + 1, bottom - top + 1) >= MIN_FACE_SIZE
+
+
 def align_image(image: Image.Image, name: str = "image", largest_face: bool = False, output_size: int = 256,
-                transform_size: int | None = None, upsample: int = 1) -> list[tuple[Face, Image.Image]]:
-    """Detect the faces of a photo and align each one (`detect_faces` then `align_face`).
+                transform_size: int | None = None, upsample: int = 1,
+                all_faces: bool = False) -> list[tuple[Face, Image.Image]]:
+    """Detect the faces of a photo and align each one (`detect_faces`, `is_face`, then `align_face`).
 
     Source: official pSp `scripts/align_all_parallel.py::align_face` (which aligns only the last
     detection and fails on a photo without a face).
@@ -315,6 +349,7 @@ def align_image(image: Image.Image, name: str = "image", largest_face: bool = Fa
             confident one), e.g. the subject of a portrait with people in the background.
         output_size, transform_size: as `align_face`.
         upsample: as `detect_faces`.
+        all_faces: keep every detection (dlib's default threshold) instead of those `is_face` accepts.
 
     Returns:
         (face, aligned RGB image output_size x output_size) per face, most confident first; one
@@ -328,11 +363,15 @@ def align_image(image: Image.Image, name: str = "image", largest_face: bool = Fa
     transform_size = output_size if transform_size is None else transform_size
     if output_size < 1 or transform_size < output_size:  # checked before the (slow) detection
         raise ValueError(f"need 1 <= output_size <= transform_size, got {output_size} and {transform_size}")
-    faces = detect_faces(image, name=name, upsample=upsample)
+    detections = detect_faces(image, name=name, upsample=upsample)
+    faces = detections if all_faces else [f for f in detections if is_face(f)]
     if not faces:
+        weak = len(detections)
+        left_out = (f"; {weak} weaker or smaller detection(s) left out (score < {MIN_SCORE} or box < {MIN_FACE_SIZE} px), "
+                    "--all-faces keeps them" if weak else "")
         raise NoFaceError(
-            f"{name}: no face found (dlib HOG detector, upsample {upsample}); it finds frontal and "
-            "three-quarter faces of at least ~80 px at upsample 0, ~40 px at 1: try a larger upsample for small faces"
+            f"{name}: no face found (dlib HOG detector at upsample {upsample}, which finds frontal and three-quarter "
+            f"faces of at least ~{80 >> min(upsample, 3)} px{left_out}); for smaller faces try --upsample {upsample + 1}"
         )
     if largest_face:
         faces = [max(faces, key=lambda f: f.area)]  # max keeps the first (most confident) of equal areas
@@ -381,14 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "<name>_face1.png, ... (most confident first) for several; output folders mirror the "
                     "inputs'. A rerun skips inputs whose outputs exist.",
         epilog="Exit codes: 0 all ok or skipped, 1 some inputs failed (no face, unreadable; reasons on "
-               "stderr), 2 usage error, 130 interrupted (rerun to resume). The 68-point landmark model was trained on iBUG 300-W, "
-               "which is licensed for non-commercial use only.",
+               "stderr), 2 usage error, 130 interrupted (rerun to resume). The 68-point landmark model was trained "
+               "on iBUG 300-W, which is licensed for non-commercial use only.",
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="image files, folders (searched recursively) or glob patterns (quote them)")
     p.add_argument("--output", required=True, metavar="DIR", help="output folder (created if missing)")
-    p.add_argument("--largest-face", action="store_true",
-                   help="align only the face with the largest box per photo (default: every face)")
+    add_face_arguments(p)
     p.add_argument("--output-size", type=int_at_least(1), default=CLI_OUTPUT_SIZE, metavar="N",
                    help=f"side of the aligned crops, px (default {CLI_OUTPUT_SIZE}: the FFHQ crop, the images "
                         "pSp's FFHQ encoders were trained on (they are resized to 256 when encoded) and the "
@@ -397,23 +435,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"side of the bilinear warp before the Lanczos resize to --output-size, px, >= "
                         f"--output-size (default {FFHQ_SUPERSAMPLING}x --output-size as the FFHQ dataset, "
                         "which avoids aliasing on large photos; pSp's script uses --output-size, faster)")
-    p.add_argument("--upsample", type=int_at_least(0), default=1, metavar="N",
-                   help="times the photo is doubled before detection (default 1 as pSp: faces down to "
-                        "~40 px; each step costs ~4x time and memory)")
-    p.add_argument("--max-pixels", type=int_at_least(1), default=None, metavar="N",
-                   help="reject images with more pixels than this, before decoding (default: "
-                        "reference.images.MAX_PIXELS)")
+    p.add_argument("--max-pixels", type=int_at_least(1), default=MAX_PIXELS, metavar="N",
+                   help=f"reject images with more pixels than this, before decoding (default {MAX_PIXELS:,})")
     return p
+
+
+def upsample(args: argparse.Namespace) -> int:
+    """`--upsample`, or its default `DEFAULT_UPSAMPLE` when not given."""
+    return DEFAULT_UPSAMPLE if args.upsample is None else args.upsample
+
+
+def add_face_arguments(p) -> None:
+    """`--largest-face`, `--all-faces` and `--upsample N`: which detections are aligned, as engine.align and
+    engine.run --align take them (`p` a parser or an argument group)."""
+    p.add_argument("--largest-face", action="store_true",
+                   help="only the face with the largest box of each photo (default: every face)")
+    p.add_argument("--all-faces", action="store_true",
+                   help=f"keep every detection of dlib's detector (default: those scoring at least {MIN_SCORE} "
+                        f"with a box of at least {MIN_FACE_SIZE} px, which leaves out false positives such as "
+                        "a badge or a patch)")
+    p.add_argument("--upsample", type=int_at_least(0), default=None, metavar="N",
+                   help=f"times the photo is doubled before detection (default {DEFAULT_UPSAMPLE} as pSp: faces down to "
+                        "~40 px; each step costs ~4x time and memory)")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the alignment CLI.
 
+    A photo without a face is "failed" (exit 1), here and in `engine.run --align` (`NoFaceError` is an
+    `InputImageError`): the user asked for an output that was not made, so a script checking the exit
+    code must learn of it, as for an unreadable file; the reason names the way out (`--upsample`,
+    `--all-faces`), and a rerun tries the photo again.
+
     Args:
         argv: arguments without the program name (default `sys.argv[1:]`).
 
     Returns:
-        The exit code: 0 all ok or skipped, 1 some inputs failed, 2 usage error.
+        The exit code: 0 all ok or skipped, 1 some inputs failed (no face included), 2 usage error.
     """
     return run_cli(build_parser(), _run, argv, interrupted="finished inputs are kept; rerun the same command to resume")
 
@@ -422,12 +480,11 @@ def _run(args: argparse.Namespace) -> int:
     transform_size = args.transform_size or args.output_size * FFHQ_SUPERSAMPLING
     if transform_size < args.output_size:
         raise UsageError(f"--transform-size {transform_size} is smaller than --output-size {args.output_size}")
-    max_pixels = args.max_pixels or MAX_PIXELS
+    max_pixels = args.max_pixels
 
     out_dir = Path(args.output)
     jobs = plan_jobs(find_inputs(args.input, exclude=out_dir))
-    model_path(LANDMARKS_MODEL)
-    _dlib()
+    check_setup()
     ok = failed = skipped = n_faces = 0
     for job in jobs:
         if _done(out_dir, job.base):
@@ -437,7 +494,7 @@ def _run(args: argparse.Namespace) -> int:
             image = read_image(job.source, max_pixels=max_pixels)
             aligned = align_image(image, name=str(job.source), largest_face=args.largest_face,
                                   output_size=args.output_size, transform_size=transform_size,
-                                  upsample=args.upsample)
+                                  upsample=upsample(args), all_faces=args.all_faces)
             paths = output_paths(out_dir, job.base, len(aligned))
             # Last to first: <base>_face0.png, the resume marker, appears only when all are written.
             for path, (_, crop) in reversed(list(zip(paths, aligned))):

@@ -21,9 +21,10 @@ the latents it was rendered from (edited), and the mixes start from the edited l
 Face alignment (`RunOptions.align`; `engine.align`): each photo is aligned first (FFHQ recipe,
 1024 px crops as the HyperStyle/ReStyle authors' own, `ALIGN_SIZE`), then the crop goes through the
 official transform. One face keeps the input's output names; several faces are all inverted, most
-confident first, as `<rel>/<stem>_face<i>.*` (only the largest with `largest_face`); with
-`save_aligned` each crop is kept as `<...>_aligned.png`. A photo without a face is recorded
-"skipped" with the reason (a rerun tries it again). Super-resolution checkpoints
+confident first, as `<rel>/<stem>_face<i>.*` (only the largest with `largest_face`; every detection,
+weak ones included, with `all_faces`); with `save_aligned` each crop is kept as `<...>_aligned.png`.
+A photo without a face is recorded "failed" with the reason, as `engine.align` reports it (a rerun
+tries it again). Super-resolution checkpoints
 (`RunOptions.degrade_factor`): the input is degraded as the official SR transform does
 (`reference.sr`) before encoding.
 """
@@ -44,7 +45,7 @@ from reference.errors import CheckpointError, PSPError, UsageError
 from reference.images import (MAX_PIXELS, atomic_write_image, atomic_write_npy, couple, display_rgb, input_channels,
                               read_input, tensor_to_uint8, to_input_tensor)
 
-from .align import NoFaceError
+from .align import DEFAULT_UPSAMPLE, MIN_FACE_SIZE, MIN_SCORE
 from .api import Engine
 from .inputs import Job, check_output_names, file_ids, unsafe_output
 from .latents import Edit, apply_edits, default_latent_mask, fit_jpeg, mix_with_w, mixing_z, strip
@@ -76,6 +77,8 @@ class RunOptions:
     align: bool = False  # FFHQ-align photos first (engine.align)
     largest_face: bool = False  # with align: only the largest face, else every face
     save_aligned: bool = False  # with align: keep each crop as <name>_aligned.png
+    all_faces: bool = False  # with align: every detection, not only those engine.align.is_face accepts
+    upsample: int = DEFAULT_UPSAMPLE  # with align: dlib detector upsampling
     degrade_factor: int | None = None  # super-resolution: official bicubic degradation by this factor
 
     def mixing_mask(self, eng: Engine) -> list[int]:
@@ -102,7 +105,9 @@ class RunOptions:
         if self.edits:
             config["edits"] = [{"sha256": e.sha256, "strength": e.strength} for e in self.edits]
         if self.align:
-            config["align"] = {"size": ALIGN_SIZE, "largest_face": self.largest_face, "save_aligned": self.save_aligned}
+            config["align"] = {"size": ALIGN_SIZE, "largest_face": self.largest_face, "save_aligned": self.save_aligned,
+                               "upsample": self.upsample,
+                               "faces": "all" if self.all_faces else {"min_score": MIN_SCORE, "min_size": MIN_FACE_SIZE}}
         if self.degrade_factor is not None:
             config["degrade_factor"] = self.degrade_factor
         return config
@@ -125,7 +130,6 @@ class Summary:
     seconds: float = 0.0
     stage_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     failures: list[tuple[str, str]] = field(default_factory=list)
-    no_face: list[tuple[str, str]] = field(default_factory=list)  # (input, reason) skipped by --align
 
     @property
     def images_per_s(self) -> float:
@@ -140,7 +144,6 @@ class Summary:
             lines.append("mean ms per image: " + ", ".join(f"{s} {self.stage_ms[s] / self.ok:.1f}" for s in STAGES))
         lines += [f"failed: {reason}" if reason.startswith(src) else f"failed: {src}: {reason}"
                   for src, reason in self.failures]
-        lines += [f"skipped (no face): {reason}" for _, reason in self.no_face]
         return "\n".join(lines)
 
 
@@ -168,7 +171,8 @@ def _read_items(job: Job, stat: InputStat, eng: Engine, opts: "RunOptions", keep
     from .align import align_image
 
     faces = align_image(image, name=str(job.source), largest_face=opts.largest_face,
-                        output_size=ALIGN_SIZE, transform_size=ALIGN_SIZE)
+                        output_size=ALIGN_SIZE, transform_size=ALIGN_SIZE, upsample=opts.upsample,
+                        all_faces=opts.all_faces)
     items = []
     for i, (_, crop) in enumerate(faces):
         x = to_input_tensor([crop], eng.label_nc, names=[str(job.source)], degrade_factor=opts.degrade_factor)
@@ -218,8 +222,8 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
     if opts.align and eng.label_nc != 0:
         raise UsageError(f"--align aligns face photos; this checkpoint takes label_nc={eng.label_nc} inputs "
                          "(sketch or segmentation), which are not photos")
-    if (opts.largest_face or opts.save_aligned) and not opts.align:
-        raise UsageError("--largest-face and --save-aligned need --align")
+    if (opts.largest_face or opts.save_aligned or opts.all_faces) and not opts.align:
+        raise UsageError("--largest-face, --all-faces and --save-aligned need --align")
     check_output_names(jobs, opts)
     inputs = file_ids([job.source for job in jobs])  # checked again before each write (faces' names are new)
     if opts.n_outputs:  # before any input: a bad mask or a backend without a mapping fails the run, not each input
@@ -253,13 +257,7 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
             t0 = time.perf_counter()
             try:
                 ready += _read_items(job, stat, eng, opts, keep_image, t0)
-            except NoFaceError as e:  # not an error of the file: recorded "skipped" with the reason
-                manifest.append(stat, "skipped", error=str(e), timings_ms={"read": _ms(t0)})
-                summary.skipped += 1
-                summary.no_face.append((str(job.source), str(e)))
-                if progress is not None:
-                    progress.update(1)
-            except PSPError as e:
+            except PSPError as e:  # NoFaceError included: no output for this input (see engine.align.main)
                 fail(job, stat, str(e), {"read": _ms(t0)})
             except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the run; recorded
                 fail(job, stat, f"{job.source}: unexpected {type(e).__name__} while reading: {e}", {"read": _ms(t0)})

@@ -7,8 +7,12 @@ std printed) and `scripts/calc_id_loss_parallel.py` (identity similarity), exten
 - Pairing: by relative path without extension (pred `a/b.png` <-> target `a/b.jpg`), in sub-folders
   too. A pred named with its target's whole name (`x.jpg.png`, how `engine.run` names outputs whose
   stems collide) pairs with that exact file. Unmatched files are listed, not fatal; a stem shared by
-  several files on one side is reported as ambiguous. The `*_coupled.jpg` side-by-sides that an
-  `engine.run` manifest records are not candidates.
+  several files on one side is reported as ambiguous.
+- `engine.run`'s extra outputs are recognised and skipped (counted, not listed as unmatched):
+  `<base>_mix<k>.png`, `<base>_grid.jpg`, `<base>_coupled.jpg` and `<base>_aligned.png` beside the
+  inversion `<base>.png` (`EXTRA_SUFFIXES`; the sibling must exist, so an input that was itself
+  named `x_mix0.jpg` keeps its output `x_mix0.png` a prediction). `--include-extras` scores each
+  against its base's target (named `<base>_mix0` ... in the report). `.npy` latents are not images.
 - Reading: `reference.images.read_image` (EXIF orientation applied, alpha over white, 16-bit scaled;
   the official script reads `convert('RGB')`), then RGB. Both images are resized to `size` x `size`
   with PIL bilinear, as torchvision's `Resize` does on PIL images; `size=0` compares at native size
@@ -54,6 +58,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -274,12 +279,14 @@ class Pairing:
             without extension (POSIX).
         unmatched_pred, unmatched_target: relative paths with no partner.
         ambiguous: (relative path, reason) of files that could pair with more than one file.
+        extras: relative paths of `engine.run`'s extra outputs left out (see `extra_base`).
     """
 
     pairs: list[tuple[str, Path, Path]] = field(default_factory=list)
     unmatched_pred: list[str] = field(default_factory=list)
     unmatched_target: list[str] = field(default_factory=list)
     ambiguous: list[tuple[str, str]] = field(default_factory=list)
+    extras: list[str] = field(default_factory=list)
 
 
 def list_images(folder: str | os.PathLike, ignore: Sequence[str] = ()) -> dict[str, Path]:
@@ -299,28 +306,49 @@ def list_images(folder: str | os.PathLike, ignore: Sequence[str] = ()) -> dict[s
     return dict(sorted(found.items()))
 
 
+# engine.run's outputs besides the inversion `<base>.png` (engine.inputs.Job.outputs): the style mixes,
+# the mixing grid, the side-by-side and the aligned crop. Checked on the file name's end.
+EXTRA_SUFFIXES = (re.compile(r"_mix\d+\.png$"), re.compile(r"_grid\.jpg$"), re.compile(r"_coupled\.jpg$"),
+                  re.compile(r"_aligned\.png$"))
+
+
+def extra_base(rel: str, images: Sequence[str] | set[str]) -> str | None:
+    """The base of an `engine.run` extra output (`a/x_mix0.png` -> `a/x`) when `rel` is one: its name ends
+    with an `EXTRA_SUFFIXES` pattern and the inversion `<base>.png` is among `images`; else None."""
+    for pattern in EXTRA_SUFFIXES:
+        m = pattern.search(rel)
+        if m and rel[:m.start()] + ".png" in images:
+            return rel[:m.start()]
+    return None
+
+
 def _stem(rel: str) -> str:
     p = PurePosixPath(rel)
     return str(p.with_suffix("")) if p.suffix else rel
 
 
 def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike,
-                 ignore_pred: Sequence[str] = ()) -> Pairing:
+                 ignore_pred: Sequence[str] = (), include_extras: bool = False) -> Pairing:
     """Pair the images of two folders by relative path without extension.
 
     A pred `a/b.png` pairs with the target whose relative path is `a/b` plus any extension; a pred
     `a/x.jpg.png` pairs with target `a/x.jpg` itself (checked first). A stem held by several
     files on one side (`x.jpg` and `x.png`) pairs with nothing and is reported as ambiguous.
+    `engine.run`'s extra outputs (`extra_base`) are left out into `Pairing.extras`, or with
+    `include_extras` paired with their base's target.
 
     Args:
         pred_dir: outputs to evaluate.
         target_dir: ground truth.
         ignore_pred: relative paths under pred_dir that are not candidates.
+        include_extras: pair the extra outputs too (name `<base>_mix0` etc., the target of `<base>`).
 
     Returns:
         A `Pairing`.
     """
     preds = list_images(pred_dir, ignore_pred)
+    extras = {rel: base for rel in preds if (base := extra_base(rel, preds)) is not None}
+    preds = {rel: p for rel, p in preds.items() if rel not in extras}
     targets = list_images(target_dir)
     by_stem: dict[str, list[str]] = {}
     for rel in targets:
@@ -351,6 +379,16 @@ def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike,
         out.pairs.append((name, preds[rel], targets[match]))
         used.add(match)
     out.unmatched_target = [t for t in targets if t not in used]
+    if include_extras:
+        target_of = {name: target for name, _, target in out.pairs}
+        for rel, base in extras.items():
+            if base in target_of:
+                out.pairs.append((_stem(rel), Path(pred_dir) / rel, target_of[base]))
+            else:
+                out.unmatched_pred.append(rel)
+        out.pairs.sort(key=lambda t: t[0])
+    else:
+        out.extras = sorted(extras)
     return out
 
 
@@ -441,7 +479,8 @@ def _summary(values: list[float]) -> dict:
 
 def evaluate(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, size: int = 256, lpips_net: str = "alex",
              identity: bool = True, lpips: bool = True, lpips_backbone: str | os.PathLike | None = None,
-             say: Callable[[str], Any] = print, progress: Callable[[Sequence], Any] | None = None) -> dict:
+             say: Callable[[str], Any] = print, progress: Callable[[Sequence], Any] | None = None,
+             include_extras: bool = False) -> dict:
     """Compare every paired image of two folders (the report `python -m engine.metrics` prints).
 
     Source: official pSp `scripts/calc_losses_on_images.py` (see the module docstring for what is added).
@@ -457,6 +496,8 @@ def evaluate(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, size: i
             `reference.perceptual.lpips_backbone_path(lpips_net)` (the torch hub cache).
         say: receives one-line notices (metrics left out and why).
         progress: wraps the pair list for a progress bar (e.g. tqdm), or None.
+        include_extras: also score `engine.run`'s extra outputs (mixes, grids, side-by-sides, aligned
+            crops) against their base's target; by default they are counted and skipped.
 
     Returns:
         The report dict (keys in the module docstring); values are floats with NaN / inf, see
@@ -469,11 +510,9 @@ def evaluate(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, size: i
         if not Path(d).is_dir():
             raise UsageError(f"{flag} {d}: no such folder")
     if size < 0:
-        raise UsageError(f"size must be >= 0 (0 = native size), got {size}")
+        raise UsageError(f"--size must be >= 0 (0 compares native sizes), got {size}")
     pred_dir, target_dir = Path(pred_dir), Path(target_dir)
-    # engine.run's side-by-side images are outputs too, but not predictions.
-    coupled = [o for r in read_records(pred_dir) for o in (r.get("outputs") or []) if str(o).endswith("_coupled.jpg")]
-    pairing = pair_folders(pred_dir, target_dir, ignore_pred=coupled)
+    pairing = pair_folders(pred_dir, target_dir, include_extras=include_extras)
     if not pairing.pairs:
         raise UsageError(
             f"no image pairs between --pred {pred_dir} ({len(pairing.unmatched_pred)} unmatched) and --target "
@@ -548,9 +587,11 @@ def evaluate(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, size: i
         "pairs": rows,
         "summary": summary,
         "counts": {"pairs": len(pairing.pairs), "ok": len(rows), "failed": len(failures),
-                   "unmatched_pred": len(pairing.unmatched_pred), "unmatched_target": len(pairing.unmatched_target)},
+                   "unmatched_pred": len(pairing.unmatched_pred), "unmatched_target": len(pairing.unmatched_target),
+                   "extras_skipped": len(pairing.extras)},
         "failures": failures,
         "unmatched": {"pred": pairing.unmatched_pred, "target": pairing.unmatched_target},
+        "extras_skipped": pairing.extras,
         "runtime": runtime_stats(pred_dir),
         "messages": messages,
     }
@@ -610,7 +651,11 @@ def format_report(report: dict) -> str:
     s = report["settings"]
     lines = [f"{c['ok']} of {c['pairs']} pairs compared at "
              f"{str(s['size']) + 'x' + str(s['size']) if s['size'] else 'native size'}; {c['failed']} failed; "
-             f"unmatched: {c['unmatched_pred']} pred, {c['unmatched_target']} target", ""]
+             f"unmatched: {c['unmatched_pred']} pred, {c['unmatched_target']} target"]
+    if c["extras_skipped"]:
+        lines.append(f"skipped {c['extras_skipped']} engine.run extra output(s) (_mix<k>, _grid, _coupled, _aligned; "
+                     "--include-extras scores them against their input's target)")
+    lines.append("")
     lines.append(f"{'metric':<16}{'mean':>10}{'std':>10}{'n':>6}  notes")
     for m, st in report["summary"].items():
         label = _LABELS[m] + (f" ({s['lpips_net']})" if m == "lpips" else "")
@@ -660,6 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-backbone", metavar="FILE", default=None,
                    help="torchvision ImageNet weights of the LPIPS backbone (e.g. alexnet-owt-7be5be79.pth; default: "
                         "the torch hub cache, $TORCH_HOME/hub/checkpoints/)")
+    p.add_argument("--include-extras", action="store_true",
+                   help="also score engine.run's extra outputs (<name>_mix<k>.png, _grid.jpg, _coupled.jpg, "
+                        "_aligned.png) against the target of <name>; by default they are counted and skipped")
     p.add_argument("--no-id", action="store_true", help="skip dlib identity similarity")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     return p
@@ -687,7 +735,7 @@ def _run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", UserWarning)  # pytorch-msssim's size warnings: sizes are checked first
         report = evaluate(args.pred, args.target, size=args.size, lpips_net=args.lpips_net,
                           identity=not args.no_id, lpips=not args.no_lpips, lpips_backbone=args.lpips_backbone,
-                          say=say, progress=progress)
+                          say=say, progress=progress, include_extras=args.include_extras)
     print(format_report(report), flush=True)
     if args.json:
         text = json.dumps(to_json(report), indent=1, allow_nan=False) + "\n"

@@ -22,25 +22,28 @@ import argparse
 import contextlib
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
 
 from reference.cli import ArgumentParser, argparse_type, int_at_least, plural, run_cli, say
+from reference.errors import CheckpointError
 from reference.files import cache_dir, folder_lock, sweep_temp_files
 from reference.images import MAX_PIXELS
+from reference.psp import psp_opts
 from reference.sr import bicubic_kernel, parse_factors
 
-from export.backends import PRECISIONS
+from export.backends import PRECISIONS, resolve
 from export.backends import help_text as backend_help
 
 from . import api, demo
 from . import latents as lt
-from .batch import ALIGN_SIZE, RunOptions, run_jobs
+from .align import add_face_arguments, check_setup as check_align_setup, upsample as align_upsample
+from .batch import ALIGN_SIZE, RunOptions, Summary, run_jobs
 from .inputs import check_output_names, find_inputs, plan_jobs
-from .manifest import MANIFEST_NAME, Manifest
+from .manifest import MANIFEST_NAME, InputStat, Manifest
 
 CACHE_TEMP_AGE_S = 3600  # s: a cache temp file older than this is a killed process's leftover (exports take minutes)
 
@@ -134,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--align", action="store_true",
                        help=f"align each photo first ({ALIGN_SIZE} px crops, resized to 256 for the encoder); a photo "
                             "with several faces gives <name>_face0, <name>_face1, ... (most confident first); a photo "
-                            "without a face is recorded as skipped with the reason")
-    align.add_argument("--largest-face", action="store_true", help="with --align: only the largest face of each photo")
+                            "without a face is recorded as failed with the reason (exit code 1, as engine.align)")
+    add_face_arguments(align)
     align.add_argument("--save-aligned", action="store_true", help="with --align: also keep each crop as <name>_aligned.png")
     sr = p.add_argument_group("super resolution")
     sr.add_argument("--resize-factor", default=None, metavar="F|input",
@@ -240,6 +243,77 @@ def check_edit_files(edits: list[lt.Edit]) -> None:
         lt.read_npy(e.path, "direction")
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a run's options and fingerprint depend on in the model (the attributes `Engine` has of
+    the same names), known before loading it: the checkpoint file's identity and opts, the backend.
+
+    Attributes:
+        checkpoint: the checkpoint file; backend, precision, reason: as `export.backends.resolve` gives
+            them ("auto" resolved); device: the device name.
+        n_styles: W+ styles; opts: the checkpoint's opts with inference defaults (`reference.psp_opts`).
+        is_demo: the built-in demo checkpoint.
+    """
+
+    checkpoint: Path
+    backend: str
+    precision: str
+    reason: str
+    device: str
+    n_styles: int
+    opts: dict
+    is_demo: bool
+
+
+def preload_facts(args: argparse.Namespace) -> ModelFacts | None:
+    """`ModelFacts` of the model this command would load, without loading it (the checkpoint's
+    opts are read memory-mapped: about 0.3 s for 1.2 GB), or None where that needs the load: the
+    demo checkpoint not built yet, TensorRT plans, a file safe loading cannot read (`api.load`
+    then reports it), or `--trust-pickle` (unpickling runs code from the file: once is enough).
+
+    Raises:
+        UsageError: an unavailable --device (as `api.load` would).
+    """
+    device = api.resolve_device(args.device)
+    backend, precision, reason = resolve(args.backend, device, args.precision)
+    path = demo.demo_path() if args.checkpoint is None else Path(args.checkpoint)
+    if backend == "tensorrt" or args.trust_pickle or not path.is_file():
+        return None
+    try:
+        opts = psp_opts(path)
+    except CheckpointError:
+        return None
+    return ModelFacts(path, backend, precision, reason, str(device), int(opts["n_styles"]), opts,
+                      args.checkpoint is None)
+
+
+def model_options(args: argparse.Namespace, opts: RunOptions, model, say=lambda msg: None) -> RunOptions:
+    """`opts` completed with what depends on the model: edits (checked against n_styles), the
+    latent mask, the super-resolution factor, the alignment options. The one place these are
+    resolved, both for the pre-load check (`model` a `ModelFacts`) and the run (an `Engine`), so both
+    give the same fingerprint.
+
+    Raises:
+        UsageError, LatentFileError: a bad --edit file, --latent-mask or --resize-factor for this model.
+    """
+    opts = replace(opts, edits=lt.load_edits(args.edit, model.n_styles),
+                   align=args.align, largest_face=args.largest_face, save_aligned=args.save_aligned,
+                   all_faces=args.all_faces, upsample=align_upsample(args),
+                   degrade_factor=resolve_resize_factor(args.resize_factor, model, say))
+    if args.latent_mask is not None:
+        opts = replace(opts, latent_mask=tuple(lt.parse_latent_mask(args.latent_mask, model.n_styles)))
+    return opts
+
+
+def all_done(jobs: list, opts: RunOptions, facts: ModelFacts) -> bool:
+    """Whether the manifest in `opts.out_dir` marks every job done with the fingerprint these options
+    and this model give (`Manifest.done`: same config, input unchanged, outputs present)."""
+    if not jobs or not (opts.out_dir / MANIFEST_NAME).is_file():
+        return False
+    manifest = Manifest(opts.out_dir, opts.config(facts))
+    return all(manifest.done(InputStat.of(job.source)) is not None for job in jobs)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI.
 
@@ -286,8 +360,13 @@ def _run(args: argparse.Namespace) -> int:
                       max_pixels=args.max_pixels, align=args.align, largest_face=args.largest_face,
                       save_aligned=args.save_aligned)
     opts = replace(opts, **mixing_options(args))
-    if (args.largest_face or args.save_aligned) and not args.align:
-        raise api.UsageError("--largest-face and --save-aligned need --align")
+    if not args.align:
+        given = [o for o, v in (("--largest-face", args.largest_face), ("--all-faces", args.all_faces),
+                                ("--upsample", args.upsample is not None), ("--save-aligned", args.save_aligned)) if v]
+        if given:
+            raise api.UsageError(f"{', '.join(given)}: only used with --align")
+    else:
+        check_align_setup()  # a missing dlib is reported before the model loads
     check_edit_files(args.edit)
     jobs = plan_jobs(find_inputs(args.input, exclude=opts.out_dir))
     check_output_names(jobs, opts)  # before the (slow) checkpoint load
@@ -299,13 +378,15 @@ def _invert(args: argparse.Namespace, opts: RunOptions, jobs: list) -> int:
     """`_run` once the options are checked and the output folder is held: load, then run the jobs."""
     if args.checkpoint is None:
         say(demo.DEMO_NOTICE)
+    facts = preload_facts(args)
+    if facts is not None and all_done(jobs, model_options(args, opts, facts), facts):
+        say(f"nothing to do: all {plural(len(jobs), 'input')} are done with these options (see "
+            f"{opts.out_dir / MANIFEST_NAME}); the model was not loaded")
+        return finish(Summary(skipped=len(jobs)), opts.out_dir, facts)
     eng = load_engine(args, f"{plural(len(jobs), 'input')} -> {opts.out_dir}")
-    opts = replace(opts, edits=lt.load_edits(args.edit, eng.n_styles),
-                   degrade_factor=resolve_resize_factor(args.resize_factor, eng, say))
+    opts = model_options(args, opts, eng, say)
     if opts.degrade_factor is not None:
         say(f"super resolution: inputs degraded by factor {opts.degrade_factor} (official bicubic downsampling)")
-    if args.latent_mask is not None:
-        opts = replace(opts, latent_mask=tuple(lt.parse_latent_mask(args.latent_mask, eng.n_styles)))
     if opts.n_outputs:
         say(f"style mixing: {opts.n_outputs} output(s) per input, styles {_ranges(opts.mixing_mask(eng))}, "
             f"alpha {'replace' if opts.mix_alpha is None else opts.mix_alpha}, seed {opts.seed}")

@@ -229,7 +229,7 @@ def _missing_backbone(net: str, path: Path, explicit: bool) -> MissingWeightsErr
     name = LPIPS_BACKBONE_FILES[net]
     where = ("give the path of that file" if explicit else
              f"copy it to {path.parent}/ (that folder follows $TORCH_HOME), or give its path "
-             "(backbone_path=, --lpips-backbone)")
+             "with --lpips-backbone FILE")
     return MissingWeightsError(
         f"LPIPS backbone weights {name} not found at {path}. Get {_BACKBONE_URL.format(name)} on a machine "
         f"with internet (or run `torchvision.models.{_TORCHVISION_BUILDER[net]}(weights='IMAGENET1K_V1')` there, "

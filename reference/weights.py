@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 from torch import nn
@@ -138,16 +139,35 @@ def psp_modules(opts: dict) -> nn.Module:
     return m
 
 
-def make_state_dict(model: nn.Module, seed: int, prefix: str = "") -> "OrderedDict[str, torch.Tensor]":
-    """Fill every state_dict key of `model` (a meta-device module is fine) by the weight rule."""
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return OrderedDict(
-        (prefix + k, rule_value(prefix + k, cls, shapes[k], seed))
-        for k, cls in init_classes(model).items()
-    )
+Progress = Callable[[int, int], object]  # progress(done_bytes, total_bytes), after each tensor
 
 
-def make_checkpoint(config: str, seed: int) -> dict:
+def make_state_dict(model: nn.Module, seed: int, prefix: str = "",
+                    progress: Progress | None = None) -> "OrderedDict[str, torch.Tensor]":
+    """Fill every state_dict key of `model` (a meta-device module is fine) by the weight rule.
+
+    Args:
+        model: the module whose keys and shapes to fill.
+        seed: the rule's seed.
+        prefix: prepended to every key.
+        progress: called as `progress(done_bytes, total_bytes)` after each tensor (float32 bytes
+            of the tensors made so far, of all of them), e.g. to drive a progress bar.
+    """
+    meta = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in meta.items()}
+    total = sum(v.numel() * v.element_size() for v in meta.values())
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    done = 0
+    for k, cls in init_classes(model).items():
+        value = rule_value(prefix + k, cls, shapes[k], seed)
+        out[prefix + k] = value
+        done += value.numel() * value.element_size()
+        if progress is not None:
+            progress(done, total)
+    return out
+
+
+def make_checkpoint(config: str, seed: int, progress: Progress | None = None) -> dict:
     """A complete checkpoint of a named config, by the weight rule, in the official file layout.
 
     Source: `shared/golden/spec/WEIGHT_RULE.md` (v1); layout `{'state_dict', 'opts',
@@ -159,6 +179,8 @@ def make_checkpoint(config: str, seed: int) -> dict:
             super_resolution, sketch_to_face, seg_to_face, w_encoder_1024, wplus_encoder_1024,
             stylegan2_rosinality_256, stylegan2_rosinality_1024.
         seed: integer seed (the golden vectors use 0).
+        progress: called as `progress(done_bytes, total_bytes)` after each tensor made (see
+            `make_state_dict`); the checkpoint's tensors take about `total_bytes` in memory and on disk.
 
     Returns:
         The checkpoint dict; float32 tensors (int64 `num_batches_tracked`). `latent_avg` is
@@ -173,9 +195,9 @@ def make_checkpoint(config: str, seed: int) -> dict:
     if cfg.kind == "stylegan2":
         with torch.device("meta"):
             gen = sg.Generator(cfg.size)
-        return {"g_ema": make_state_dict(gen, seed), "latent_avg": v}
+        return {"g_ema": make_state_dict(gen, seed, progress=progress), "latent_avg": v}
     opts = cfg.opts()
     with torch.device("meta"):
         model = psp_modules(opts)
     latent_avg = v[None] if opts["learn_in_w"] else v.repeat(opts["n_styles"], 1)
-    return {"state_dict": make_state_dict(model, seed), "opts": opts, "latent_avg": latent_avg}
+    return {"state_dict": make_state_dict(model, seed, progress=progress), "opts": opts, "latent_avg": latent_avg}

@@ -24,6 +24,13 @@ if "TRITON_INTERPRET" not in os.environ:
     if not _has_cuda:
         os.environ["TRITON_INTERPRET"] = "1"
 
+# Under pytest-xdist (`-n N`) each worker is a process of its own: one torch thread each, so N
+# workers share the cores instead of each starting one thread per core.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -33,14 +40,21 @@ def shared_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared"
 
 
+def shared_missing(d: Path) -> str:
+    """Why a test that needs the shared test data cannot run: what the folder is and where it comes from."""
+    return (f"shared test data not found at {d}: the folder shared/ that comes beside the checkout (../shared) "
+            "with real photos and the official pSp implementation's outputs (not in the repository); "
+            "put it there or set PSP_SHARED to where it is")
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     """`shared_dir()`; skips when it is missing, except in CI (`CI=true`), where it fails."""
     d = shared_dir()
     if not d.is_dir():
         if os.environ.get("CI") == "true":
-            pytest.fail(f"../shared not found at {d}: CI needs it; set PSP_SHARED to the shared test-data folder")
-        pytest.skip("../shared not found: set PSP_SHARED to the shared test-data folder")
+            pytest.fail(f"{shared_missing(d)}; CI needs it")
+        pytest.skip(shared_missing(d))
     return d
 
 

@@ -182,11 +182,33 @@ def test_best_detection_first_not_last(shared):
     assert chosen.box == face.box
 
 
+def test_astronaut_yields_one_face_by_default(shared):
+    """The mission patch scores 0.117 (box 90x91 px, as large as her face): the default score threshold
+    leaves it out, --all-faces keeps it. The weakest real face of the shared photos passes with a margin."""
+    photo = read_image(shared / ASTRONAUT)
+    detections = detect_faces(photo, name=ASTRONAUT)
+    assert len(detections) == 2, "dlib's default threshold finds the face and the patch"
+    face, patch = detections
+    assert face.score >= align.MIN_SCORE + 0.5 and patch.score <= align.MIN_SCORE - 0.2, "margins of the default"
+    assert [f.box for f, _ in align_image(photo, name=ASTRONAUT, output_size=32)] == [face.box]
+    assert [f.box for f, _ in align_image(photo, name=ASTRONAUT, output_size=32, all_faces=True)] == [face.box, patch.box]
+    weakest = shared / "data" / "faces" / "aligned" / "restyle_merkel_512.jpg"  # the lowest real score measured, 0.65
+    assert [f.score >= align.MIN_SCORE + 0.2 for f in detect_faces(read_image(weakest), name=weakest.name)] == [True]
+
+
+def test_min_face_size():
+    box = (10, 10, 10 + align.MIN_FACE_SIZE - 1, 10 + align.MIN_FACE_SIZE - 1)  # inclusive right/bottom: exactly the minimum
+    lm = np.zeros((68, 2))
+    assert align.is_face(Face(box, align.MIN_SCORE, lm))
+    assert not align.is_face(Face((box[0], box[1], box[2] - 1, box[3]), 3.0, lm)), "one px narrower"
+    assert not align.is_face(Face(box, align.MIN_SCORE - 1e-3, lm))
+
+
 def test_no_face_raises_naming_the_file(shared):
     name = str(shared / NO_FACE)
     with pytest.raises(NoFaceError, match="no face found") as info:
         align_image(read_image(name), name=name)
-    assert name in str(info.value) and "upsample 1" in str(info.value)
+    assert name in str(info.value) and "upsample 1" in str(info.value) and "try --upsample 2" in str(info.value)
     assert isinstance(info.value, InputImageError)
     blank = Image.new("RGB", (120, 90), (128, 128, 128))
     assert detect_faces(blank) == []
@@ -195,7 +217,7 @@ def test_no_face_raises_naming_the_file(shared):
 
 
 def test_missing_model_names_the_package():
-    with pytest.raises(align.AlignmentSetupError, match="pip install face-recognition-models"):
+    with pytest.raises(align.AlignmentSetupError, match=r"face-recognition-models.*pip install -e '\.\[align\]'"):
         align.model_path("no_such_model.dat")
 
 
@@ -239,6 +261,7 @@ def test_cli_good_bad_and_resume(shared, tmp_path, capsys):
     assert files_under(out) == ["good.png", "sub/two_face0.png", "sub/two_face1.png"]
 
 
+@pytest.mark.slow
 def test_cli_subprocess_largest_face(shared, tmp_path):
     """As a user runs it, in a fresh interpreter: exit 0, one crop with --largest-face."""
     out = tmp_path / "out"
@@ -262,5 +285,7 @@ def test_cli_usage_errors(tmp_path, capsys):
                        "--transform-size", "128"]) == 2
     assert "smaller than --output-size" in capsys.readouterr().err
     assert align.main(["--help"]) == 0
-    assert f"default {align.CLI_OUTPUT_SIZE}" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert f"default {align.CLI_OUTPUT_SIZE}" in help_text and f"at least {align.MIN_SCORE}" in help_text
+    assert "MAX_PIXELS" not in help_text and "89,478,485" in help_text, "--help prints values, not constant names"
     assert not (tmp_path / "out").exists()

@@ -108,6 +108,7 @@ def runner(tmp_path_factory):
 # Python loader
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 3])
 def test_python_package_matches_reference(psp, psp_package, batch):
     """Every batch size (the package was traced at 2) against the reference in the official formulation."""
@@ -120,6 +121,7 @@ def test_python_package_matches_reference(psp, psp_package, batch):
     assert_close(img, ref_img, "aoti")
 
 
+@pytest.mark.slow
 def test_sidecar_and_model_restored(psp, psp_package):
     assert sidecar_path(psp_package).name == "psp.pt2.json"
     desc, meta = read_sidecar(psp_package, aoti.AOTI_KIND)
@@ -139,6 +141,7 @@ def test_sidecar_and_model_restored(psp, psp_package):
     assert compiled.get_metadata()["output_names"] == "img,w_plus"
 
 
+@pytest.mark.slow
 def test_python_package_refuses_wrong_inputs(psp_package):
     model = aoti.load_package(psp_package)
     with pytest.raises(ValueError, match=r"input 'x' must be float32 \['batch', 3, 256, 256\]"):
@@ -147,6 +150,7 @@ def test_python_package_refuses_wrong_inputs(psp_package):
         model(torch.zeros(1, 3, 256, 256, dtype=torch.float64))
 
 
+@pytest.mark.slow
 def test_generator_part_static_batch_cli(psp, generator_package):
     """The official grouped-conv formulation, static batch, resize to 256 (pooling a 16 px image up)."""
     desc, meta = read_sidecar(generator_package, aoti.AOTI_KIND)
@@ -169,6 +173,7 @@ def test_generator_part_static_batch_cli(psp, generator_package):
 # C++ runner
 
 
+@pytest.mark.slow
 def test_cpp_runner_matches_reference(psp, psp_package, runner, tmp_path):
     x = rand_x(3, seed=7)  # a batch the package was not traced at
     x.numpy().tofile(tmp_path / "x.bin")
@@ -185,6 +190,7 @@ def test_cpp_runner_matches_reference(psp, psp_package, runner, tmp_path):
     assert_close(img, ref_img, "aoti")
 
 
+@pytest.mark.slow
 def test_cpp_runner_errors(psp_package, runner, tmp_path):
     torch.zeros(1, 3, 256, 256).numpy().tofile(tmp_path / "x.bin")
 

@@ -126,6 +126,7 @@ def test_torch_compile_fullgraph():
 
 
 
+@pytest.mark.slow
 def test_triton_op_traces_to_the_kernel():
     """Without the interpreter (the GPU path), `torch.compile(fullgraph=True)` traces the public
     op through `check_impl` and the custom op `psp::bias_act` down to its kernel launch

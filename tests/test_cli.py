@@ -71,6 +71,7 @@ def e2e(shared, ffhq256_checkpoint, tmp_path_factory):
     return out, proc, read_records(out)
 
 
+@pytest.mark.slow
 def test_end_to_end(e2e, shared, golden):
     out, proc, records = e2e
     assert proc.returncode == 0, proc.stderr
@@ -101,17 +102,69 @@ def test_end_to_end(e2e, shared, golden):
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, "only float32 rounding at truncation edges may differ"
 
 
+@pytest.mark.slow
 def test_rerun_skips_everything(e2e, shared, ffhq256_checkpoint, capsys):
     out, proc, _ = e2e
     assert proc.returncode == 0, proc.stderr
     before = {p: (out / p).stat().st_mtime_ns for p in files_under(out) if p != MANIFEST_NAME}
+    n_records = len(read_records(out))
     rc = run.main(["--input", str(shared / "data" / "faces" / "aligned"), "--output", str(out),
                    "--checkpoint", str(ffhq256_checkpoint), "--save-latents", "--batch-size", "5"])
     assert rc == 0
-    assert "0 ok, 0 failed, 12 skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "0 ok, 0 failed, 12 skipped" in err and "the model was not loaded" in err
     records = read_records(out)
-    assert len(records) == N_FACES and {r["status"] for r in records} == {"ok"}, "a no-op rerun adds no record"
+    assert len(records) == n_records == N_FACES and {r["status"] for r in records} == {"ok"}, \
+        "a no-op rerun adds no record"
     assert {p: (out / p).stat().st_mtime_ns for p in before} == before, "a skipped input must not be rewritten"
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("api.load was called")
+
+
+def test_rerun_with_nothing_to_do_does_not_load(tmp_path, shared, ffhq256_checkpoint, capsys, monkeypatch):
+    """Every option that shapes the outputs goes into the pre-load fingerprint (`run.ModelFacts`, read
+    before the load): the same command skips without loading, one changed option loads and redoes."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(shared / "data" / "faces" / "aligned" / "hyperstyle_pitt_256.jpg", src / "pitt.jpg")
+    direction = tmp_path / "d.npy"
+    np.save(direction, np.full(512, 0.01, np.float32))
+    argv = ["--input", str(src), "--output", str(tmp_path / "out"), "--checkpoint", str(ffhq256_checkpoint),
+            "--save-latents", "--n-outputs", "1", "--edit", f"{direction}:0.5", "--backend", "reference"]
+    assert run.main(argv) == 0
+    [record] = read_records(tmp_path / "out")
+    args = run.build_parser().parse_args(argv)
+    facts = run.preload_facts(args)
+    planned = run.model_options(args, run.replace(run.RunOptions(out_dir=tmp_path / "out", save_latents=True),
+                                                  **run.mixing_options(args)), facts)
+    assert planned.config(facts) == record["config"], "the pre-load config must be the one the run records"
+    monkeypatch.setattr(api, "load", _no_load)
+    capsys.readouterr()
+    assert run.main(argv) == 0
+    assert "the model was not loaded" in capsys.readouterr().err
+    for changed in (["--seed", "1"], ["--latent-mask", "8-12"], ["--backend", "engine"], ["--resize-outputs"]):
+        with pytest.raises(AssertionError, match="api.load was called"):
+            run.main(argv + changed)
+    (src / "pitt.jpg").touch()  # a changed input is redone
+    with pytest.raises(AssertionError, match="api.load was called"):
+        run.main(argv)
+
+
+def test_preload_resolves_the_resize_factor_as_the_load_does(tmp_path):
+    """A super-resolution checkpoint's default factor comes from its opts, known before the load, so a
+    run with `--resize-factor input` and one without have different fingerprints."""
+    facts = run.ModelFacts(checkpoint=tmp_path, backend="engine", n_styles=18, is_demo=False,
+                           opts={"dataset_type": "celebs_super_resolution", "resize_factors": "4"})
+    parse = run.build_parser().parse_args
+    opts = run.RunOptions(out_dir=tmp_path)
+    base = ["--input", "x", "--output", "y"]
+    assert run.model_options(parse(base), opts, facts).degrade_factor == 4
+    assert run.model_options(parse(base + ["--resize-factor", "input"]), opts, facts).degrade_factor is None
+    with pytest.raises(engine.UsageError, match="--resize-factor is for super-resolution"):
+        run.model_options(parse(base + ["--resize-factor", "2"]), opts,
+                          run.replace(facts, opts={"dataset_type": "ffhq_encode"}))
 
 
 def test_rerun_with_relative_paths_skips(tmp_path, shared, ffhq256_checkpoint, capsys, monkeypatch):

@@ -26,6 +26,7 @@ from engine import metrics
 from engine.manifest import Manifest, InputStat
 from engine.metrics import (DLIB_SAME_PERSON, MS_SSIM_MIN_SIZE, FaceIdentity, ms_ssim, pair_folders, psnr,
                             runtime_stats, ssim)
+from reference.errors import UsageError
 from reference.perceptual import lpips_backbone_path
 
 FACE = "faces/aligned/psp_input_img.jpg"  # young man, frontal
@@ -170,6 +171,47 @@ def test_pairing_rules(tmp_path):
     assert p.unmatched_pred == ["only_pred.png"]
     assert p.unmatched_target == ["dup.png", "only_target.png", "x.png"]
     assert [rel for rel, _ in p.ambiguous] == ["pred/dup.jpg", "pred/dup.png"]
+
+
+def test_engine_run_extras_are_skipped_unless_asked(tmp_path, capsys):
+    """What `engine.run --n-outputs 2 --couple-outputs --align --save-aligned --save-latents` writes beside
+    each inversion is recognised (counted, not unmatched); an input itself named `y_mix0` stays a prediction."""
+    px = np.zeros((16, 16, 3), np.uint8)
+    pred, target = tmp_path / "pred", tmp_path / "target"
+    extras = ["a_mix0.png", "a_mix1.png", "a_grid.jpg", "a_coupled.jpg", "a_aligned.png",
+              "sub/b_face0_mix0.png", "sub/b_face0_aligned.png"]
+    for rel in ["a.png", "sub/b_face0.png", "y_mix0.png", *extras]:
+        save(pred / rel, px)
+    np.save(pred / "a.npy", np.zeros((18, 512), np.float32))
+    for rel in ["a.jpg", "sub/b_face0.jpg", "y_mix0.jpg"]:
+        save(target / rel, px)
+    p = pair_folders(pred, target)
+    assert [n for n, _, _ in p.pairs] == ["a", "sub/b_face0", "y_mix0"]
+    assert p.unmatched_pred == [] and p.unmatched_target == []
+    assert p.extras == sorted(extras)
+    p = pair_folders(pred, target, include_extras=True)
+    assert p.extras == [] and p.unmatched_pred == []
+    by_name = {n: b.relative_to(target).as_posix() for n, _, b in p.pairs}
+    assert by_name["a_mix1"] == "a.jpg" and by_name["sub/b_face0_mix0"] == "sub/b_face0.jpg" and len(by_name) == 10
+
+    assert metrics.main(["--pred", str(pred), "--target", str(target), "--size", "16", "--no-id", "--no-lpips"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 3 pairs" in out and "skipped 7 engine.run extra output(s)" in out and "--include-extras" in out
+    assert "unmatched pred" not in out
+    assert metrics.main(["--pred", str(pred), "--target", str(target), "--size", "16", "--no-id", "--no-lpips",
+                         "--include-extras"]) == 0
+    assert "10 of 10 pairs" in capsys.readouterr().out
+
+
+def test_messages_name_cli_options(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "t").mkdir()
+    with pytest.raises(UsageError, match="^--size must be >= 0"):
+        metrics.evaluate(tmp_path / "p", tmp_path / "t", size=-1)
+    from reference.perceptual import _missing_backbone
+
+    msg = str(_missing_backbone("alex", tmp_path / "alexnet.pth", explicit=False))
+    assert "--lpips-backbone" in msg and "backbone_path=" not in msg
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ the outputs written; random weights do not draw faces.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +143,9 @@ def test_align_in_the_run_loop(shared, tmp_path, ffhq256_checkpoint):
     jobs = plan_jobs(files)
     with Manifest(opts.out_dir, opts.config(eng)) as m:
         summary = run_jobs(eng, jobs, opts, m)
-    assert (summary.ok, summary.failed, summary.skipped) == (2, 0, 1), summary.format()
-    assert "skimage_coffee.png" in summary.no_face[0][1] and "no face" in summary.no_face[0][1]
+    assert (summary.ok, summary.failed, summary.skipped) == (2, 1, 0), summary.format()
+    assert "skimage_coffee.png" in summary.failures[0][1] and "no face" in summary.failures[0][1]
+    assert "--upsample 2" in summary.failures[0][1], "the hint names a real option"
     root = opts.out_dir
     out = root / "faces" / "unaligned"  # outputs mirror the inputs under their common folder (shared/data)
     names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
@@ -163,10 +165,10 @@ def test_align_in_the_run_loop(shared, tmp_path, ffhq256_checkpoint):
     two = [r for r in records if r["input"].endswith("two_people.jpg")]
     assert len(two) == 1 and len(two[0]["outputs"]) == 6
     coffee = [r for r in records if r["input"].endswith("coffee.png")]
-    assert coffee[0]["status"] == "skipped" and "no face" in coffee[0]["error"]
+    assert coffee[0]["status"] == "failed" and "no face" in coffee[0]["error"]
     with Manifest(opts.out_dir, opts.config(eng)) as m:
         again = run_jobs(eng, jobs, opts, m)
-    assert (again.ok, again.skipped) == (0, 3)
+    assert (again.ok, again.skipped, again.failed) == (0, 2, 1)
     # --largest-face: one face, the input's own name
     opts1 = RunOptions(out_dir=tmp_path / "largest", align=True, largest_face=True)
     with Manifest(opts1.out_dir, opts1.config(eng)) as m:
@@ -179,5 +181,24 @@ def test_align_usage_errors(tmp_path, shared, capsys):
     from engine import run
 
     img = shared / "data" / "faces" / "aligned" / "hyperstyle_pitt_256.jpg"
-    assert run.main(["--input", str(img), "--output", str(tmp_path / "o"), "--largest-face"]) == 2
-    assert "need --align" in capsys.readouterr().err
+    for extra in (["--largest-face"], ["--all-faces"], ["--upsample", "2"], ["--save-aligned"]):
+        assert run.main(["--input", str(img), "--output", str(tmp_path / "o")] + extra) == 2
+        assert f"{extra[0]}: only used with --align" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_align_without_dlib_stops_before_the_load(tmp_path, shared, capsys, monkeypatch):
+    """A missing dlib is found while the options are checked: one line with the install command, no model load."""
+    from engine import align, run
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("api.load was called")
+
+    monkeypatch.setitem(sys.modules, "dlib", None)  # `import dlib` raises ImportError
+    monkeypatch.setattr(api, "load", no_load)
+    img = shared / "data" / "faces" / "unaligned" / "skimage_astronaut.png"
+    assert run.main(["--input", str(img), "--output", str(tmp_path / "o"), "--align"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install -e '.[align]'" in err and "dlib" in err
+    assert align.main(["--input", str(img), "--output", str(tmp_path / "a")]) == 2
+    assert "pip install -e '.[align]'" in capsys.readouterr().err

@@ -92,6 +92,7 @@ def _quiet(_msg):
     pass
 
 
+@pytest.mark.slow
 def test_trains_saves_reloads_and_resumes_exactly(faces, small_ckpt, tmp_path):
     """The loss falls; the checkpoint loads with load_psp and gives the trained model's outputs; a run
     stopped at step 4 and resumed reaches the same weights at step 8 as the uninterrupted run."""

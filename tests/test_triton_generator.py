@@ -92,6 +92,7 @@ def test_triton_backend_of_the_engine(tmp_path):
     assert math.isfinite(float(img.abs().max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,what", [(torch.float32, "golden"), (torch.float16, "triton_generator")],
                          ids=["fp32", "fp16"])
 def test_triton_generator_reproduces_the_official_images(psp256, shared, dtype, what):

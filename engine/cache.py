@@ -1,0 +1,257 @@
+"""`python -m engine.cache`: list what the engine's cache folder holds, and remove entries.
+
+The cache folder (`reference.files.cache_dir()`: `$PSP_ENGINE_CACHE`, else `~/.cache/psp-engine`)
+holds what the engine makes once and reuses:
+- `demo_*.pt`: the random-weight demo checkpoint (`engine.demo`, about 1.2 GB);
+- `onnx/<stem>-<key>.<part>.onnx` + their JSON sidecars: the graphs the onnxruntime and openvino
+  backends export on first use of a checkpoint (`export.ort.cache_paths`; about the checkpoint's
+  size). One entry per `<stem>-<key>`; the sidecar records the source checkpoint's path;
+- `ov_cache/`: compiled-model caches (OpenVINO's model cache), one entry per file;
+- `*.psp-tmp`: temp files of writes a killed process never finished (`reference.files.temp_path`).
+
+Entries are removed with `--prune` (ONNX graphs whose source checkpoint is gone or has changed since
+the export, so no run can use them again, and temp files untouched for `STALE_TEMP_S`), `--all`, or
+`--older-than DAYS` (last use older than that); `--dry-run` lists what would go. A run that needs a
+removed entry rebuilds it. Last use is the newest access or modification time of the entry's files
+(access times are as fresh as the file system's mount options allow: `relatime` updates them at
+most daily).
+
+Exit codes: 0 done; 2 usage error (one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reference.cli import ArgumentParser, argparse_type, run_cli
+from reference.files import TEMP_SUFFIX, cache_dir
+
+ONNX_DIR = "onnx"  # engine.api: the graph backends' cache, cache_dir() / "onnx"
+COMPILED_DIRS = ("ov_cache",)  # compiled-model caches (OpenVINO `CACHE_DIR`)
+STALE_TEMP_S = 600.0  # s: a temp file untouched this long belongs to no live writer (writers touch theirs continuously)
+DAY_S = 86400.0
+
+
+@dataclass
+class Entry:
+    """One removable thing in the cache.
+
+    Attributes:
+        kind: "checkpoint", "onnx", "compiled", "temp" or "other".
+        name: path relative to the cache folder (for ONNX graphs, `onnx/<stem>-<key>`).
+        files: the files it consists of.
+        source: the checkpoint an ONNX entry was exported from (None when unknown).
+        stale: why `--prune` removes it ("" when it does not).
+    """
+
+    kind: str
+    name: str
+    files: list[Path] = field(default_factory=list)
+    source: str | None = None
+    stale: str = ""
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk (apparent size) of the entry's files."""
+        return sum(_stat(p).st_size for p in self.files if _stat(p) is not None)
+
+    @property
+    def last_use(self) -> float:
+        """Newest access or modification time of its files (s since the epoch; 0 when none can be read)."""
+        stats = [s for s in map(_stat, self.files) if s is not None]
+        return max((max(s.st_atime, s.st_mtime) for s in stats), default=0.0)
+
+
+def _stat(p: Path) -> os.stat_result | None:
+    try:
+        return p.stat()
+    except OSError:
+        return None
+
+
+def _sidecar_checkpoint(sidecar: Path) -> str | None:
+    """The source checkpoint path a graph sidecar records: `model.checkpoint.path` (the one sidecar
+    schema, `reference.description`) or `checkpoint.path` (sidecars written before it)."""
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    ckpt = (meta.get("model") or {}).get("checkpoint") if isinstance(meta.get("model"), dict) else None
+    ckpt = ckpt or meta.get("checkpoint")
+    return ckpt.get("path") if isinstance(ckpt, dict) and isinstance(ckpt.get("path"), str) else None
+
+
+def _onnx_staleness(name: str, source: str | None, onnx_dir: Path) -> str:
+    """Why an ONNX entry `<stem>-<key>` can never be used again, or "" when it can."""
+    if source is None:
+        return "no sidecar names its source checkpoint"
+    ckpt = Path(source)
+    if not ckpt.is_file():
+        return f"source checkpoint {source} no longer exists"
+    from export.ort import cache_paths  # the cache key (path, size, mtime, export version) in one place
+
+    if cache_paths(ckpt, onnx_dir)["encoder"].name != f"{name}.encoder.onnx":
+        return f"source checkpoint {source} changed since the export (or the export version did)"
+    return ""
+
+
+def scan(folder: Path | None = None, now: float | None = None) -> list[Entry]:
+    """The entries of the cache folder (see the module docstring), sorted by kind then name.
+
+    Args:
+        folder: the cache folder (default `cache_dir()`).
+        now: the current time (s since the epoch), for temp-file staleness (default `time.time()`).
+
+    Returns:
+        Entries; empty when the folder does not exist.
+    """
+    folder = cache_dir() if folder is None else Path(folder)
+    now = time.time() if now is None else now
+    if not folder.is_dir():
+        return []
+    entries: list[Entry] = []
+    groups: dict[str, Entry] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        rel_dir = Path(dirpath).relative_to(folder)
+        for f in sorted(filenames):
+            p = Path(dirpath, f)
+            rel = (rel_dir / f).as_posix()
+            if f.endswith(TEMP_SUFFIX):
+                st = _stat(p)
+                old = st is not None and now - st.st_mtime >= STALE_TEMP_S
+                entries.append(Entry("temp", rel, [p], stale="unfinished temp file" if old else ""))
+            elif rel_dir.parts[:1] == (ONNX_DIR,) and len(rel_dir.parts) == 1:
+                stem = f.split(".", 1)[0]  # <stem>-<key>: the checkpoint stem has no dot (Path.stem of a .pt)
+                entry = groups.setdefault(stem, Entry("onnx", f"{ONNX_DIR}/{stem}"))
+                entry.files.append(p)
+                if f.endswith(".json") and entry.source is None:
+                    entry.source = _sidecar_checkpoint(p)
+            elif rel_dir.parts[:1] and rel_dir.parts[0] in COMPILED_DIRS:
+                entries.append(Entry("compiled", rel, [p]))
+            elif rel_dir == Path(".") and f.endswith(".pt"):
+                entries.append(Entry("checkpoint", rel, [p]))
+            else:
+                entries.append(Entry("other", rel, [p]))
+    for stem, entry in groups.items():
+        entry.stale = _onnx_staleness(stem, entry.source, folder / ONNX_DIR)
+        entries.append(entry)
+    order = {"checkpoint": 0, "onnx": 1, "compiled": 2, "temp": 3, "other": 4}
+    return sorted(entries, key=lambda e: (order[e.kind], e.name))
+
+
+def select(entries: list[Entry], prune: bool = False, everything: bool = False,
+           older_than_days: float | None = None, now: float | None = None) -> list[Entry]:
+    """The entries to remove: with `everything` all; else those `prune` marks stale and those whose
+    last use is more than `older_than_days` days ago."""
+    now = time.time() if now is None else now
+    return [e for e in entries
+            if everything or (prune and e.stale)
+            or (older_than_days is not None and now - e.last_use > older_than_days * DAY_S)]
+
+
+def remove(entries: list[Entry], folder: Path) -> int:
+    """Delete the entries' files (and folders they leave empty under `folder`); the bytes freed."""
+    freed = 0
+    for e in entries:
+        for p in e.files:
+            st = _stat(p)
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                continue  # removed meanwhile (another cleanup, a finished writer's rename)
+            freed += st.st_size if st is not None else 0
+    for dirpath, _, _ in sorted(os.walk(folder), key=lambda w: -len(w[0])):
+        if Path(dirpath) != folder and not os.listdir(dirpath):
+            os.rmdir(dirpath)
+    return freed
+
+
+def human(n: float) -> str:
+    """Bytes as B, KiB, MiB or GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def format_table(entries: list[Entry]) -> str:
+    """One line per entry: kind, size, last use (local time), name, source or why it is stale."""
+    lines = []
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_use)) if e.last_use else "?"
+        note = f"from {e.source}" if e.source else ""
+        if e.stale:
+            note = f"stale: {e.stale}"
+        files = f" ({len(e.files)} files)" if len(e.files) > 1 else ""
+        lines.append(f"{e.kind:<10}  {human(e.size):>10}  {when}  {e.name}{files}  {note}".rstrip())
+    return "\n".join(lines)
+
+
+def _days(text: str) -> float:
+    days = float(text)
+    if not days >= 0:  # also refuses nan
+        raise ValueError(text)
+    return days
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    p = ArgumentParser(
+        prog="python -m engine.cache",
+        description="List what the engine's cache folder ($PSP_ENGINE_CACHE, else ~/.cache/psp-engine) holds: the "
+                    "demo checkpoint, ONNX graphs exported for the onnxruntime and openvino backends, compiled-model "
+                    "caches, unfinished temp files; with sizes and last use. With an option, remove entries (a run "
+                    "that needs one again rebuilds it).",
+        epilog="Exit codes: 0 done, 2 usage error.")
+    p.add_argument("--prune", action="store_true",
+                   help="remove ONNX graphs whose source checkpoint no longer exists or has changed, and temp files "
+                        f"untouched for {STALE_TEMP_S / 60:.0f} minutes")
+    p.add_argument("--all", action="store_true", help="remove everything in the cache folder")
+    p.add_argument("--older-than", type=argparse_type(_days, "a number of days >= 0"), default=None, metavar="DAYS",
+                   help="remove entries last used more than DAYS days ago")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    folder = cache_dir()
+    entries = scan(folder)
+    print(f"cache folder: {folder} (set PSP_ENGINE_CACHE to use another)")
+    if not entries:
+        print("empty" if folder.is_dir() else "does not exist yet: nothing is cached")
+        return 0
+    print(format_table(entries))
+    print(f"total {human(sum(e.size for e in entries))} in {len(entries)} entries")
+    if not (args.prune or args.all or args.older_than is not None):
+        return 0
+    chosen = select(entries, args.prune, args.all, args.older_than)
+    if not chosen:
+        print("nothing to remove")
+        return 0
+    if args.dry_run:
+        print(f"would remove {len(chosen)} entries, {human(sum(e.size for e in chosen))}:")
+        print(format_table(chosen))
+        return 0
+    freed = remove(chosen, folder)
+    print(f"removed {len(chosen)} entries, freed {human(freed)}:")
+    print("\n".join(e.name for e in chosen))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; the exit code (0 done, 2 usage error)."""
+    return run_cli(build_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
