@@ -240,3 +240,13 @@ def help_text() -> str:
         rows.append(f"{b.name} = {b.summary} ({where})")
     return ("implementation (default auto: per device and precision the fastest measured that is installed: "
             + ", ".join(f"{d} {p}: {'/'.join(o)}" for (d, p), o in AUTO_ORDER.items()) + "). " + "; ".join(rows))
+
+
+def markdown_table() -> str:
+    """The README's backend table, from the registry (a test keeps the README equal to it)."""
+    lines = ["| backend (`--backend`, `engine.load(backend=...)`) | what runs | precisions (`--precision`) per device | needs |",
+             "|---|---|---|---|"]
+    for b in BACKENDS.values():
+        precs = "; ".join(f"{d}: {', '.join(p)}" for d, p in b.precisions.items())
+        lines.append(f"| `{b.name}` | {b.summary} | {precs} | {b.package or 'torch'} |")
+    return "\n".join(lines)

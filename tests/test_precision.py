@@ -122,3 +122,10 @@ def test_bf16_backends_meet_the_parity_contract(ffhq256_checkpoint, psp256, pari
     img, w = eng.invert(parity_inputs)
     assert _rel(w, ref_w) <= 1e-2
     assert _rel(img, ref_img) <= 2e-2
+
+
+def test_readme_backend_table_is_the_registry():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert backends.markdown_table() in readme, "regenerate the README's backend table from export.backends"
