@@ -116,11 +116,11 @@ def test_cli_and_bad_checkpoint(small, tmp_path, capsys):
 
 
 def test_auto_backend_picks_the_measured_fastest():
-    from engine.api import resolve_backend
+    from export.backends import resolve
 
-    assert resolve_backend("auto", torch.device("cpu")) == "openvino"  # installed with the project
-    assert resolve_backend("auto", torch.device("cuda")) == "engine"
-    assert resolve_backend("reference", torch.device("cpu")) == "reference"
+    assert resolve("auto", torch.device("cpu"), "fp32")[0] == "openvino"  # installed with the project
+    assert resolve("auto", torch.device("cuda"), "fp16")[:2] == ("triton", "fp16")  # triton: in the test extra
+    assert resolve("reference", torch.device("cpu"))[:2] == ("reference", "fp32")
 
 
 @pytest.mark.parametrize("backend", ["engine", "onnxruntime", "openvino"])
