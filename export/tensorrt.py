@@ -29,7 +29,8 @@ Precision, by TensorRT version (decided once, in `precision_mode`):
   * `fp16=False`: an fp32 plan with TF32 switched off (the builder enables it by default).
 
 `tensorrt` is imported inside functions only: this module imports, and its pure parts (profiles,
-chunking, the fp32 layer matcher, the sidecar, the comparator, the CLI parser) run, without it.
+chunking, the fp32 layer matcher, the sidecar, the CLI parser) run, without it. Outputs are compared by
+the one comparator and tolerance table of `export.compare`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from reference.errors import PSPError
+from reference.cli import ArgumentParser, int_at_least, run_cli, say
+from reference.errors import PSPError, UsageError
 from reference.files import atomic_write_bytes, write_json
 
 from reference.description import ModelDescription, read_sidecar, sidecar_path, write_sidecar
@@ -1130,14 +1132,14 @@ def _batch_list(text: str) -> list[int]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     """The CLI's argument parser."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m export.tensorrt",
         description="Build a TensorRT plan from an export.onnx file (writes <plan> and <plan>.json), and/or "
                     "report its parity against the fp32 ONNX or its latency (JSON beside the plan).",
         epilog="Exit codes: 0 ok, 1 a parity report outside its tolerances, 2 usage error, TensorRT or CUDA "
-               "missing, or a TensorRT error (one line).")
+               "missing, or a TensorRT error (one line), 130 interrupted.")
     p.add_argument("--onnx", metavar="M.onnx", help="ONNX from python -m export.onnx; given: build the plan")
     p.add_argument("--plan", metavar="M.plan", required=True, help="the plan to write (with --onnx) or to report on")
     p.add_argument("--fp16", action="store_true",
@@ -1149,7 +1151,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a plan later TensorRT versions of the same major can run (may be slower)")
     p.add_argument("--exclude-lean-runtime", action="store_true",
                    help="with --version-compatible: leave the lean runtime out of the plan")
-    p.add_argument("--workspace-mib", type=int, default=DEFAULT_WORKSPACE_MIB, metavar="MiB",
+    p.add_argument("--workspace-mib", type=int_at_least(1), default=DEFAULT_WORKSPACE_MIB, metavar="MiB",
                    help=f"builder workspace limit (default {DEFAULT_WORKSPACE_MIB})")
     p.add_argument("--report", action="append", choices=("parity", "latency"),
                    help="after the build (or on an existing plan): parity against the fp32 ONNX, or latency")
@@ -1157,11 +1159,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 ONNX for --report parity (default: --onnx when it is fp32)")
     p.add_argument("--batch-sizes", type=_batch_list, metavar="1,4,8",
                    help="batch sizes for the reports (default: parity 1; latency each profile's opt and max)")
-    p.add_argument("--iters", type=int, default=50, help="timed runs per batch size for --report latency")
-    p.add_argument("--warmup", type=int, default=10, help="untimed runs after the first call for --report latency")
+    p.add_argument("--iters", type=int_at_least(1), default=50, help="timed runs per batch size for --report latency")
+    p.add_argument("--warmup", type=int_at_least(0), default=10, help="untimed runs after the first call for --report latency")
     p.add_argument("--device", default="cuda", help="CUDA device for reports (default cuda)")
     p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
     return p
+
+
+def _body(args: argparse.Namespace) -> int:
+    if not args.onnx and not args.report:
+        raise UsageError("nothing to do: give --onnx to build, and/or --report parity|latency")
+    import_tensorrt()
+    if args.onnx:
+        build_engine(args.onnx, args.plan, fp16=args.fp16, profiles=args.profile or [(1, 1, 1)],
+                     timing_cache=args.timing_cache, version_compatible=args.version_compatible,
+                     exclude_lean_runtime=args.exclude_lean_runtime, workspace_mib=args.workspace_mib,
+                     verbose=args.verbose)
+        say(f"wrote {args.plan} and {sidecar_path(args.plan)}")
+    code = 0
+    for kind in args.report or []:
+        if kind == "parity":
+            ref = args.reference_onnx or args.onnx
+            if ref is None or onnx_fp16_count(ref):
+                raise TensorRTError("--report parity needs the fp32 ONNX: give --reference-onnx (the part exported "
+                                    "without --fp16)")
+            rep = parity_report(args.plan, ref, batch_sizes=args.batch_sizes or (1,), device=args.device)
+            for run in rep["runs"]:
+                summary = ", ".join(
+                    f"{k} rel {v.get('rel', float('nan')):.2e} (nan {v.get('nan')}, inf {v.get('inf')})"
+                    for k, v in run["outputs"].items())
+                status = "ok" if run["passed"] else "FAILED"
+                say(f"parity batch {run['batch']}: {status}: {summary}")
+            code = max(code, 0 if rep["passed"] else 1)
+        else:
+            rep = latency_report(args.plan, batch_sizes=args.batch_sizes, warmup=args.warmup, iters=args.iters,
+                                 device=args.device)
+            for r in rep["results"]:
+                say(f"latency batch {r['batch']}: p50 {r['p50_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms, "
+                    f"{r['img_per_s']:.1f} img/s (first call {r['first_call_ms']:.1f} ms)")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1171,45 +1207,10 @@ def main(argv: list[str] | None = None) -> int:
         argv: arguments without the program name (default `sys.argv[1:]`).
 
     Returns:
-        The exit code (0 ok, 1 parity failed, 2 usage / unavailable / TensorRT error).
+        The exit code (0 ok, 1 parity failed, 2 usage / unavailable / TensorRT error, 130 interrupted).
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.onnx and not args.report:
-        parser.error("nothing to do: give --onnx to build, and/or --report parity|latency")
-    try:
-        import_tensorrt()
-        if args.onnx:
-            build_engine(args.onnx, args.plan, fp16=args.fp16, profiles=args.profile or [(1, 1, 1)],
-                         timing_cache=args.timing_cache, version_compatible=args.version_compatible,
-                         exclude_lean_runtime=args.exclude_lean_runtime, workspace_mib=args.workspace_mib,
-                         verbose=args.verbose)
-            print(f"wrote {args.plan} and {sidecar_path(args.plan)}", file=sys.stderr)
-        code = 0
-        for kind in args.report or []:
-            if kind == "parity":
-                ref = args.reference_onnx or args.onnx
-                if ref is None or onnx_fp16_count(ref):
-                    raise TensorRTError("--report parity needs the fp32 ONNX: give --reference-onnx (the part exported "
-                                        "without --fp16)")
-                rep = parity_report(args.plan, ref, batch_sizes=args.batch_sizes or (1,), device=args.device)
-                for run in rep["runs"]:
-                    summary = ", ".join(
-                        f"{k} rel {v.get('rel', float('nan')):.2e} (nan {v.get('nan')}, inf {v.get('inf')})"
-                        for k, v in run["outputs"].items())
-                    status = "ok" if run["passed"] else "FAILED"
-                    print(f"parity batch {run['batch']}: {status}: {summary}", file=sys.stderr)
-                code = max(code, 0 if rep["passed"] else 1)
-            else:
-                rep = latency_report(args.plan, batch_sizes=args.batch_sizes, warmup=args.warmup, iters=args.iters,
-                                     device=args.device)
-                for r in rep["results"]:
-                    print(f"latency batch {r['batch']}: p50 {r['p50_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms, "
-                          f"{r['img_per_s']:.1f} img/s (first call {r['first_call_ms']:.1f} ms)", file=sys.stderr)
-        return code
-    except (PSPError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), _body, argv, errors=(PSPError, OSError, ValueError),
+                   interrupted="no plan was written (plans and sidecars appear whole or not at all); rerun the command")
 
 
 if __name__ == "__main__":

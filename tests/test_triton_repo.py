@@ -307,3 +307,17 @@ def test_copy_when_hard_links_fail(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "link", no_link)
     res = TR.write_triton_repo(plan, tmp_path / "repo")
     assert res["placed"] == "copy" and res["plan"].read_bytes() == plan.read_bytes()
+
+
+def test_cli_unknown_option_first_and_interrupt(tmp_path, capsys, monkeypatch):
+    """The one CLI skeleton (reference.cli.run_cli): a mistyped option is named before a missing one,
+    and Ctrl-C (or SIGTERM) exits 130 with one line."""
+    res = cli_here(capsys, "--pln", "m.plan")
+    assert res.returncode == 2 and "unrecognized argument --pln (did you mean --plan?)" in res.stderr
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TR, "write_triton_repo", interrupted)
+    res = cli_here(capsys, "--plan", str(write_plan(tmp_path)), "--out", str(tmp_path / "repo"))
+    assert res.returncode == 130 and res.stderr.startswith("interrupted: ") and res.stderr.count("\n") == 1
