@@ -153,21 +153,40 @@ class Progress(Protocol):
 
 @dataclass
 class _Ready:
+    """One item read and converted, waiting for the model: an input, or one aligned face of it."""
+
     job: Job  # the item's job: the input's, or with several aligned faces `job.face(i)`
     stat: InputStat
-    image: object  # PIL.Image, kept only for --couple-outputs and mixing grids (else None: a batch of photos can be large)
+    display: np.ndarray | None  # [H, W, 3] uint8 input as shown (display_rgb), kept only for --couple-outputs and grids
     x: torch.Tensor  # [1, C, 256, 256]
     read_ms: float
-    aligned: object = None  # PIL.Image of the aligned crop, kept only for save_aligned
-    n_items: int = 1  # items (faces) of this input, all in the same batch
+    aligned: np.ndarray | None = None  # [H, W, 3] uint8 aligned crop, kept only for save_aligned
+    n_items: int = 1  # items (faces) of this input
 
 
-def _read_items(job: Job, stat: InputStat, eng: Engine, opts: "RunOptions", keep_image: bool, t0: float) -> list[_Ready]:
-    """Read one input into its items: one, or one per aligned face. Raises what reading raises."""
-    image = read_input(job.source, eng.label_nc, max_pixels=opts.max_pixels)
+def read_items(job: Job, stat: InputStat, label_nc: int, opts: "RunOptions", t0: float) -> list[_Ready]:
+    """Read one input into its items, ready for the model: one, or one per aligned face.
+
+    The CPU stage of a run (no model needed: the distributed run calls it in Ray tasks).
+
+    Args:
+        job, stat: the input and its stat.
+        label_nc: the checkpoint's label_nc (0 photo, 1 sketch, >1 segmentation classes).
+        opts: the run's options (max_pixels, align, largest_face, save_aligned, degrade_factor;
+            couple_outputs / n_outputs decide whether the displayed input is kept).
+        t0: `time.perf_counter()` when reading began (read_ms counts from it).
+
+    Returns:
+        The items, each with x `[1, C, 256, 256]` float32.
+
+    Raises:
+        PSPError: an unreadable or unsuitable file (named), or with align a photo without a face.
+    """
+    keep_image = opts.couple_outputs or opts.n_outputs > 0
+    image = read_input(job.source, label_nc, max_pixels=opts.max_pixels)
     if not opts.align:
-        x = to_input_tensor([image], eng.label_nc, names=[str(job.source)], degrade_factor=opts.degrade_factor)
-        return [_Ready(job, stat, image if keep_image else None, x, _ms(t0))]
+        x = to_input_tensor([image], label_nc, names=[str(job.source)], degrade_factor=opts.degrade_factor)
+        return [_Ready(job, stat, display_rgb(image, label_nc) if keep_image else None, x, _ms(t0))]
     from .align import align_image
 
     faces = align_image(image, name=str(job.source), largest_face=opts.largest_face,
@@ -175,12 +194,236 @@ def _read_items(job: Job, stat: InputStat, eng: Engine, opts: "RunOptions", keep
                         all_faces=opts.all_faces)
     items = []
     for i, (_, crop) in enumerate(faces):
-        x = to_input_tensor([crop], eng.label_nc, names=[str(job.source)], degrade_factor=opts.degrade_factor)
-        items.append(_Ready(job if len(faces) == 1 else job.face(i), stat, crop if keep_image else None, x, 0.0,
-                            aligned=crop if opts.save_aligned else None, n_items=len(faces)))
+        x = to_input_tensor([crop], label_nc, names=[str(job.source)], degrade_factor=opts.degrade_factor)
+        items.append(_Ready(job if len(faces) == 1 else job.face(i), stat,
+                            display_rgb(crop, label_nc) if keep_image else None, x, 0.0,
+                            aligned=np.asarray(crop.convert("RGB")) if opts.save_aligned else None,
+                            n_items=len(faces)))
     for r in items:
         r.read_ms = _ms(t0) / len(items)
     return items
+
+
+def read_error(job: Job, e: Exception) -> str:
+    """The "failed" reason for an exception `read_items` raised on `job`."""
+    if isinstance(e, PSPError):
+        return str(e)
+    return f"{job.source}: unexpected {type(e).__name__} while reading: {e}"
+
+
+@dataclass
+class Mixing:
+    """Style mixing resolved for one engine: the mixed styles and the mapped random latents."""
+
+    mask: list[int]
+    w_inject: torch.Tensor  # [K, 512] float32 on the engine's device
+
+
+def prepare_run(eng: Engine, jobs: Sequence[Job], opts: RunOptions) -> Mixing | None:
+    """Check a run before any input is read, and resolve style mixing.
+
+    Args:
+        eng: a loaded `Engine`.
+        jobs: from `plan_jobs` (empty to skip the output-name check, as a worker that does not
+            hold the job list does).
+        opts: the run's options.
+
+    Returns:
+        The `Mixing` of `opts.n_outputs` K > 0, else None.
+
+    Raises:
+        CheckpointError: the checkpoint's label_nc and input_nc disagree (no input can fit it), or
+            its mapping network cannot be read (mixing).
+        UsageError: two inputs would write the same file; --align on a non-photo checkpoint;
+            --largest-face / --all-faces / --save-aligned without --align; a bad latent mask or alpha; a
+            backend without a mapping network (mixing).
+    """
+    if input_channels(eng.label_nc) != eng.input_nc:
+        raise CheckpointError(
+            f"{eng.checkpoint}: its opts say label_nc={eng.label_nc}, which means {input_channels(eng.label_nc)}-channel "
+            f"inputs, but its encoder takes input_nc={eng.input_nc}; the checkpoint's opts are inconsistent"
+        )
+    if opts.align and eng.label_nc != 0:
+        raise UsageError(f"--align aligns face photos; this checkpoint takes label_nc={eng.label_nc} inputs "
+                         "(sketch or segmentation), which are not photos")
+    if (opts.largest_face or opts.save_aligned or opts.all_faces) and not opts.align:
+        raise UsageError("--largest-face, --all-faces and --save-aligned need --align")
+    check_output_names(jobs, opts)
+    if not opts.n_outputs:
+        return None
+    # before any input: a bad mask or a backend without a mapping fails the run, not each input
+    mask = opts.mixing_mask(eng)
+    w_inject = eng.mapping(torch.from_numpy(mixing_z(opts.seed, opts.n_outputs)))  # [K, 512]
+    mix_with_w(torch.zeros(1, eng.n_styles, 512, device=w_inject.device), w_inject[:1], mask, opts.mix_alpha)
+    return Mixing(mask, w_inject)
+
+
+@dataclass
+class Inverted:
+    """The model's results for a batch of items, on the CPU, ready to write."""
+
+    out_u8: np.ndarray  # [B, R, R, 3] uint8 inversions
+    latents: np.ndarray  # [B, n_styles, 512] float32 (edited)
+    mix_u8: np.ndarray | None  # [B, K, R, R, 3] uint8 style mixes, or None
+    mix_latents: np.ndarray | None  # [B, K, n_styles, 512] float32, or None
+    encode_ms: float  # per item
+    synth_ms: float  # per item
+    bad: dict[int, str] = field(default_factory=dict)  # items with NaN/Inf (zeroed here; never written)
+
+
+def invert_items(eng: Engine, x: torch.Tensor, opts: RunOptions, mixing: Mixing | None) -> Inverted:
+    """The model stage of a run: encode, edit, synthesize (and mix) one batch.
+
+    Args:
+        eng: a loaded `Engine`.
+        x: `[B, C, 256, 256]` float32, the items' inputs concatenated.
+        opts: edits, resize_outputs, n_outputs, mix_alpha, batch_size (the chunk of mixed renders).
+        mixing: from `prepare_run` (None without mixing).
+
+    Returns:
+        The batch's `Inverted`; items whose latents or images hold NaN/Inf are in `bad`.
+
+    Raises:
+        RuntimeError: the model failed (e.g. out of memory).
+    """
+    n = x.shape[0]
+    t0 = time.perf_counter()
+    w_plus = apply_edits(eng.encode(x), opts.edits)  # [B, n_styles, 512]
+    _sync(eng)
+    encode_ms = _ms(t0) / n
+    t0 = time.perf_counter()
+    img = eng.synthesize(w_plus, resize=opts.resize_outputs)  # [B, 3, R, R]
+    if mixing is not None:
+        w_mixed = mix_with_w(w_plus, mixing.w_inject, mixing.mask, opts.mix_alpha).flatten(0, 1)  # [B*K, n_styles, 512]
+        mix_img = torch.cat([eng.synthesize(w_mixed[j : j + opts.batch_size], resize=opts.resize_outputs)
+                             for j in range(0, w_mixed.shape[0], opts.batch_size)])  # [B*K, 3, R, R]
+    _sync(eng)
+    synth_ms = _ms(t0) / n
+    bad = non_finite(n, latents=w_plus, image=img,
+                     **({"mixed latents": w_mixed, "mixed images": mix_img} if mixing is not None else {}))
+    if bad:  # zero them so the conversions below stay quiet; those items are not written
+        w_plus, img = w_plus.nan_to_num(0.0, 0.0, 0.0), img.nan_to_num(0.0, 0.0, 0.0)
+        if mixing is not None:
+            w_mixed, mix_img = w_mixed.nan_to_num(0.0, 0.0, 0.0), mix_img.nan_to_num(0.0, 0.0, 0.0)
+    out_u8 = tensor_to_uint8(img)  # [B, R, R, 3]
+    latents = w_plus.to("cpu", torch.float32).numpy()  # [B, n_styles, 512]
+    mix_u8 = mix_latents = None
+    if mixing is not None:
+        k = opts.n_outputs
+        mix_u8 = tensor_to_uint8(mix_img).reshape(n, k, *out_u8.shape[1:])  # [B, K, R, R, 3]
+        mix_latents = w_mixed.to("cpu", torch.float32).numpy().reshape(n, k, *latents.shape[1:])
+    return Inverted(out_u8, latents, mix_u8, mix_latents, encode_ms, synth_ms, bad)
+
+
+def write_item(r: _Ready, i: int, inv: Inverted, opts: RunOptions,
+               inputs: dict[tuple[int, int], str]) -> tuple[dict[str, Path] | None, str | None]:
+    """Write item `r` (row `i` of `inv`): every output file atomically, the .png last.
+
+    Args:
+        r, i, inv: the item and its row of the batch's results.
+        opts: the run's options.
+        inputs: `engine.inputs.file_ids` of the run's inputs (an output never overwrites one).
+
+    Returns:
+        `(paths, None)`: the files written, by kind (see `Job.outputs`); or `(None, reason)` when
+        nothing was written: the model produced NaN/Inf for it, an output path is outside
+        `opts.out_dir` or onto an input, or a file cannot be written.
+    """
+    paths = r.job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs, opts.save_aligned)
+    harm = inv.bad.get(i) or next(filter(None, (unsafe_output(p, opts.out_dir, inputs) for p in paths.values())), None)
+    if harm is not None:
+        return None, f"{r.job.source}: {harm}; nothing written"
+    try:
+        if "aligned" in paths:
+            atomic_write_image(paths["aligned"], r.aligned)
+        if "latent" in paths:
+            atomic_write_npy(paths["latent"], inv.latents[i])
+        if "coupled" in paths:
+            atomic_write_image(paths["coupled"], couple(r.display, inv.out_u8[i]))
+        for k in range(opts.n_outputs):
+            atomic_write_image(paths[f"mix{k}"], inv.mix_u8[i, k])
+            if f"mix{k}_latent" in paths:
+                atomic_write_npy(paths[f"mix{k}_latent"], inv.mix_latents[i, k])
+        if "grid" in paths:
+            row = strip([r.display, inv.out_u8[i], *inv.mix_u8[i]], height=inv.out_u8.shape[1])
+            atomic_write_image(paths["grid"], fit_jpeg(row))
+        atomic_write_image(paths["image"], inv.out_u8[i])
+    except (OSError, ValueError) as e:
+        return None, f"{paths['image']}: cannot write ({type(e).__name__}: {e})"
+    return paths, None
+
+
+class Recorder:
+    """Where a run's outcomes go: one manifest record per input, the summary, the progress bar.
+
+    The only writer of the manifest, in the single-process and the distributed run alike. An
+    input with several items (aligned faces) is recorded once: "ok" when all its items are
+    written, "failed" at its first failed item (later items of it are ignored).
+
+    Args:
+        manifest: an open `Manifest`.
+        progress: anything with `update(n)` (a tqdm bar), advanced once per input, or None.
+    """
+
+    def __init__(self, manifest: Manifest, progress: Progress | None = None):
+        self.manifest = manifest
+        self.progress = progress
+        self.summary = Summary()
+        self._written: dict[str, tuple[int, list[Path]]] = {}  # input -> (items written, outputs)
+        self._closed: set[str] = set()  # inputs recorded this run
+
+    def todo(self, jobs: Sequence[Job]) -> list[tuple[Job, InputStat]]:
+        """Count as "skipped" the jobs the manifest has as done (no new record: a no-op rerun
+        leaves the manifest as it was); the others, with their stat."""
+        todo = []
+        for job in jobs:
+            stat = InputStat.of(job.source)
+            if self.manifest.done(stat) is not None:
+                self.summary.skipped += 1
+                self._advance()
+            else:
+                todo.append((job, stat))
+        return todo
+
+    def failed(self, source: Path, stat: InputStat, reason: str, timings: dict) -> None:
+        """Record input `source` "failed" with `reason` (once: later calls for it are ignored)."""
+        if stat.path in self._closed:
+            return
+        self._closed.add(stat.path)
+        self.manifest.append(stat, "failed", error=reason, timings_ms=timings)
+        self.summary.failed += 1
+        self.summary.failures.append((str(source), reason))
+        self._advance()
+
+    def written(self, stat: InputStat, n_items: int, outputs: Sequence[Path], timings: dict) -> None:
+        """One item of an input written: `outputs` absolute; `timings` the input's per-stage ms
+        (used from its last item). Records the input "ok" once all `n_items` are written."""
+        if stat.path in self._closed:
+            return
+        count, outs = self._written.get(stat.path, (0, []))
+        count, outs = count + 1, outs + list(outputs)
+        if count < n_items:
+            self._written[stat.path] = (count, outs)
+            return
+        self._written.pop(stat.path, None)
+        self._closed.add(stat.path)
+        self.manifest.append(stat, "ok", outputs=outs, timings_ms=timings)
+        self.summary.ok += 1
+        for s in STAGES:
+            self.summary.stage_ms[s] += timings[s]
+        self._advance()
+
+    def read_error(self, job: Job, stat: InputStat, e: Exception, read_ms: float) -> None:
+        """Record an input that `read_items` refused "failed" (see `read_error`)."""
+        self.failed(job.source, stat, read_error(job, e), {"read": read_ms})
+
+    def closed(self, stat: InputStat) -> bool:
+        """Whether `stat`'s input is already recorded in this run (e.g. an earlier face failed)."""
+        return stat.path in self._closed
+
+    def _advance(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
 
 
 def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manifest,
@@ -196,6 +439,8 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
     With `opts.edits` the encoder's latents are edited before synthesis; with `opts.n_outputs`
     K > 0 each input is also mixed with the K mapped z vectors and those K images are rendered
     (in chunks of `opts.batch_size`), written, and shown in a grid (see the module docstring).
+    The stages (`read_items`, `invert_items`, `write_item`, `Recorder`) are the ones the
+    distributed run (`engine.distributed`) runs on a Ray cluster.
 
     Args:
         eng: a loaded `Engine`.
@@ -208,143 +453,48 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
         The run's `Summary`.
 
     Raises:
-        CheckpointError: the checkpoint's label_nc and input_nc disagree (no input can fit it), or
-            its mapping network cannot be read (mixing).
-        UsageError: two inputs would write the same file; a bad latent mask or alpha; a
-            backend without a mapping network (mixing).
+        CheckpointError, UsageError: see `prepare_run`.
         OSError: the manifest cannot be written.
     """
-    if input_channels(eng.label_nc) != eng.input_nc:
-        raise CheckpointError(
-            f"{eng.checkpoint}: its opts say label_nc={eng.label_nc}, which means {input_channels(eng.label_nc)}-channel "
-            f"inputs, but its encoder takes input_nc={eng.input_nc}; the checkpoint's opts are inconsistent"
-        )
-    if opts.align and eng.label_nc != 0:
-        raise UsageError(f"--align aligns face photos; this checkpoint takes label_nc={eng.label_nc} inputs "
-                         "(sketch or segmentation), which are not photos")
-    if (opts.largest_face or opts.save_aligned or opts.all_faces) and not opts.align:
-        raise UsageError("--largest-face, --all-faces and --save-aligned need --align")
-    check_output_names(jobs, opts)
+    mixing = prepare_run(eng, jobs, opts)
     inputs = file_ids([job.source for job in jobs])  # checked again before each write (faces' names are new)
-    if opts.n_outputs:  # before any input: a bad mask or a backend without a mapping fails the run, not each input
-        mask = opts.mixing_mask(eng)
-        w_inject = eng.mapping(torch.from_numpy(mixing_z(opts.seed, opts.n_outputs)))  # [K, 512]
-        mix_with_w(torch.zeros(1, eng.n_styles, 512, device=w_inject.device), w_inject[:1], mask, opts.mix_alpha)
-    keep_image = opts.couple_outputs or opts.n_outputs > 0
-    summary = Summary()
     t_start = time.perf_counter()
-
-    def fail(job: Job, stat: InputStat, reason: str, timings: dict) -> None:
-        manifest.append(stat, "failed", error=reason, timings_ms=timings)
-        summary.failed += 1
-        summary.failures.append((str(job.source), reason))
-        if progress is not None:
-            progress.update(1)
-
-    todo = []
-    for job in jobs:
-        stat = InputStat.of(job.source)
-        if manifest.done(stat) is not None:  # no record: a no-op rerun leaves the manifest as it was
-            summary.skipped += 1
-            if progress is not None:
-                progress.update(1)
-        else:
-            todo.append((job, stat))
+    rec = Recorder(manifest, progress)
+    todo = rec.todo(jobs)
 
     for start in range(0, len(todo), opts.batch_size):
         ready: list[_Ready] = []
         for job, stat in todo[start:start + opts.batch_size]:
             t0 = time.perf_counter()
             try:
-                ready += _read_items(job, stat, eng, opts, keep_image, t0)
-            except PSPError as e:  # NoFaceError included: no output for this input (see engine.align.main)
-                fail(job, stat, str(e), {"read": _ms(t0)})
+                ready += read_items(job, stat, eng.label_nc, opts, t0)
             except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the run; recorded
-                fail(job, stat, f"{job.source}: unexpected {type(e).__name__} while reading: {e}", {"read": _ms(t0)})
+                rec.read_error(job, stat, e, _ms(t0))
         if not ready:
             continue
-
-        x = torch.cat([r.x for r in ready])  # [B, C, 256, 256]
         try:
-            t0 = time.perf_counter()
-            w_plus = apply_edits(eng.encode(x), opts.edits)  # [B, n_styles, 512]
-            _sync(eng)
-            encode_ms = _ms(t0) / len(ready)
-            t0 = time.perf_counter()
-            img = eng.synthesize(w_plus, resize=opts.resize_outputs)  # [B, 3, R, R]
-            if opts.n_outputs:
-                w_mixed = mix_with_w(w_plus, w_inject, mask, opts.mix_alpha).flatten(0, 1)  # [B*K, n_styles, 512]
-                mix_img = torch.cat([eng.synthesize(w_mixed[j : j + opts.batch_size], resize=opts.resize_outputs)
-                                     for j in range(0, w_mixed.shape[0], opts.batch_size)])  # [B*K, 3, R, R]
-            _sync(eng)
-            synth_ms = _ms(t0) / len(ready)
+            inv = invert_items(eng, torch.cat([r.x for r in ready]), opts, mixing)  # x [B, C, 256, 256]
         except RuntimeError as e:  # e.g. out of memory: every image of this batch fails, the run goes on
             for r in ready:
-                if r.job.source not in {q.job.source for q in ready[:ready.index(r)]}:  # once per input
-                    fail(r.job, r.stat, f"model failed on this batch: {type(e).__name__}: {e}", {"read": r.read_ms})
+                rec.failed(r.job.source, r.stat, f"model failed on this batch: {type(e).__name__}: {e}",
+                           {"read": r.read_ms})
             continue
-        bad = non_finite(len(ready), latents=w_plus, image=img,
-                          **({"mixed latents": w_mixed, "mixed images": mix_img} if opts.n_outputs else {}))
-        if bad:  # zero them so the conversions below stay quiet; those items are not written
-            w_plus, img = w_plus.nan_to_num(0.0, 0.0, 0.0), img.nan_to_num(0.0, 0.0, 0.0)
-            if opts.n_outputs:
-                w_mixed, mix_img = w_mixed.nan_to_num(0.0, 0.0, 0.0), mix_img.nan_to_num(0.0, 0.0, 0.0)
-        out_u8 = tensor_to_uint8(img)  # [B, R, R, 3]
-        latents = w_plus.to("cpu", torch.float32).numpy()  # [B, n_styles, 512]
-        if opts.n_outputs:
-            k = opts.n_outputs
-            mix_u8 = tensor_to_uint8(mix_img).reshape(len(ready), k, *out_u8.shape[1:])  # [B, K, R, R, 3]
-            mix_latents = w_mixed.to("cpu", torch.float32).numpy().reshape(len(ready), k, *latents.shape[1:])
-
-        written: dict[Path, list[Path]] = {}  # input -> outputs of its items written so far
         for i, r in enumerate(ready):
+            if rec.closed(r.stat):
+                continue  # an earlier face of this input failed: the input is recorded failed
             t0 = time.perf_counter()
-            paths = r.job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs,
-                                  opts.save_aligned)
-            if r.job.source in written and written[r.job.source] is None:
-                continue  # an earlier face of this input failed to write: the input is recorded failed
-            harm = bad.get(i) or next(filter(None, (unsafe_output(p, opts.out_dir, inputs) for p in paths.values())),
-                                      None)
-            if harm is not None:
-                written[r.job.source] = None
-                fail(r.job, r.stat, f"{r.job.source}: {harm}; nothing written",
-                     {"read": r.read_ms, "encode": encode_ms, "synthesize": synth_ms})
+            paths, reason = write_item(r, i, inv, opts, inputs)
+            if paths is None:
+                rec.failed(r.job.source, r.stat, reason,
+                           {"read": r.read_ms, "encode": inv.encode_ms, "synthesize": inv.synth_ms})
                 continue
-            try:
-                if "aligned" in paths:
-                    atomic_write_image(paths["aligned"], np.asarray(r.aligned.convert("RGB")))
-                if "latent" in paths:
-                    atomic_write_npy(paths["latent"], latents[i])
-                if "coupled" in paths:
-                    atomic_write_image(paths["coupled"], couple(display_rgb(r.image, eng.label_nc), out_u8[i]))
-                for k in range(opts.n_outputs):
-                    atomic_write_image(paths[f"mix{k}"], mix_u8[i, k])
-                    if f"mix{k}_latent" in paths:
-                        atomic_write_npy(paths[f"mix{k}_latent"], mix_latents[i, k])
-                if "grid" in paths:
-                    row = strip([display_rgb(r.image, eng.label_nc), out_u8[i], *mix_u8[i]], height=out_u8.shape[1])
-                    atomic_write_image(paths["grid"], fit_jpeg(row))
-                atomic_write_image(paths["image"], out_u8[i])
-            except (OSError, ValueError) as e:
-                written[r.job.source] = None
-                fail(r.job, r.stat, f"{paths['image']}: cannot write ({type(e).__name__}: {e})",
-                     {"read": r.read_ms, "encode": encode_ms, "synthesize": synth_ms})
-                continue
-            outs = written.setdefault(r.job.source, [])
-            outs += [Path(os.path.abspath(p)) for p in paths.values()]
-            if len(outs) < r.n_items * len(paths):
-                continue  # more faces of this input to write; one record per input once all are
             n = r.n_items
-            timings = {"read": r.read_ms * n, "encode": encode_ms * n, "synthesize": synth_ms * n, "write": _ms(t0) * n}
-            manifest.append(r.stat, "ok", outputs=outs, timings_ms=timings)
-            summary.ok += 1
-            for s in STAGES:
-                summary.stage_ms[s] += timings[s]
-            if progress is not None:
-                progress.update(1)
+            rec.written(r.stat, n, [Path(os.path.abspath(p)) for p in paths.values()],
+                        {"read": r.read_ms * n, "encode": inv.encode_ms * n, "synthesize": inv.synth_ms * n,
+                         "write": _ms(t0) * n})
 
-    summary.seconds = time.perf_counter() - t_start
-    return summary
+    rec.summary.seconds = time.perf_counter() - t_start
+    return rec.summary
 
 
 def non_finite(n: int, **tensors: torch.Tensor) -> dict[int, str]:
