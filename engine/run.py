@@ -147,7 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
                          "downsampling by F, then back to 256) before encoding; 'input' for inputs that are already "
                          "low-resolution (only resized to 256). Default: the checkpoint's training factor when it has "
                          "exactly one; a multi-factor checkpoint needs the option (official code draws one at random)")
+    cluster = p.add_argument_group(
+        "cluster (Ray Data; pip install -e '.[serve]')",
+        "same options, outputs, manifest and exit codes; inputs and outputs must be paths every node can reach")
+    cluster.add_argument("--ray", metavar="ADDRESS", default=None,
+                         help="run on a Ray cluster: 'local' starts one on this machine's CPUs; else a Ray "
+                              "address ('auto', 'ray://host:10001')")
+    cluster.add_argument("--num-actors", type=_positive_int, default=None, metavar="N",
+                         help="model actors, each loading the engine once (default: one per --gpus-per-actor "
+                              "share of the cluster's GPUs, else the cluster's CPUs minus one)")
+    cluster.add_argument("--cpus-per-actor", type=_positive_int, default=1, metavar="N",
+                         help="CPUs each model actor reserves and runs torch on (default 1)")
+    cluster.add_argument("--gpus-per-actor", type=argparse_type(_non_negative_float, "a number >= 0"),
+                         default=0.0, metavar="G", help="GPUs each model actor reserves (default 0)")
     return p
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(text)
+    return value
 
 
 def resolve_resize_factor(arg: str | int | None, eng: api.Engine, say=lambda msg: None) -> int | None:
@@ -367,15 +387,31 @@ def _run(args: argparse.Namespace) -> int:
             raise api.UsageError(f"{', '.join(given)}: only used with --align")
     else:
         check_align_setup()  # a missing dlib is reported before the model loads
+    if args.ray is None and (args.num_actors is not None or args.gpus_per_actor or args.cpus_per_actor != 1):
+        raise api.UsageError("--num-actors, --cpus-per-actor and --gpus-per-actor need --ray ADDRESS")
+    if args.ray is not None:
+        from . import distributed  # Ray is imported only for --ray
+
+        distributed.check_local_paths(args.input, args.output)
     check_edit_files(args.edit)
     jobs = plan_jobs(find_inputs(args.input, exclude=opts.out_dir))
     check_output_names(jobs, opts)  # before the (slow) checkpoint load
     with claim_output_folder(opts.out_dir):
-        return _invert(args, opts, jobs)
+        if args.ray is None:
+            return _invert(args, opts, jobs, None)
+        started, seconds = distributed.connect(args.ray, say)
+        try:
+            return _invert(args, opts, jobs, (started, seconds))
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
 
 
-def _invert(args: argparse.Namespace, opts: RunOptions, jobs: list) -> int:
-    """`_run` once the options are checked and the output folder is held: load, then run the jobs."""
+def _invert(args: argparse.Namespace, opts: RunOptions, jobs: list, ray_start: tuple[bool, float] | None) -> int:
+    """`_run` once the options are checked and the output folder is held: load, then run the jobs
+    (`ray_start`: None for the single process, else `(started, seconds)` of `distributed.connect`)."""
     if args.checkpoint is None:
         say(demo.DEMO_NOTICE)
     facts = preload_facts(args)
@@ -394,7 +430,20 @@ def _invert(args: argparse.Namespace, opts: RunOptions, jobs: list) -> int:
         if manifest.n_unreadable:
             say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")
         with tqdm(total=len(jobs), unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
-            summary = run_jobs(eng, jobs, opts, manifest, progress=bar)
+            if ray_start is None:
+                summary = run_jobs(eng, jobs, opts, manifest, progress=bar)
+            else:
+                from . import distributed
+
+                cluster = distributed.ClusterOptions(args.ray, args.num_actors, args.gpus_per_actor,
+                                                     args.cpus_per_actor)
+                load_args = {"checkpoint": str(eng.checkpoint), "backend": eng.backend, "device": args.device,
+                             "precision": eng.precision, "trust_pickle": args.trust_pickle}
+                summary, n_actors = distributed.run_distributed(eng, jobs, opts, manifest, load_args, cluster,
+                                                                progress=bar)
+    if ray_start is not None:
+        say(f"ray ({args.ray}): {n_actors} actor(s)" + (f" x {args.gpus_per_actor:g} GPU" if args.gpus_per_actor else "")
+            + (f"; cluster started in {ray_start[1]:.1f} s" if ray_start[0] else ""))
     return finish(summary, opts.out_dir, eng)
 
 
