@@ -1,0 +1,206 @@
+"""`engine.serve`: the HTTP API on a local Serve app (tests/_serve_app.py), its limits, errors and a load test."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import pickle
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx", reason="httpx is not installed: pip install -e '.[serve]'")
+pytest.importorskip("fastapi", reason="fastapi is not installed: pip install -e '.[serve]'")
+pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[serve]'")
+
+from PIL import Image  # noqa: E402
+
+from _serve_app import LIMITS, SIZE, service, small_checkpoint  # noqa: E402
+
+FACE = "psp_input_img.jpg"
+
+
+@pytest.fixture(scope="module")
+def url() -> str:
+    return service()
+
+
+@pytest.fixture(scope="module")
+def face(shared) -> bytes:
+    return (shared / "data" / "faces" / "aligned" / FACE).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def inverted(url, face) -> dict:
+    r = httpx.post(f"{url}/v1/invert", files={"image": (FACE, face, "image/jpeg")}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def stats(url: str) -> dict:
+    return httpx.get(f"{url}/v1/stats").json()
+
+
+def test_health_and_info(url):
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    info = httpx.get(f"{url}/v1/info").json()
+    assert (info["output_size"], info["n_styles"], info["backend"], info["precision"]) == (SIZE, 8, "engine", "fp32")
+    assert sorted(info["edits"]) == ["dir_a", "dir_b"] and info["edits"]["dir_b"]["shape"] == [8, 512]
+    assert info["limits"]["max_upload_bytes"] == LIMITS["max_upload_bytes"]
+    assert info["batching"]["max_batch_size"] == LIMITS["max_batch_size"]
+
+
+def test_invert_equals_the_cli(url, inverted, shared, tmp_path):
+    """The service's PNG and latents are engine.run's bytes (same backend, one torch thread, batch 1)."""
+    from engine import run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run.main(["--checkpoint", str(small_checkpoint()), "--backend", "engine", "--save-latents",
+                         "--input", str(shared / "data" / "faces" / "aligned" / FACE), "--output", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    stem = FACE.rsplit(".", 1)[0]
+    assert base64.b64decode(inverted["image"]) == (tmp_path / f"{stem}.png").read_bytes()
+    w = np.asarray(inverted["w_plus"], dtype=np.float32)
+    assert w.shape == (8, 512)
+    assert np.array_equal(w, np.load(tmp_path / f"{stem}.npy"))
+    assert png(base64.b64decode(inverted["image"])).shape == (SIZE, SIZE, 3)
+
+
+def test_invert_png_mixes_and_edits(url, face, inverted):
+    r = httpx.post(f"{url}/v1/invert", files={"image": (FACE, face)}, headers={"Accept": "image/png"}, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content == base64.b64decode(inverted["image"])
+
+    r = httpx.post(f"{url}/v1/invert", files={"image": (FACE, face)}, timeout=120,
+                   data={"n_outputs": "2", "seed": "3", "latent_mask": "3-5", "edit": ["dir_a:1.5", "dir_b:-1"]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["mixes"]) == 2 and out["mixes"][0] != out["mixes"][1]
+    direction_a = np.load(small_checkpoint().parent / "edits" / "dir_a.npy")
+    direction_b = np.load(small_checkpoint().parent / "edits" / "dir_b.npy")
+    delta = np.asarray(out["w_plus"], np.float32) - np.asarray(inverted["w_plus"], np.float32)
+    np.testing.assert_allclose(delta, 1.5 * direction_a[None] - direction_b, atol=1e-4)
+
+
+def test_synthesize_json_and_npy(url, inverted):
+    want = base64.b64decode(inverted["image"])
+    r = httpx.post(f"{url}/v1/synthesize", json={"w_plus": inverted["w_plus"]}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    assert r.content == want
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(inverted["w_plus"], np.float32))
+    r = httpx.post(f"{url}/v1/synthesize", files={"latent": ("w.npy", buf.getvalue())}, timeout=60)
+    assert r.status_code == 200 and r.content == want
+    r = httpx.post(f"{url}/v1/synthesize", json={"w_plus": inverted["w_plus"], "edits": {"dir_a": 2}}, timeout=60)
+    assert r.status_code == 200 and r.content != want
+
+
+def _big_png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (120, 80, 40)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kwargs, status, words", [
+    ({"files": {"image": ("x.jpg", b"not an image")}}, 400, "'x.jpg'"),
+    ({"files": {"image": ("e.png", b"")}}, 400, "empty upload"),
+    ({"files": {"other": ("x.jpg", b"...")}}, 422, "image: missing"),
+    ({"files": {"image": ("big.png", _big_png(1100, 1100))}}, 400, "pixels"),
+    ({"files": {"image": ("f.jpg", b"x" * 500_000)}}, 413, "400,000 bytes"),
+    ({"files": {"image": ("f.jpg", b"x")}, "data": {"n_outputs": "99"}}, 422, "n_outputs: expected 0..8"),
+    ({"files": {"image": ("f.jpg", b"x")}, "data": {"edit": "smile:1"}}, 422, "'smile': no such direction; loaded: dir_a, dir_b"),
+    ({"files": {"image": ("f.jpg", b"x")}, "data": {"n_outputs": "1", "latent_mask": "3-9"}}, 422, "latent_mask '3-9'"),
+    ({"files": {"image": ("f.jpg", b"x")}, "data": {"n_outputs": "1", "mix_alpha": "2"}}, 422, "mix_alpha"),
+    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "multipart/form-data"),
+])
+def test_invert_errors(url, kwargs, status, words):
+    r = httpx.post(f"{url}/v1/invert", timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    assert words.lower() in r.json()["error"].lower(), r.json()
+
+
+@pytest.mark.parametrize("kwargs, status, words", [
+    ({"json": {"w_plus": [[0.0] * 512] * 5}}, 400, "shape [5, 512]"),
+    ({"json": {"w_plus": [[0.0] * 512, [1.0]]}}, 422, "nested list of numbers"),
+    ({"json": {"latent": 1}}, 422, "w_plus"),
+    ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ({"files": {"latent": ("p.npy", pickle.dumps({"a": 1}))}}, 400, "'p.npy'"),
+    ({"content": b"x", "headers": {"content-type": "text/plain"}}, 415, "application/json"),
+])
+def test_synthesize_errors(url, kwargs, status, words):
+    r = httpx.post(f"{url}/v1/synthesize", timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    assert words.lower() in r.json()["error"].lower(), r.json()
+
+
+def test_request_timeout_answers_504():
+    """The per-request limit, on the replica's own wrapper (a request slower than the limit is cut)."""
+    from engine.serve import ApiError, PSPService, ServeOptions
+
+    replica = PSPService.func_or_class.__new__(PSPService.func_or_class)
+    replica.opts = ServeOptions("", request_timeout_s=0.05)
+    with pytest.raises(ApiError) as e:
+        asyncio.run(replica._timed(asyncio.sleep(5)))
+    assert e.value.status == 504 and "0.05 s" in str(e.value)
+
+
+def _synth(url: str, w_plus, n: int) -> list[tuple[int, float, dict]]:
+    out = []
+    with httpx.Client(timeout=120) as client:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = client.post(f"{url}/v1/synthesize", json={"w_plus": w_plus})
+            out.append((r.status_code, time.perf_counter() - t0, dict(r.headers)))
+    return out
+
+
+def test_overload_answers_503_with_retry_after(url, inverted):
+    """More simultaneous requests than running + queued slots: the rest get 503 + Retry-After; then all is well."""
+    n = LIMITS["max_ongoing_requests"] + LIMITS["max_queued_requests"] + 24
+    with ThreadPoolExecutor(n) as pool:
+        results = [r for rs in pool.map(lambda _: _synth(url, inverted["w_plus"], 1), range(n)) for r in rs]
+    codes = sorted(code for code, _, _ in results)
+    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) >= LIMITS["max_ongoing_requests"], codes
+    assert all(h.get("retry-after") == "1" for code, _, h in results if code == 503)
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_load(url, inverted, face):
+    """8 concurrent clients x 25 synthesize requests: no error; requests batched. Then 8 concurrent inverts."""
+    before = stats(url)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        results = [r for rs in pool.map(lambda _: _synth(url, inverted["w_plus"], 25), range(8)) for r in rs]
+    wall = time.perf_counter() - t0
+    after = stats(url)
+    assert [code for code, _, _ in results] == [200] * 200
+    lat = sorted(t for _, t, _ in results)
+    p50, p99 = statistics.median(lat), lat[int(0.99 * len(lat)) - 1]
+    batches = after["synthesize"]["batches"] - before["synthesize"]["batches"]
+    per_batch = 200 / batches
+    print(f"\nload: 8 clients x 25 synthesize: 0 errors, p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, "
+          f"{200 / wall:.1f} req/s, {per_batch:.2f} requests per batch ({batches} batches)")
+    assert per_batch > 1.5, "requests were not batched together"
+
+    before = stats(url)
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: httpx.post(f"{url}/v1/invert", files={"image": (FACE, face)},
+                                                   timeout=180).status_code, range(8)))
+    after = stats(url)
+    assert codes == [200] * 8
+    enc_batches = after["encode"]["batches"] - before["encode"]["batches"]
+    print(f"load: 8 concurrent inverts in {enc_batches} encoder batch(es), {8 / enc_batches:.2f} requests per batch")
+    assert enc_batches < 8
