@@ -1,7 +1,7 @@
 """`python -m engine.serve`: pSp inversion as an HTTP service on Ray Serve, with a web page.
 
 Source: Ray Serve's FastAPI ingress and `@serve.batch` dynamic batching; the work per request is
-the engine's (`engine.images` reading and conversion, `Engine.encode` / `synthesize`,
+the engine's (`reference.images` reading and conversion, `Engine.encode` / `synthesize`,
 `engine.latents` for edits and style mixing), so the service's PNG of an image equals
 `engine.run`'s `<name>.png` (same backend, same torch thread count, the request alone in its batch).
 
@@ -51,11 +51,13 @@ from PIL import Image
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from reference.errors import PSPError
+from reference.cli import int_at_least
+from reference.errors import PSPError, UsageError
+from reference.images import input_channels, read_input, tensor_to_uint8, to_input_tensor
+
+from export.backends import BACKENDS, PRECISIONS
 
 from . import latents as lt
-from .api import BACKENDS, UsageError
-from .images import input_channels, read_input, to_input_tensor, tensor_to_uint8
 
 WEB_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 
@@ -66,7 +68,7 @@ class ServeOptions:
 
     Attributes:
         checkpoint: pSp checkpoint file (required: the service does not build the demo).
-        backend, device, trust_pickle: as `engine.load`.
+        backend, device, precision, trust_pickle: as `engine.load`.
         edit_dir: folder of edit directions (`<name>.npy`, as `--edit` takes), or None.
         replicas: model replicas (each loads the engine once).
         cpus_per_replica: CPUs each replica reserves and runs torch on.
@@ -83,6 +85,7 @@ class ServeOptions:
     checkpoint: str
     backend: str = "auto"
     device: str = "cpu"
+    precision: str = "auto"
     trust_pickle: bool = False
     edit_dir: str | None = None
     replicas: int = 1
@@ -112,7 +115,7 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
-    """`[H, W, 3]` uint8 -> PNG bytes, as `engine.images.atomic_write_image` saves a `.png`."""
+    """`[H, W, 3]` uint8 -> PNG bytes, as `reference.images.atomic_write_image` saves a `.png`."""
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
     return buf.getvalue()
@@ -205,10 +208,6 @@ class _Stats:
         return out
 
 
-def _precision(backend: str, device) -> str:
-    return "fp16" if backend == "triton" and str(device).startswith("cuda") else "fp32"
-
-
 def _web_file(name: str) -> bytes:
     return resources.files("engine").joinpath("web", name).read_bytes()
 
@@ -288,7 +287,8 @@ class PSPService:
         torch.set_num_threads(opts.cpus_per_replica)
         BodyLimit.limit_bytes = opts.max_upload_bytes
         self.opts = opts
-        self.eng = load(opts.checkpoint, backend=opts.backend, device=opts.device, trust_pickle=opts.trust_pickle)
+        self.eng = load(opts.checkpoint, backend=opts.backend, device=opts.device, precision=opts.precision,
+                        trust_pickle=opts.trust_pickle)
         self.edits = load_edit_dir(opts.edit_dir, self.eng.n_styles) if opts.edit_dir else {}
         self.stats = _Stats()
         for method in (self._encode_batch, self._synthesize_batch):
@@ -353,9 +353,9 @@ class PSPService:
             default_mask = None
         return {
             "checkpoint": Path(eng.checkpoint).name, "backend": eng.backend, "device": str(eng.device),
-            "precision": _precision(eng.backend, eng.device), "output_size": eng.output_size,
+            "precision": eng.precision, "why": eng.reason, "output_size": eng.output_size,
             "encoder_size": 256, "n_styles": eng.n_styles, "input_nc": eng.input_nc, "label_nc": eng.label_nc,
-            "dataset_type": eng.opts.get("dataset_type"), "is_demo": eng.is_demo,
+            "dataset_type": eng.dataset_type, "input_kind": eng.description.input_kind, "is_demo": eng.is_demo,
             "edits": {name: {"shape": list(e.direction.shape), "sha256": e.sha256} for name, e in self.edits.items()},
             "default_latent_mask": default_mask,
             "limits": {k: getattr(self.opts, k) for k in ("max_upload_bytes", "max_pixels", "max_n_outputs",
@@ -535,8 +535,7 @@ def start(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    from .run import _positive_int
-
+    _positive_int = int_at_least(1)
     p = argparse.ArgumentParser(prog="python -m engine.serve",
                                 description="Serve pSp inversion over HTTP (Ray Serve, dynamic batching) with a web page at /.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="pSp checkpoint")
@@ -544,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="as engine.run (default auto)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default cpu)")
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS], help="as engine.run (default auto)")
     p.add_argument("--trust-pickle", action="store_true", help="as engine.run: only for checkpoints you trust")
     p.add_argument("--edit-dir", metavar="DIR", default=None, help="folder of edit directions <name>.npy for the sliders")
     p.add_argument("--replicas", type=_positive_int, default=1, help="model replicas (default 1)")
@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the service until Ctrl-C. Exit codes: 0 after Ctrl-C, 2 usage error."""
     args = build_parser().parse_args(argv)
-    opts = ServeOptions(checkpoint=args.checkpoint, backend=args.backend, device=args.device,
+    opts = ServeOptions(checkpoint=args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
                         trust_pickle=args.trust_pickle, edit_dir=args.edit_dir, replicas=args.replicas,
                         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
                         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout,

@@ -51,7 +51,8 @@ def inputs(shared, tmp_path_factory) -> Path:
 def options(tmp_path_factory, ffhq256_checkpoint) -> list[str]:
     edit = tmp_path_factory.mktemp("edit") / "dir.npy"
     np.save(edit, np.random.RandomState(3).randn(512).astype(np.float32))
-    return ["--checkpoint", str(ffhq256_checkpoint), "--backend", "engine", "--batch-size", "1", "--save-latents",
+    return ["--checkpoint", str(ffhq256_checkpoint), "--backend", "engine", "--precision", "fp32", "--batch-size", "1",
+            "--save-latents",
             "--couple-outputs", "--n-outputs", "1", "--seed", "5", "--edit", f"{edit}:0.5"]
 
 
