@@ -67,7 +67,8 @@ def service() -> str:
 
     ckpt = small_checkpoint()
     port = free_port()
-    opts = ServeOptions(checkpoint=str(ckpt), backend="engine", precision="fp32", edit_dir=str(ckpt.parent / "edits"), **LIMITS)
+    opts = ServeOptions(checkpoint=str(ckpt), backend="engine", precision="fp32", edit_dir=str(ckpt.parent / "edits"),
+                        **LIMITS)
     t0 = time.perf_counter()
     start(opts, host="127.0.0.1", port=port)
     atexit.register(serve.shutdown)

@@ -52,8 +52,7 @@ def options(tmp_path_factory, ffhq256_checkpoint) -> list[str]:
     edit = tmp_path_factory.mktemp("edit") / "dir.npy"
     np.save(edit, np.random.RandomState(3).randn(512).astype(np.float32))
     return ["--checkpoint", str(ffhq256_checkpoint), "--backend", "engine", "--precision", "fp32", "--batch-size", "1",
-            "--save-latents",
-            "--couple-outputs", "--n-outputs", "1", "--seed", "5", "--edit", f"{edit}:0.5"]
+            "--save-latents", "--couple-outputs", "--n-outputs", "1", "--seed", "5", "--edit", f"{edit}:0.5"]
 
 
 @pytest.fixture(scope="module")

@@ -68,8 +68,7 @@ def test_invert_equals_the_cli(url, inverted, shared, tmp_path):
     torch.set_num_threads(1)
     try:
         assert run.main(["--checkpoint", str(small_checkpoint()), "--backend", "engine", "--precision", "fp32",
-                         "--save-latents",
-                         "--input", str(shared / "data" / "faces" / "aligned" / FACE), "--output", str(tmp_path)]) == 0
+                         "--save-latents", "--input", str(shared / "data" / "faces" / "aligned" / FACE), "--output", str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(threads)
     stem = FACE.rsplit(".", 1)[0]
