@@ -160,7 +160,7 @@ def _row_job(row) -> tuple[Job, InputStat]:
 
 
 def _item_row(base: dict, status: str, error: str = "", r: _Ready | None = None, read_ms: float = 0.0) -> dict:
-    """A read-stage row: status "ready" (with the item) / "failed" / "no_face" (with the reason)."""
+    """A read-stage row: status "ready" (with the item) / "failed" (with the reason)."""
     x, x_shape = _array_bytes(r.x.numpy() if r is not None else None)
     display, display_shape = _array_bytes(r.display if r is not None else None)
     aligned, aligned_shape = _array_bytes(r.aligned if r is not None else None)
@@ -174,15 +174,14 @@ def read_stage(row: dict, label_nc: int, opts: RunOptions) -> list[dict]:
     """Ray task body: read one input (`engine.batch.read_items`) into its item rows.
 
     Returns:
-        One row per item ("ready"), or one row "failed" / "no_face" with the reason.
+        One row per item ("ready"), or one row "failed" with the reason (a bad file, no face).
     """
     job, stat = _row_job(row)
     t0 = time.perf_counter()
     try:
         items = read_items(job, stat, label_nc, opts, t0)
     except Exception as e:  # noqa: BLE001 - a bad file is a failed row, never a failed job
-        kind, reason = read_error(job, e)
-        return [_item_row(row, kind, reason, read_ms=_ms(t0))]
+        return [_item_row(row, "failed", read_error(job, e), read_ms=_ms(t0))]
     return [_item_row(row, "ready", r=r) for r in items]
 
 
@@ -214,7 +213,7 @@ class Invert:
 
         Returns:
             Columns of result rows, one per input row: status "ok" (with `outputs`, newline-joined
-            absolute paths) / "failed" / "no_face", `error`, `n_items` and per-stage ms.
+            absolute paths) / "failed", `error`, `n_items` and per-stage ms.
         """
         self._maybe_fail()
         opts = self.opts
@@ -330,8 +329,6 @@ def run_distributed(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest
             timings = {s: float(row[f"{s}_ms"]) for s in STAGES}
             if status == "ok":
                 rec.written(stat, int(row["n_items"]), [Path(p) for p in str(row["outputs"]).split("\n")], timings)
-            elif status == "no_face":
-                rec.no_face(source, stat, str(row["error"]), {"read": timings["read"]})
             else:
                 rec.failed(source, stat, str(row["error"]), {k: v for k, v in timings.items() if v})
     rec.summary.seconds = time.perf_counter() - t_start
