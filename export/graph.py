@@ -82,9 +82,11 @@ def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache:
         return paths
     say = announce or (lambda msg: None)
     t0 = time.perf_counter()
+    psp = load_reference()  # a bad checkpoint fails here, before anything is announced
     say(f"exporting {checkpoint.name} to ONNX graphs in {cache} (once per checkpoint; reused by the "
         "onnxruntime and openvino backends)")
-    model = EnginePSP(load_reference(), checkpoint=str(checkpoint))  # the reference is freed on return
+    model = EnginePSP(psp, checkpoint=str(checkpoint))
+    del psp  # peak memory: the reference is not needed once the engine formulation holds the weights
     for part, path in paths.items():
         module = model.encoder if part == "encoder" else model.synthesis
         mib = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())) / 2**20

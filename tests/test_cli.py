@@ -155,7 +155,8 @@ def test_rerun_with_nothing_to_do_does_not_load(tmp_path, shared, ffhq256_checkp
 def test_preload_resolves_the_resize_factor_as_the_load_does(tmp_path):
     """A super-resolution checkpoint's default factor comes from its opts, known before the load, so a
     run with `--resize-factor input` and one without have different fingerprints."""
-    facts = run.ModelFacts(checkpoint=tmp_path, backend="engine", n_styles=18, is_demo=False,
+    facts = run.ModelFacts(checkpoint=tmp_path, backend="engine", precision="fp32", reason="asked for", device="cpu",
+                           n_styles=18, is_demo=False,
                            opts={"dataset_type": "celebs_super_resolution", "resize_factors": "4"})
     parse = run.build_parser().parse_args
     opts = run.RunOptions(out_dir=tmp_path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import pickle
 import statistics
 import time
@@ -22,6 +21,9 @@ pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[serve
 from PIL import Image  # noqa: E402
 
 from _serve_app import LIMITS, SIZE, service, small_checkpoint  # noqa: E402
+
+# one local Ray instance per test process (tests/_ray_cluster.py): keep these files on one xdist worker
+pytestmark = pytest.mark.xdist_group("ray")
 
 FACE = "psp_input_img.jpg"
 
