@@ -14,7 +14,7 @@ per image) at no cost in speed (static weights: the per-image cost does not depe
 Precision: ONNX Runtime runs fp32. OpenVINO runs fp32 (`INFERENCE_PRECISION_HINT=f32`: pinned, since
 on CPUs with AVX512-BF16 or AMX the plugin would otherwise pick bf16 by itself) or bf16 where the
 CPU plugin reports BF16 among its capabilities (the same fp32 graphs, compiled with the bf16 hint).
-Compiled OpenVINO models are cached in `<cache>/openvino/`, so a second process starts fast.
+Compiled OpenVINO models are cached in `<cache>/ov_cache/`, so a second process starts fast.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def openvino_has_bf16() -> bool:
 def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precision: str, cache: Path,
                     threads: int | None = None) -> Runner:
     """An OpenVINO CPU compiled model of `onnx_path` as a callable: latency hint (one stream, all cores
-    on one request), precision hint f32 or bf16, compiled blobs cached under `<cache>/openvino`.
+    on one request), precision hint f32 or bf16, compiled blobs cached under `<cache>/ov_cache`.
 
     Raises:
         UsageError: bf16 asked for where the CPU plugin has no BF16 capability.
@@ -142,7 +142,7 @@ def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precisio
 
         raise UsageError(f"backend 'openvino' cannot run bf16 on this CPU ({cpu_model()}: OpenVINO reports no BF16 "
                          "capability; it needs AVX512-BF16 or AMX); use --precision fp32")
-    core.set_property({"CACHE_DIR": str(cache / "openvino")})
+    core.set_property({"CACHE_DIR": str(cache / "ov_cache")})
     compiled = core.compile_model(str(onnx_path), "CPU", {
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": int(threads or physical_cores()),

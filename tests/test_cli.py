@@ -450,7 +450,7 @@ def test_demo_checkpoint_end_to_end(tmp_path, monkeypatch, capsys):
         assert files_under(out) == sorted([MANIFEST_NAME, "matplotlib_grace_hopper.png", "skimage_astronaut.png"])
         for name in ("matplotlib_grace_hopper.png", "skimage_astronaut.png"):
             assert Image.open(out / name).size == (1024, 1024)
-        assert sorted(p.name for p in cache.iterdir()) == ["demo_ffhq_encode_seed0_rule-v1.pt", "onnx"]
+        assert sorted(p.name for p in cache.iterdir()) == ["demo_ffhq_encode_seed0_rule-v1.pt", "onnx", "ov_cache"]
         # the default --backend auto is openvino on the CPU: its two ONNX graphs were exported and cached
         assert len(list((cache / "onnx").glob("*.onnx"))) == 2
     finally:
