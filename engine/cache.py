@@ -4,7 +4,7 @@ The cache folder (`reference.files.cache_dir()`: `$PSP_ENGINE_CACHE`, else `~/.c
 holds what the engine makes once and reuses:
 - `demo_*.pt`: the random-weight demo checkpoint (`engine.demo`, about 1.2 GB);
 - `onnx/<stem>-<key>.<part>.onnx` + their JSON sidecars: the graphs the onnxruntime and openvino
-  backends export on first use of a checkpoint (`export.ort.cache_paths`; about the checkpoint's
+  backends export on first use of a checkpoint (`export.graph.cache_paths`; about the checkpoint's
   size). One entry per `<stem>-<key>`; the sidecar records the source checkpoint's path;
 - `ov_cache/`: compiled-model caches (OpenVINO's model cache), one entry per file;
 - `*.psp-tmp`: temp files of writes a killed process never finished (`reference.files.temp_path`).
@@ -96,7 +96,7 @@ def _onnx_staleness(name: str, source: str | None, onnx_dir: Path) -> str:
     ckpt = Path(source)
     if not ckpt.is_file():
         return f"source checkpoint {source} no longer exists"
-    from export.ort import cache_paths  # the cache key (path, size, mtime, export version) in one place
+    from export.graph import cache_paths  # the cache key (path, size, mtime, export version) in one place
 
     if cache_paths(ckpt, onnx_dir)["encoder"].name != f"{name}.encoder.onnx":
         return f"source checkpoint {source} changed since the export (or the export version did)"

@@ -102,7 +102,7 @@ def _load_engine(req: LoadRequest):
 
     if req.device.type == "cpu" and req.precision == "bf16" and not bf16_units() and req.announce:
         req.announce(f"warning: this CPU ({cpu_model()}) has no bf16 units: torch emulates bf16 through fp32, "
-                     "measured 3-170x slower than fp32 per convolution (benchmarks/RESULTS.md); use --precision fp32")
+                     "measured 4-130x slower than fp32 per convolution (benchmarks/RESULTS.md); use --precision fp32")
 
     return EnginePSP(req.reference(), impl="torch", precision=req.precision, checkpoint=str(req.path),
                      backend="engine").to(req.device)

@@ -556,7 +556,7 @@ def emulate_rounding(model: EnginePSP, precision: str = "bf16",
     leaving every layer is rounded to it (forward hooks), with fp32 arithmetic in between: what a
     bf16/fp16 runtime with fp32 accumulation (oneDNN, AMX, tensor cores) computes, up to where it
     rounds inside fused ops. Used where the CPU has no bf16 units (real bf16 would be emulated by
-    torch at 3-170x the fp32 time) and to measure which layers should stay fp32.
+    torch at 4-130x the fp32 time) and to measure which layers should stay fp32.
 
     Args:
         model: an fp32 `EnginePSP` with `impl="torch"`.

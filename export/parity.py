@@ -113,7 +113,7 @@ def run_parity(checkpoint: str | Path, backends: list[str], precisions: list[str
                 skipped.append(f"{name}:{precision}: {e}")
                 continue
             if dev.type == "cpu" and precision == "bf16" and not bf16_units() and not allow_emulated:
-                skipped.append(f"{name}:{precision}: this CPU has no bf16 units (emulated bf16 runs 3-170x slower "
+                skipped.append(f"{name}:{precision}: this CPU has no bf16 units (emulated bf16 runs 4-130x slower "
                                "than fp32); pass --allow-emulated to run it anyway")
                 continue
             say(f"parity: {name} {precision}")

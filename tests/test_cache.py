@@ -2,7 +2,7 @@
 
 The cache is laid out as the engine leaves it (a demo checkpoint, an ONNX entry with its sidecars,
 an OpenVINO cache file, a killed writer's temp file), with small files standing in for the big ones;
-the ONNX cache key is computed by `export.ort.cache_paths`, as the backends compute it.
+the ONNX cache key is computed by `export.graph.cache_paths`, as the backends compute it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine import cache, demo
-from export.ort import cache_paths
+from export.graph import cache_paths
 from reference.description import sidecar_path
 
 

@@ -1,4 +1,4 @@
-"""ONNX export (export.onnx), the ONNX Runtime backend (export.ort) and the parity module (export.parity)."""
+"""ONNX export (export.onnx), the graph backends (export.graph) and the parity module (export.parity)."""
 
 from __future__ import annotations
 

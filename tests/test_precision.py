@@ -2,7 +2,7 @@
 the engine formulation in bf16/fp16 against the fp32 reference.
 
 bf16 runs for real only where the CPU has bf16 units (AMX-BF16 or AVX512-BF16): elsewhere torch
-emulates bf16 through fp32 at 3-170x the fp32 time per convolution (benchmarks/RESULTS.md), too slow
+emulates bf16 through fp32 at 4-130x the fp32 time per convolution (benchmarks/RESULTS.md), too slow
 for a test. The rounding itself is then checked by emulation: the same model with its weights
 rounded to bf16 and every layer's activations rounded to bf16 (fp32 accumulation in between, as
 oneDNN/AMX compute bf16), which bounds the error any bf16 runtime of this formulation makes.
@@ -110,7 +110,7 @@ def test_bf16_rounding_of_the_formulation_meets_the_parity_contract(psp256, pari
 
 
 @pytest.mark.skipif(not bf16_units(), reason="this CPU has no bf16 units (no amx_bf16/avx512_bf16 flag): torch "
-                    "and OpenVINO would emulate bf16 at 3-170x the fp32 time; the emulated rounding is checked above")
+                    "and OpenVINO would emulate bf16 at 4-130x the fp32 time; the emulated rounding is checked above")
 @pytest.mark.parametrize("backend", ["engine", "openvino"])
 def test_bf16_backends_meet_the_parity_contract(ffhq256_checkpoint, psp256, parity_inputs, backend):
     if not BACKENDS[backend].installed():
