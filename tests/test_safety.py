@@ -584,7 +584,7 @@ def test_a_damaged_pickle_gets_no_trust_pickle_advice(tmp_path, content):
     (["--resize-factor", "0"], "--resize-factor"),
     (["--resize-factor", "1000"], "--resize-factor"),
     (["--n-outputs", "1"], "would both write"),  # a.png's a_mix0.png and the input a_mix0.png
-    (["--largest-face"], "need --align"),
+    (["--largest-face"], "only used with --align"),
 ])
 def test_options_are_checked_before_the_model_loads(tmp_path, extra, message):
     draw_png(tmp_path / "in" / "a.png")
