@@ -458,12 +458,7 @@ class PSPService:
             if strength is None:
                 name, _, text = name.partition(":")
                 strength = text or 1.0
-            try:
-                strength = float(strength)
-            except (TypeError, ValueError):
-                raise ApiError(422, f"edit {spec!r}: strength must be a number (name:strength)") from None
-            if not math.isfinite(strength):
-                raise ApiError(422, f"edit {spec!r}: strength must be finite")
+            strength = _float(strength, f"edit {spec!r} (name:strength): strength")
             if name not in self.edits:
                 known = ", ".join(sorted(self.edits)) or "none (start the service with --edit-dir)"
                 raise ApiError(422, f"edit {name!r}: no such direction; loaded: {known}")

@@ -57,7 +57,7 @@ def test_impossible_combinations_are_refused_with_what_works(backend, precision,
         resolve(backend, CPU, precision)
 
 
-def test_engine_load_defaults_to_auto(ffhq256_checkpoint):
+def test_engine_load_defaults_to_auto():
     import inspect
 
     params = inspect.signature(engine.load).parameters
