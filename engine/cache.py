@@ -3,11 +3,12 @@
 The cache folder (`reference.files.cache_dir()`: `$PSP_ENGINE_CACHE`, else `~/.cache/psp-engine`)
 holds what the engine makes once and reuses:
 - `demo_*.pt`: the random-weight demo checkpoint (`engine.demo`, about 1.2 GB);
-- `onnx/<stem>-<key>.<part>.onnx` + their JSON sidecars: the graphs the onnxruntime and openvino
+- `onnx/<stem>-<key>.<part>.onnx` + their weights `.onnx.data` and JSON sidecars: the graphs the onnxruntime and openvino
   backends export on first use of a checkpoint (`export.graph.cache_paths`; about the checkpoint's
   size). One entry per `<stem>-<key>`; the sidecar records the source checkpoint's path;
 - `ov_cache/`: compiled-model caches (OpenVINO's model cache), one entry per file;
-- `*.psp-tmp`: temp files of writes a killed process never finished (`reference.files.temp_path`).
+- `*.psp-tmp`: temp files (and an export's temp folders) of writes a killed process never finished
+  (`reference.files.temp_path`, `atomic_files`).
 
 Entries are removed with `--prune` (ONNX graphs whose source checkpoint is gone or has changed since
 the export, so no run can use them again, and temp files untouched for `STALE_TEMP_S`), `--all`, or
@@ -122,6 +123,14 @@ def scan(folder: Path | None = None, now: float | None = None) -> list[Entry]:
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         rel_dir = Path(dirpath).relative_to(folder)
+        for d in [d for d in dirnames if d.endswith(TEMP_SUFFIX)]:  # an unfinished export's folder
+            dirnames.remove(d)
+            p = Path(dirpath, d)
+            st = _stat(p)
+            old = st is not None and now - st.st_mtime >= STALE_TEMP_S
+            inside = sorted(f for f in p.rglob("*") if f.is_file())
+            entries.append(Entry("temp", (rel_dir / d).as_posix(), inside,
+                                 stale="unfinished temp folder" if old else ""))
         for f in sorted(filenames):
             p = Path(dirpath, f)
             rel = (rel_dir / f).as_posix()

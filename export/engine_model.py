@@ -389,6 +389,29 @@ class Mapping(nn.Module):
         return x
 
 
+def own_memory(module: nn.Module, source: nn.Module) -> nn.Module:
+    """Clone, in place, every parameter and buffer of `module` that shares memory with one of
+    `source`, so that changing `module` (`emulate_rounding`, `cast_activations`) never changes the
+    model it was built from (`.float()` / `.detach()` of an fp32 tensor alias it).
+
+    Returns:
+        `module`.
+    """
+    shared_modules = {id(m) for m in source.modules()}
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in shared_modules:  # a source layer reused as is
+                parent._modules[name] = copy.deepcopy(child)
+    storages = {t.untyped_storage().data_ptr() for t in list(source.parameters()) + list(source.buffers())}
+    for mod in module.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is not None and t.untyped_storage().data_ptr() in storages:
+                    clone = t.detach().clone()
+                    table[name] = nn.Parameter(clone, requires_grad=False) if table is mod._parameters else clone
+    return module
+
+
 class Synthesis(nn.Module):
     """StyleGAN2 synthesis in the engine formulation: w_plus `[B, n_latent, 512]` -> img `[B, 3, R, R]`.
 
@@ -417,6 +440,7 @@ class Synthesis(nn.Module):
         self.to_rgb1 = ModConv(g.to_rgb1, None, impl, dtype)
         self.convs = nn.ModuleList(ModConv(c, noise[i + 1], impl, dtype) for i, c in enumerate(g.convs))
         self.to_rgbs = nn.ModuleList(ModConv(t, None, impl, dtype) for t in g.to_rgbs)
+        own_memory(self, g)
 
     def forward(self, w_plus: torch.Tensor) -> torch.Tensor:
         """w_plus `[N, n_latent, 512]` (fp32) -> img `[N, 3, size, size]` in the activation dtype, unclamped."""
@@ -511,6 +535,7 @@ class EnginePSP(nn.Module):
         self.mapping = Mapping(psp.decoder.style)
         la = psp.latent_avg.detach().float() if psp.start_from_latent_avg else torch.zeros(psp.n_styles, 512)
         self.register_buffer("latent_avg", (la[0] if self.learn_in_w else la).contiguous())
+        own_memory(self, psp)  # emulate_rounding / cast_activations must never reach `psp`
         if dtype != torch.float32:
             cast_activations(self.encoder, dtype)
             if impl == "torch":

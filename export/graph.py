@@ -33,7 +33,7 @@ from torch import nn
 from reference.description import ModelDescription, read_sidecar
 from reference.errors import UsageError
 
-EXPORT_VERSION = "2"  # part of the cache key: bump when the exported graphs or their sidecars change
+EXPORT_VERSION = "3"  # part of the cache key: bump when the exported graphs or their sidecars change
 PARTS = ("encoder", "generator")
 Runner = Callable[[np.ndarray], np.ndarray]
 

@@ -1,9 +1,12 @@
 """ONNX export of pSp in the engine formulation: the full pipeline and its parts, fp32 and fp16.
 
-Source: ONNX operator set 17 (https://onnx.ai/onnx/operators/); the model is
+Source: ONNX operator set 18 (https://onnx.ai/onnx/operators/), written by PyTorch's
+torch.export-based exporter (`torch.onnx.export(..., dynamo=True)`, onnxscript); the model is
 `export.engine_model.EnginePSP`, equal to the official pSp (`tests/test_engine_model.py`). The
 graph has static weights everywhere and no custom ops, so ONNX Runtime, OpenVINO and TensorRT run
-it as is.
+it as is. The weights are ONNX external data in `<file>.onnx.data` beside the graph (streamed from
+the torch tensors: exporting the 1 GB encoder of a 1024 px model adds no copy of it to the peak
+memory, where the TorchScript exporter held three); keep the two files together.
 
 Parts and names (dynamic axis `batch` on dim 0 of every input and output; IO always float32):
   * `psp`: `x` `[batch, input_nc, 256, 256]` -> `img` `[batch, 3, R, R]`, `w_plus` `[batch, n_styles, 512]`
@@ -20,6 +23,8 @@ CLI: `python -m export.onnx --checkpoint CKPT --out DIR [--part psp|encoder|gene
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import warnings
@@ -30,11 +35,12 @@ from torch import nn
 
 from reference.cli import ArgumentParser, int_at_least, run_cli
 from reference.description import ModelDescription, checkpoint_info, describe, sidecar_path, write_sidecar
-from reference.files import atomic_path
+from reference.files import atomic_files
 
 from .engine_model import EnginePSP
 
-OPSET = 17
+OPSET = 18  # the torch.export-based exporter's own opset (17 is reached by its version converter)
+MAX_BATCH = 4096  # the upper bound of the dynamic `batch` axis (torch.export needs one)
 PARTS = ("psp", "encoder", "generator")
 IO_NAMES = {"psp": (["x"], ["img", "w_plus"]), "encoder": (["x"], ["w_plus"]), "generator": (["w_plus"], ["img"])}
 
@@ -55,6 +61,41 @@ class _Part(nn.Module):
         return self.model.synthesize(w_plus, resize=self.resize), w_plus
 
 
+def data_path(path: str | os.PathLike) -> Path:
+    """The external-data file `<path>.data` of an exported graph (its weights; beside it, loaded with it)."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def name_nodes_by_module(graph) -> None:
+    """Name every node of an exported graph after the module that made it, as the TorchScript
+    exporter did: `/model/synthesis/convs.0/affine/Gemm_12` (module path, op type, a number). The
+    torch.export-based exporter names nodes after aten ops (`node_linear_3`) and keeps the module
+    path in the node's metadata (`pkg.torch.onnx.name_scopes`); TensorRT names its layers after the
+    nodes, and `export.tensorrt.FP32_NODE_PATTERNS` (`/affine`, `/demod`, ...) finds the layers that
+    stay fp32 by these names.
+
+    Args:
+        graph: an `onnx_ir.Graph` (`torch.onnx.ONNXProgram.model.graph`), renamed in place.
+    """
+    import ast
+
+    for i, node in enumerate(graph):
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        try:
+            scopes = ast.literal_eval(scopes) if scopes else []
+        except (ValueError, SyntaxError):
+            scopes = []
+        module = scopes[-2] if len(scopes) >= 2 else ""  # the last entry is the aten op's own name
+        parts: list[str] = []
+        for p in module.split(".") if module else []:
+            if p.isdigit() and parts:  # a ModuleList index stays with its list: convs.0
+                parts[-1] += "." + p
+            else:
+                parts.append(p)
+        node.name = "/" + "/".join(parts + [f"{node.op_type}_{i}"])
+
+
 def example_input(model: EnginePSP, part: str, batch: int = 2) -> torch.Tensor:
     """A valid example input of `part` (fp32): encoder input in [-1, 1], or W+ around latent_avg."""
     g = torch.Generator().manual_seed(0)
@@ -70,12 +111,13 @@ def export_onnx(model: EnginePSP, path: str | os.PathLike, part: str = "psp", re
 
     Args:
         model: an `EnginePSP` (fp32; not modified).
-        path: the `.onnx` file to write (atomically: temp file + rename).
+        path: the `.onnx` file to write, with its weights in `data_path(path)` (both atomically:
+            written in a temp folder, then renamed, the graph last).
         part: "psp", "encoder" or "generator" (see the module docstring).
         resize: output 256x256 (the official `face_pool`) instead of the full resolution.
         fp16: activations and convolution weights in fp16; style affines, demodulation, the mapping
             and normalisation in fp32; IO stays float32.
-        opset: ONNX opset (>= 17).
+        opset: ONNX opset (>= 17; the exporter's own is 18, others go through its converter).
         checkpoint: the source checkpoint, recorded in the sidecar.
 
     Returns:
@@ -96,14 +138,21 @@ def export_onnx(model: EnginePSP, path: str | os.PathLike, part: str = "psp", re
     src = model.half_activations() if fp16 else model
     wrapper = _Part(src, part, resize).eval()
     inputs, outputs = IO_NAMES[part]
-    dynamic_axes = {name: {0: "batch"} for name in inputs + outputs}
-    with atomic_path(path) as tmp:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(wrapper, (example_input(model, part),), tmp, input_names=inputs,
-                              output_names=outputs, dynamic_axes=dynamic_axes, opset_version=opset,
-                              do_constant_folding=True, dynamo=False)
-        onnx.checker.check_model(str(tmp), full_check=True)  # includes strict shape inference
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with atomic_files(path) as tmp:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), \
+                contextlib.redirect_stdout(io.StringIO()):  # the exporter's step-by-step progress lines
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(wrapper, (example_input(model, part),), None, input_names=inputs,
+                                        output_names=outputs, dynamic_shapes=({0: batch},), opset_version=opset,
+                                        dynamo=True, external_data=True, optimize=True, verbose=False)
+            name_nodes_by_module(program.model.graph)
+            program.save(tmp / path.name, external_data=True)  # weights streamed to <name>.data
+        del program
+        onnx.checker.check_model(str(tmp / path.name), full_check=True)  # includes strict shape inference
+        stale = data_path(path)
+        if stale.exists() and not data_path(tmp / path.name).exists():
+            stale.unlink()  # an older export's weights file this graph does not use
     write_onnx_sidecar(model, path, part, resize, fp16, opset, checkpoint)
     return path
 
@@ -176,7 +225,10 @@ def _body(args: argparse.Namespace) -> int:
     for part in parts:
         name = f"{stem}.{part}{'.resize' if args.resize else ''}{'.fp16' if args.fp16 else ''}.onnx"
         out = export_onnx(model, Path(args.out) / name, part, args.resize, args.fp16, args.opset, args.checkpoint)
-        print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) and {sidecar_path(out).name}")
+        data = data_path(out)
+        mib = sum(f.stat().st_size for f in (out, data) if f.is_file()) / 2**20
+        also = f", {data.name}" if data.is_file() else ""
+        print(f"wrote {out} ({mib:.0f} MiB with its weights{also}) and {sidecar_path(out).name}")
     return 0
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -78,6 +79,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_files(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp folder beside `path` for a writer that makes `path` plus companion files named after it
+    (an ONNX graph and its external data `<name>.data`): what the block writes in the folder is moved
+    beside `path` when the block ends without an error, `path` itself last, each file by an atomic
+    rename; on an error the folder and all in it are removed. Readers that look for `path` therefore
+    see its companions complete.
+
+    Yields:
+        The temp folder (`temp_path(path)`, created); write `<folder>/<path.name>` and companions there.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        written = sorted(tmp.iterdir(), key=lambda f: f.name == path.name)  # `path` last
+        for f in written:
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Write a file so that it either appears complete or not at all.
 
@@ -137,7 +162,7 @@ def atomic_copy(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
 
 def sweep_temp_files(folder: str | os.PathLike, older_than_s: float = 0.0, recursive: bool = True) -> list[Path]:
-    """Remove the temp files (`*.psp-tmp`) that killed processes left in `folder`.
+    """Remove the temp files and folders (`.*.psp-tmp`) that killed processes left in `folder`.
 
     Only names this project makes are touched. A temp file younger than `older_than_s` seconds may
     belong to a process still writing and is kept.
@@ -150,15 +175,24 @@ def sweep_temp_files(folder: str | os.PathLike, older_than_s: float = 0.0, recur
         return []
     now = time.time()
     removed = []
-    walker = os.walk(folder) if recursive else [(str(folder), [], os.listdir(folder))]
-    for dirpath, _, filenames in walker:
-        for f in filenames:
+    if recursive:
+        walker = os.walk(folder)
+    else:
+        names = os.listdir(folder)
+        dirs = [n for n in names if (folder / n).is_dir()]
+        walker = [(str(folder), dirs, [n for n in names if n not in dirs])]
+    for dirpath, dirnames, filenames in walker:
+        for f in filenames + dirnames:
             if f.startswith(".") and f.endswith(TEMP_SUFFIX):
                 p = Path(dirpath, f)
                 with contextlib.suppress(OSError):
                     if now - p.stat().st_mtime >= older_than_s:
-                        p.unlink()
+                        if p.is_dir() and not p.is_symlink():  # an `atomic_files` folder
+                            shutil.rmtree(p)
+                        else:
+                            p.unlink()
                         removed.append(p)
+        dirnames[:] = [d for d in dirnames if not (d.startswith(".") and d.endswith(TEMP_SUFFIX))]
     return removed
 
 

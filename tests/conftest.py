@@ -34,6 +34,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    """The engine's cache (`PSP_ENGINE_CACHE`: ONNX graphs, compiled models, the demo checkpoint)
+    goes to a temp folder of this test session (one per xdist worker), never the user's
+    `~/.cache/psp-engine`; removed at the end. Subprocesses of tests inherit it."""
+    import tempfile
+
+    config._psp_cache = tempfile.mkdtemp(prefix="psp-test-cache-")
+    config._psp_cache_before = os.environ.get("PSP_ENGINE_CACHE")
+    os.environ["PSP_ENGINE_CACHE"] = config._psp_cache
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    cache = getattr(config, "_psp_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+        if config._psp_cache_before is None:
+            os.environ.pop("PSP_ENGINE_CACHE", None)
+        else:
+            os.environ["PSP_ENGINE_CACHE"] = config._psp_cache_before
+
+
 def shared_dir() -> Path:
     """The shared test-data folder: `$PSP_SHARED` if set, else `<repo>/../shared`."""
     env = os.environ.get("PSP_SHARED")

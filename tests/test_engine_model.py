@@ -43,6 +43,21 @@ def test_engine_model_equals_reference(encoder_type, input_nc, output_size):
     assert_close(img, ref_img, "engine_model")
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_rounding_and_casting_never_reach_the_source_model(precision):
+    """EnginePSP owns its memory: emulating or casting a precision on it leaves the reference model
+    it was built from unchanged (once, the emulation rounded the reference's shared biases in place)."""
+    from export.engine_model import emulate_rounding
+
+    psp = small_psp("GradualStyleEncoder", 32)
+    before = {k: v.clone() for k, v in psp.state_dict().items()}
+    emulate_rounding(EnginePSP(psp), precision)
+    EnginePSP(psp, precision=precision)
+    after = psp.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert not changed, f"the source model was changed: {changed[:5]}"
+
+
 def test_engine_model_golden(psp256, shared):
     golden = np.load(shared / "golden" / "public_ffhq_encode_256_seed0.npz")
     x = (torch.from_numpy(golden["inputs_rgb256_uint8"]).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5

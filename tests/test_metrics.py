@@ -237,7 +237,8 @@ def test_cli_end_to_end(folders, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 1  # one pair failed (the corrupt file)
     report = json.loads(out.read_text())
-    assert report["counts"] == {"pairs": 3, "ok": 2, "failed": 1, "unmatched_pred": 1, "unmatched_target": 1}
+    assert report["counts"] == {"pairs": 3, "ok": 2, "failed": 1, "unmatched_pred": 1, "unmatched_target": 1,
+                                "extras_skipped": 0}
     assert report["unmatched"] == {"pred": ["extra.png"], "target": ["lonely.jpg"]}
     (failure,) = report["failures"]
     assert failure["name"] == "broken" and str(pred / "broken.png") in failure["reason"]

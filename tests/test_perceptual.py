@@ -91,7 +91,7 @@ def test_missing_backbone_names_file_place_and_fix(torch_home, net):
     assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, PSPError)
     assert LPIPS_BACKBONE_FILES[net] in msg
     assert str(lpips_backbone_path(net)) in msg  # where it was looked for
-    assert "backbone_path" in msg and "TORCH_HOME" in msg  # how to provide it
+    assert "--lpips-backbone" in msg and "TORCH_HOME" in msg  # how to provide it: the CLI option
 
 
 @pytest.mark.parametrize("net", ["alex", "vgg", "squeeze"])
