@@ -399,6 +399,8 @@ def kernel_parity(plan: Plan, out: Path, seed: int, budget: Budget) -> dict[str,
     report = out / "kernel_tests.jsonl"
     report.unlink(missing_ok=True)
     env = dict(os.environ, **{ENV_REPORT: str(report), ENV_SEED: str(seed), "PYTHONHASHSEED": str(seed % 2**32)})
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        env.pop(name, None)  # inherited when the suite itself runs inside an xdist worker (its own test)
     if plan.kernel_tests_per_function:
         env[ENV_PER_FUNCTION] = str(plan.kernel_tests_per_function)
     if plan.mode == "dry-run":

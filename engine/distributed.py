@@ -125,10 +125,12 @@ def connect(address: str, say: Callable[[str], None] = lambda msg: None) -> tupl
 
 
 def default_actors(cluster: ClusterOptions) -> int:
-    """The number of model actors when `--num-actors` is not given (see `ClusterOptions`)."""
+    """The number of model actors when `--num-actors` is not given (see `ClusterOptions`): from the
+    resources free now (`ray.available_resources`), so that a cluster partly held by other work (a
+    Ray Serve deployment, another job) still schedules every actor and its read tasks."""
     import ray
 
-    resources = ray.cluster_resources()
+    resources = ray.available_resources()
     if cluster.gpus_per_actor > 0:
         return max(1, int(resources.get("GPU", 0) // cluster.gpus_per_actor))
     return max(1, (int(resources.get("CPU", 1)) - 1) // cluster.cpus_per_actor)
@@ -314,7 +316,7 @@ def run_distributed(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest
         ds = ray.data.from_items([_job_row(job, stat) for job, stat in todo],
                                  override_num_blocks=min(len(todo), 1000))
         # Read tasks take half a CPU, or none when the actors hold every CPU (they would never be scheduled).
-        free_cpus = ray.cluster_resources().get("CPU", 0) - n_actors * cluster.cpus_per_actor
+        free_cpus = ray.available_resources().get("CPU", 0) - n_actors * cluster.cpus_per_actor
         read_cpus = 0.5 if free_cpus >= 0.5 else 0
         ds = ds.flat_map(read_stage, fn_kwargs={"label_nc": eng.label_nc, "opts": opts}, num_cpus=read_cpus)
         ds = ds.map_batches(

@@ -130,13 +130,3 @@ def small_w(tmp_path_factory) -> Path:
     path = save_small_w(tmp_path_factory.mktemp("ckpt") / "small_w32.pt", 32)
     yield path
     path.unlink(missing_ok=True)
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`): one worker per test file, so a module's expensive
-    fixtures are built once, and the files that use Ray (`tests/_ray_cluster.py`) share one worker
-    and its one local Ray instance. Without xdist the marker does nothing."""
-    for item in items:
-        if not any(m.name == "xdist_group" for m in item.iter_markers()):
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))

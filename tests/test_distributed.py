@@ -26,8 +26,6 @@ from engine import run
 from engine.distributed import FAULT_ENV
 from engine.manifest import read_records
 
-# one local Ray instance per test process (tests/_ray_cluster.py): keep these files on one xdist worker
-pytestmark = pytest.mark.xdist_group("ray")
 
 FACES = ("hyperstyle_pitt_256.jpg", "psp_input_img.jpg", "restyle_face_img.jpg")
 BAD = {"bad.jpg": b"not an image", "empty.png": b"", "truncated.jpg": None}

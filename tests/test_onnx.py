@@ -123,8 +123,15 @@ def test_auto_backend_picks_the_measured_fastest():
     assert resolve("reference", torch.device("cpu"))[:2] == ("reference", "fp32")
 
 
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    """One engine cache for the graph backends of `small`: onnxruntime exports, openvino reuses."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.mark.parametrize("backend", ["engine", "onnxruntime", "openvino"])
-def test_engine_backends(small, backend, tmp_path, monkeypatch):
+def test_engine_backends(small, backend, small_cache, monkeypatch):
+    tmp_path = small_cache
     monkeypatch.setenv("PSP_ENGINE_CACHE", str(tmp_path))
     path, psp = small
     x = torch.rand(3, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -97,7 +97,7 @@ def parity_inputs(shared):
 
 def test_bf16_rounding_of_the_formulation_meets_the_parity_contract(psp256, parity_inputs):
     """On every machine: the error bf16 storage adds (emulated) is inside the contract."""
-    x = parity_inputs[:6]
+    x = parity_inputs[:2]
     with torch.inference_mode():
         ref_w = psp256.encode(x)
         ref_img = psp256.synthesize(ref_w)

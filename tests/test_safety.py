@@ -419,16 +419,36 @@ def test_claiming_the_output_folder_sweeps_stale_temp_files(tmp_path, monkeypatc
     for p in stale + kept:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x")
+    export_dir = cache / "onnx" / f".g.encoder.onnx.c0ffee00{TEMP_SUFFIX}"  # a killed export's atomic_files folder
+    (export_dir / "g.encoder.onnx.data").parent.mkdir(parents=True)
+    (export_dir / "g.encoder.onnx.data").write_bytes(b"w" * 100)
     hour_ago = time.time() - 2 * run.CACHE_TEMP_AGE_S
-    os.utime(stale[2], (hour_ago, hour_ago))  # the cache's: only old ones (another process may be exporting)
+    for p in (stale[2], export_dir):  # the cache's: only old ones (another process may be exporting)
+        os.utime(p, (hour_ago, hour_ago))
     err = io.StringIO()
     with contextlib.redirect_stderr(err), run.claim_output_folder(out):
         assert (out / LOCK_NAME).exists()
-    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
-    assert "removed 3 temp files" in err.getvalue()
+    assert not any(p.exists() for p in stale + [export_dir]) and all(p.exists() for p in kept)
+    assert "removed 4 temp files" in err.getvalue()
     with run.claim_output_folder(tmp_path / "never_used"):
         pass
     assert not (tmp_path / "never_used").exists(), "a folder the run created and left empty is removed"
+
+
+def test_atomic_files_appear_together_or_not_at_all(tmp_path):
+    """`atomic_files` (an ONNX graph and its weights): on success both appear, the graph last; on an
+    error (a kill mid-export is swept by the next run, above) neither does, and no temp is left."""
+    from reference.files import atomic_files
+
+    dest = tmp_path / "cache" / "m.onnx"
+    with atomic_files(dest) as tmp:
+        (tmp / "m.onnx.data").write_bytes(b"w" * 10)
+        (tmp / "m.onnx").write_bytes(b"g")
+    assert dest.read_bytes() == b"g" and (tmp_path / "cache" / "m.onnx.data").read_bytes() == b"w" * 10
+    with pytest.raises(KeyboardInterrupt), atomic_files(tmp_path / "cache" / "n.onnx") as tmp:
+        (tmp / "n.onnx.data").write_bytes(b"w")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["m.onnx", "m.onnx.data"]
 
 
 def _start(args: list, env: dict) -> subprocess.Popen:

@@ -22,8 +22,6 @@ from PIL import Image  # noqa: E402
 
 from _serve_app import LIMITS, SIZE, service, small_checkpoint  # noqa: E402
 
-# one local Ray instance per test process (tests/_ray_cluster.py): keep these files on one xdist worker
-pytestmark = pytest.mark.xdist_group("ray")
 
 FACE = "psp_input_img.jpg"
 

@@ -93,10 +93,16 @@ def test_triton_backend_of_the_engine(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,what", [(torch.float32, "golden"), (torch.float16, "triton_generator")],
-                         ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype,what", [
+    (torch.float32, "golden"),
+    pytest.param(torch.float16, "triton_generator", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="fp16 at 256 px in Triton's interpreter takes 80 s on 2 cores; on the CPU the fp16 kernels are "
+               "checked against the reference at 16 px (test_triton_generator_fp16_matches_reference), and "
+               "at full size on CUDA (here and in benchmarks.gpu_suite)")),
+], ids=["fp32", "fp16"])
 def test_triton_generator_reproduces_the_official_images(psp256, shared, dtype, what):
-    """The 256 px golden config through the kernels (interpreter: ~45 s per image on 2 cores)."""
+    """The 256 px golden config through the kernels (interpreter: ~60 s per image on 1 core)."""
     import numpy as np
 
     golden = np.load(shared / "golden" / "public_ffhq_encode_256_seed0.npz")

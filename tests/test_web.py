@@ -17,8 +17,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 from _serve_app import service  # noqa: E402
 
-# one local Ray instance per test process (tests/_ray_cluster.py): keep these files on one xdist worker
-pytestmark = pytest.mark.xdist_group("ray")
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
