@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import os
 import sys
 import warnings
@@ -139,15 +140,21 @@ def export_onnx(model: EnginePSP, path: str | os.PathLike, part: str = "psp", re
     wrapper = _Part(src, part, resize).eval()
     inputs, outputs = IO_NAMES[part]
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed. Skipping torchvision::nms" etc.
+    level = quiet.level
     with atomic_files(path) as tmp:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), \
-                contextlib.redirect_stdout(io.StringIO()):  # the exporter's step-by-step progress lines
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(wrapper, (example_input(model, part),), None, input_names=inputs,
-                                        output_names=outputs, dynamic_shapes=({0: batch},), opset_version=opset,
-                                        dynamo=True, external_data=True, optimize=True, verbose=False)
-            name_nodes_by_module(program.model.graph)
-            program.save(tmp / path.name, external_data=True)  # weights streamed to <name>.data
+        try:
+            quiet.setLevel(logging.ERROR)
+            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), \
+                    contextlib.redirect_stdout(io.StringIO()):  # the exporter's step-by-step progress lines
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(wrapper, (example_input(model, part),), None, input_names=inputs,
+                                            output_names=outputs, dynamic_shapes=({0: batch},), opset_version=opset,
+                                            dynamo=True, external_data=True, optimize=True, verbose=False)
+                name_nodes_by_module(program.model.graph)
+                program.save(tmp / path.name, external_data=True)  # weights streamed to <name>.data
+        finally:
+            quiet.setLevel(level)
         del program
         onnx.checker.check_model(str(tmp / path.name), full_check=True)  # includes strict shape inference
         stale = data_path(path)
