@@ -129,11 +129,13 @@ def _graph_loader(runtime: str) -> Callable[[LoadRequest], object]:
     def load(req: LoadRequest):
         from reference.checkpoint import read_checkpoint
 
-        from .graph import load_graph_backend
+        from .graph import ReferenceLoader, load_graph_backend
 
         if not req.path.is_file():
             read_checkpoint(req.path)  # raises the CheckpointError naming the problem
-        return load_graph_backend(runtime, req.path, req.reference, req.cache, req.precision, req.announce)
+        # the export (first use only) runs in a child process: its torch memory does not stay here
+        return load_graph_backend(runtime, req.path, ReferenceLoader(req.path, req.trust_pickle), req.cache,
+                                  req.precision, req.announce)
 
     load.__doc__ = f"The cached ONNX graphs of the engine formulation on {runtime} (exported on first use)."
     return load

@@ -23,6 +23,7 @@ import gc
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +59,104 @@ def cache_paths(checkpoint: Path, cache: Path) -> dict[str, Path]:
     return {part: cache / f"{checkpoint.stem}-{key}.{part}.onnx" for part in PARTS}
 
 
+@dataclass(frozen=True)
+class ReferenceLoader:
+    """Loads the `reference.PSP` of a checkpoint on the CPU; picklable, so that `cached_graphs` can
+    run the export in a child process.
+
+    Attributes:
+        path: the pSp checkpoint.
+        trust_pickle: allow full unpickling of an old checkpoint (`reference.read_checkpoint`).
+    """
+
+    path: Path
+    trust_pickle: bool = False
+
+    def __call__(self):
+        from reference import load_psp
+
+        return load_psp(self.path, trust_pickle=self.trust_pickle)
+
+
+def export_parts(load_reference: Callable[[], object], checkpoint: Path, paths: dict[str, Path]) -> list[str]:
+    """Load the reference, build the engine formulation and export each part to its path.
+
+    Returns:
+        One line per part (name, size of its weights, seconds).
+    """
+    from .engine_model import EnginePSP
+    from .onnx import export_onnx
+
+    model = EnginePSP(load_reference(), checkpoint=str(checkpoint))  # the reference is dropped once built
+    lines = []
+    for part, path in paths.items():
+        module = model.encoder if part == "encoder" else model.synthesis
+        mib = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())) / 2**20
+        t1 = time.perf_counter()
+        export_onnx(model, path, part=part, checkpoint=checkpoint)
+        lines.append(f"  {part}: {path.name}, {mib:,.0f} MiB, {time.perf_counter() - t1:.1f} s")
+    return lines
+
+
+def _export_child(load_reference: ReferenceLoader, checkpoint: Path, paths: dict[str, Path], conn) -> None:
+    """The child process of `cached_graphs`: `export_parts`, its result or exception sent back on `conn`.
+    SIGTERM (the parent's way to stop it) is Ctrl-C here, so the export's temp folder is removed."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        conn.send(("ok", export_parts(load_reference, checkpoint, paths)))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent, which raises it
+        try:
+            conn.send(("error", e))
+        except Exception:  # an exception that does not pickle: its text
+            conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
+    finally:
+        conn.close()
+
+
+def _export_in_child(load_reference: ReferenceLoader, checkpoint: Path, paths: dict[str, Path]) -> list[str]:
+    """`export_parts` in a spawned child process: the torch memory of the load and the export
+    (2.7 GB at its peak for a 1024 px model) ends with the child instead of staying in this process,
+    which next compiles the graphs (OpenVINO: 3.9 GiB working set for that model). An interruption
+    here (Ctrl-C, SIGTERM) stops the child too.
+
+    Raises:
+        whatever the export raised (a `CheckpointError` for a bad checkpoint, ...), or RuntimeError
+        when the child died without a word (killed, out of memory).
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_export_child, args=(load_reference, checkpoint, paths, send), daemon=True,
+                       name="psp-onnx-export")
+    proc.start()
+    send.close()
+    answered = False
+    try:
+        try:
+            status, value = receive.recv()
+            answered = True
+        except EOFError:
+            proc.join()
+            raise RuntimeError(f"the ONNX export process died (exit code {proc.exitcode}; out of memory?); "
+                               "rerun the command") from None
+    finally:
+        if not answered:  # interrupted here: stop the child (it removes its temp folder)
+            proc.join(timeout=2)  # Ctrl-C reached the child too: let it finish its cleanup first
+            if proc.is_alive():
+                proc.terminate()
+        proc.join()
+        receive.close()
+    if status == "error":
+        raise value
+    return value
+
+
 def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache: Path,
                   announce: Callable[[str], None] | None = None) -> dict[str, Path]:
     """The fp32 `encoder` and `generator` ONNX graphs of `checkpoint` in `cache`, exported first if missing.
@@ -65,36 +164,35 @@ def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache:
     Args:
         checkpoint: the pSp checkpoint file (the cache key: resolved path, size, mtime, export version).
         load_reference: returns the loaded `reference.PSP`; called only when the graphs must be
-            exported, so a cached run never holds the torch weights (peak memory).
+            exported, so a cached run never holds the torch weights (peak memory). A
+            `ReferenceLoader` is called in a child process (`_export_in_child`), any other callable
+            in this one.
         cache: the folder of the cached graphs.
-        announce: receives one line per exported part (what, how big, how long).
+        announce: receives one line before the export and one per exported part (what, how big, how long).
 
     Returns:
-        `{"encoder": path, "generator": path}` (each with its sidecar `<path>.json` beside it).
+        `{"encoder": path, "generator": path}` (each with its weights `<path>.data` and its sidecar
+        `<path>.json` beside it).
+
+    Raises:
+        CheckpointError: a bad checkpoint (from the load).
     """
     from reference.description import sidecar_path
-
-    from .engine_model import EnginePSP
-    from .onnx import export_onnx
 
     paths = cache_paths(checkpoint, cache)
     if all(p.is_file() and sidecar_path(p).is_file() for p in paths.values()):
         return paths
     say = announce or (lambda msg: None)
     t0 = time.perf_counter()
-    psp = load_reference()  # a bad checkpoint fails here, before anything is announced
     say(f"exporting {checkpoint.name} to ONNX graphs in {cache} (once per checkpoint; reused by the "
         "onnxruntime and openvino backends)")
-    model = EnginePSP(psp, checkpoint=str(checkpoint))
-    del psp  # peak memory: the reference is not needed once the engine formulation holds the weights
-    for part, path in paths.items():
-        module = model.encoder if part == "encoder" else model.synthesis
-        mib = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())) / 2**20
-        t1 = time.perf_counter()
-        export_onnx(model, path, part=part, checkpoint=checkpoint)
-        say(f"  {part}: {path.name}, {mib:,.0f} MiB, {time.perf_counter() - t1:.1f} s")
-    del model
-    gc.collect()
+    if isinstance(load_reference, ReferenceLoader):
+        lines = _export_in_child(load_reference, checkpoint, paths)
+    else:
+        lines = export_parts(load_reference, checkpoint, paths)
+        gc.collect()
+    for line in lines:
+        say(line)
     say(f"exported in {time.perf_counter() - t0:.1f} s (python -m engine.cache lists and removes cache entries)")
     return paths
 

@@ -157,3 +157,26 @@ def test_parity_report_against_golden(shared, ffhq256_checkpoint, tmp_path, monk
     assert not bad, bad
     worst = max(r.max_abs for r in results if r.against == "golden")
     assert worst < 1e-4 and math.isfinite(worst)
+
+
+def test_graph_export_runs_in_a_child_process(small_w, tmp_path):
+    """`cached_graphs` with a `ReferenceLoader` exports in a spawned child (its torch memory ends with
+    it): the graphs and sidecars appear, no temp folder stays, no child is left; a bad checkpoint's
+    error comes back from the child as the same `CheckpointError` a load in this process raises."""
+    import multiprocessing
+
+    from export.graph import ReferenceLoader, cached_graphs
+    from reference.errors import CheckpointError
+
+    notes = []
+    paths = cached_graphs(small_w, ReferenceLoader(small_w), tmp_path / "onnx", notes.append)
+    assert all(p.is_file() and xo.data_path(p).is_file() for p in paths.values())
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted(
+        n for p in paths.values() for n in (p.name, p.name + ".data", p.name + ".json"))
+    assert notes[0].startswith("exporting small_w32.pt") and any("encoder:" in n for n in notes)
+    assert not multiprocessing.active_children()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        cached_graphs(bad, ReferenceLoader(bad), tmp_path / "onnx2")
+    assert not any((tmp_path / "onnx2").glob(".*")), "no temp folder left"
