@@ -78,8 +78,12 @@ class ReferenceLoader:
         return load_psp(self.path, trust_pickle=self.trust_pickle)
 
 
-def export_parts(load_reference: Callable[[], object], checkpoint: Path, paths: dict[str, Path]) -> list[str]:
+def export_parts(load_reference: Callable[[], object], checkpoint: Path, paths: dict[str, Path],
+                 on_loaded: Callable[[], None] = lambda: None) -> list[str]:
     """Load the reference, build the engine formulation and export each part to its path.
+
+    Args:
+        on_loaded: called once the checkpoint has loaded (a bad one fails before it).
 
     Returns:
         One line per part (name, size of its weights, seconds).
@@ -87,7 +91,10 @@ def export_parts(load_reference: Callable[[], object], checkpoint: Path, paths: 
     from .engine_model import EnginePSP
     from .onnx import export_onnx
 
-    model = EnginePSP(load_reference(), checkpoint=str(checkpoint))  # the reference is dropped once built
+    psp = load_reference()
+    on_loaded()
+    model = EnginePSP(psp, checkpoint=str(checkpoint))
+    del psp  # the reference is not needed once the engine formulation holds the weights
     lines = []
     for part, path in paths.items():
         module = model.encoder if part == "encoder" else model.synthesis
@@ -108,7 +115,7 @@ def _export_child(load_reference: ReferenceLoader, checkpoint: Path, paths: dict
 
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        conn.send(("ok", export_parts(load_reference, checkpoint, paths)))
+        conn.send(("ok", export_parts(load_reference, checkpoint, paths, lambda: conn.send(("loaded", None)))))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent, which raises it
         try:
             conn.send(("error", e))
@@ -118,7 +125,8 @@ def _export_child(load_reference: ReferenceLoader, checkpoint: Path, paths: dict
         conn.close()
 
 
-def _export_in_child(load_reference: ReferenceLoader, checkpoint: Path, paths: dict[str, Path]) -> list[str]:
+def _export_in_child(load_reference: ReferenceLoader, checkpoint: Path, paths: dict[str, Path],
+                     on_loaded: Callable[[], None]) -> list[str]:
     """`export_parts` in a spawned child process: the torch memory of the load and the export
     (2.7 GB at its peak for a 1024 px model) ends with the child instead of staying in this process,
     which next compiles the graphs (OpenVINO: 3.9 GiB working set for that model). An interruption
@@ -140,6 +148,9 @@ def _export_in_child(load_reference: ReferenceLoader, checkpoint: Path, paths: d
     try:
         try:
             status, value = receive.recv()
+            if status == "loaded":  # the checkpoint is good: the export begins
+                on_loaded()
+                status, value = receive.recv()
             answered = True
         except EOFError:
             proc.join()
@@ -168,7 +179,8 @@ def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache:
             `ReferenceLoader` is called in a child process (`_export_in_child`), any other callable
             in this one.
         cache: the folder of the cached graphs.
-        announce: receives one line before the export and one per exported part (what, how big, how long).
+        announce: receives one line once the checkpoint has loaded (before the export) and one per
+            exported part (what, how big, how long).
 
     Returns:
         `{"encoder": path, "generator": path}` (each with its weights `<path>.data` and its sidecar
@@ -184,12 +196,14 @@ def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache:
         return paths
     say = announce or (lambda msg: None)
     t0 = time.perf_counter()
-    say(f"exporting {checkpoint.name} to ONNX graphs in {cache} (once per checkpoint; reused by the "
-        "onnxruntime and openvino backends)")
+    def loaded() -> None:  # after the load: a bad checkpoint fails before anything is announced
+        say(f"exporting {checkpoint.name} to ONNX graphs in {cache} (once per checkpoint; reused by the "
+            "onnxruntime and openvino backends)")
+
     if isinstance(load_reference, ReferenceLoader):
-        lines = _export_in_child(load_reference, checkpoint, paths)
+        lines = _export_in_child(load_reference, checkpoint, paths, loaded)
     else:
-        lines = export_parts(load_reference, checkpoint, paths)
+        lines = export_parts(load_reference, checkpoint, paths, loaded)
         gc.collect()
     for line in lines:
         say(line)

@@ -177,6 +177,8 @@ def test_graph_export_runs_in_a_child_process(small_w, tmp_path):
     assert not multiprocessing.active_children()
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
+    notes.clear()
     with pytest.raises(CheckpointError, match="bad.pt"):
-        cached_graphs(bad, ReferenceLoader(bad), tmp_path / "onnx2")
+        cached_graphs(bad, ReferenceLoader(bad), tmp_path / "onnx2", notes.append)
+    assert notes == [], "a bad checkpoint fails before the export is announced"
     assert not any((tmp_path / "onnx2").glob(".*")), "no temp folder left"
