@@ -3,8 +3,8 @@
 The cache folder (`reference.files.cache_dir()`: `$PSP_ENGINE_CACHE`, else `~/.cache/psp-engine`)
 holds what the engine makes once and reuses:
 - `demo_*.pt`: the random-weight demo checkpoint (`engine.demo`, about 1.2 GB);
-- `onnx/<stem>-<key>.<part>.onnx` + their weights `.onnx.data` and JSON sidecars: the graphs the onnxruntime and openvino
-  backends export on first use of a checkpoint (`export.graph.cache_paths`; about the checkpoint's
+- `onnx/<stem>-<key>.<part>.onnx` + their weights `.onnx.data` and JSON sidecars: the graphs the
+  onnxruntime and openvino backends export on first use of a checkpoint (`export.graph.cache_paths`; about the checkpoint's
   size). One entry per `<stem>-<key>`; the sidecar records the source checkpoint's path;
 - `ov_cache/`: compiled-model caches (OpenVINO's model cache), one entry per file;
 - `*.psp-tmp`: temp files (and an export's temp folders) of writes a killed process never finished

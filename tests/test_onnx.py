@@ -131,8 +131,7 @@ def small_cache(tmp_path_factory):
 
 @pytest.mark.parametrize("backend", ["engine", "onnxruntime", "openvino"])
 def test_engine_backends(small, backend, small_cache, monkeypatch):
-    tmp_path = small_cache
-    monkeypatch.setenv("PSP_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setenv("PSP_ENGINE_CACHE", str(small_cache))
     path, psp = small
     x = torch.rand(3, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
     eng = engine.load(path, backend=backend)
@@ -144,7 +143,7 @@ def test_engine_backends(small, backend, small_cache, monkeypatch):
     assert_close(w_plus, ref_w, "onnx", "float32")
     assert_close(img, ref_img, "onnx", "float32")
     if backend != "engine":
-        assert list(tmp_path.glob("onnx/*.onnx")), "the exported graphs are cached"
+        assert list(small_cache.glob("onnx/*.onnx")), "the exported graphs are cached"
 
 
 def test_parity_report_against_golden(shared, ffhq256_checkpoint, tmp_path, monkeypatch):
@@ -159,15 +158,20 @@ def test_parity_report_against_golden(shared, ffhq256_checkpoint, tmp_path, monk
     assert worst < 1e-4 and math.isfinite(worst)
 
 
-def test_graph_export_runs_in_a_child_process(small_w, tmp_path):
+def test_graph_export_runs_in_a_child_process(small_w, tmp_path, monkeypatch):
     """`cached_graphs` with a `ReferenceLoader` exports in a spawned child (its torch memory ends with
     it): the graphs and sidecars appear, no temp folder stays, no child is left; a bad checkpoint's
     error comes back from the child as the same `CheckpointError` a load in this process raises."""
     import multiprocessing
 
+    import export.graph
     from export.graph import ReferenceLoader, cached_graphs
     from reference.errors import CheckpointError
 
+    def not_here(*args, **kwargs):
+        raise AssertionError("the export ran in the test's own process")
+
+    monkeypatch.setattr(export.graph, "export_parts", not_here)  # the spawned child imports its own
     notes = []
     paths = cached_graphs(small_w, ReferenceLoader(small_w), tmp_path / "onnx", notes.append)
     assert all(p.is_file() and xo.data_path(p).is_file() for p in paths.values())
