@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from reference import make_checkpoint, save_checkpoint
+from reference.child import call_in_child
 from reference.files import cache_dir
 
 DEMO_CONFIG = "ffhq_encode"
@@ -26,7 +27,7 @@ DEMO_SEED = 0
 WEIGHT_RULE_VERSION = "v1"  # in the file name: a new rule must not reuse an old cached file
 REAL_CHECKPOINT_HINT = "--checkpoint psp_ffhq_encode.pt"
 # Measured on 2 cores (this project's CI machine): 13.5 s to generate the weights, 6.2 s to write
-# 1.20 GB; peak RSS of the build 2.4 GB (one copy of the weights plus torch).
+# 1.20 GB; peak RSS of the build 2.4 GB (one copy of the weights plus torch), in a child process.
 DEMO_BUILD_ESTIMATE_S = 20
 
 DEMO_NOTICE = (
@@ -60,7 +61,7 @@ def demo_checkpoint_path(announce: Callable[[str], None] | None = None) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     if announce is None:
-        save_checkpoint(make_checkpoint(DEMO_CONFIG, seed=DEMO_SEED), path)  # temp file + os.replace
+        call_in_child(_build_demo, (path, DEMO_CONFIG, DEMO_SEED), what="demo checkpoint build")
         return path
     from tqdm import tqdm
 
@@ -70,12 +71,34 @@ def demo_checkpoint_path(announce: Callable[[str], None] | None = None) -> Path:
     t0 = time.perf_counter()
     with tqdm(desc="demo weights", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
               dynamic_ncols=True) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+        def progress(message: tuple[str, int, int]) -> None:
+            stage, done, total = message
+            if stage == "weights":
+                bar.total = total
+                bar.update(done - bar.n)
+            else:  # "writing": the weights are complete
+                bar.close()
+                announce(f"writing the demo checkpoint ({total / 2**30:.2f} GiB) to {path} ...")
 
-        ckpt = make_checkpoint(DEMO_CONFIG, seed=DEMO_SEED, progress=progress)
-    announce(f"writing the demo checkpoint ({bar.total / 2**30:.2f} GiB) to {path} ...")
-    save_checkpoint(ckpt, path)  # temp file + os.replace
+        call_in_child(_build_demo, (path, DEMO_CONFIG, DEMO_SEED), progress, what="demo checkpoint build")
     announce(f"demo checkpoint built in {time.perf_counter() - t0:.1f} s: {path} ({path.stat().st_size / 2**30:.2f} GiB)")
     return path
+
+
+def _build_demo(path: Path, config: str, seed: int, notify: Callable[[tuple[str, int, int]], None]) -> None:
+    """Generate the weights of `make_checkpoint(config, seed)` and write them to `path` (atomically), in the child process of
+    `demo_checkpoint_path` (`reference.child.call_in_child`): the 2.4 GB peak of the build ends with
+    the child instead of staying in the process that next loads the model. Sends
+    `("weights", bytes_done, bytes_total)` as the weights grow (at most every 1 %), then
+    `("writing", total, total)`."""
+    sent = [-1, 0]  # bytes last sent, total
+
+    def progress(done: int, total: int) -> None:
+        sent[1] = total
+        if done == total or done - sent[0] >= total // 100:
+            sent[0] = done
+            notify(("weights", done, total))
+
+    ckpt = make_checkpoint(config, seed=seed, progress=progress)
+    notify(("writing", sent[1], sent[1]))
+    save_checkpoint(ckpt, path)  # temp file + os.replace

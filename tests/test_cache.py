@@ -127,12 +127,15 @@ def test_demo_build_announces_size_and_shows_progress(tmp_path, monkeypatch, cap
     """The first build says what, where, how big and how long, and draws a byte progress bar.
 
     The build is a 256 px rosinality generator standing in for the 1.2 GB pSp (same code path:
-    `make_checkpoint(..., progress=...)` then `save_checkpoint`)."""
-    from reference import make_checkpoint
-
+    `make_checkpoint(..., progress=...)` then `save_checkpoint`). It runs in a spawned child process
+    (its memory ends with it): `make_checkpoint` replaced in this process is never called."""
     monkeypatch.setenv("PSP_ENGINE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(demo, "make_checkpoint",
-                        lambda config, seed, progress: make_checkpoint("stylegan2_rosinality_256", seed, progress))
+    monkeypatch.setattr(demo, "DEMO_CONFIG", "stylegan2_rosinality_256")
+
+    def in_this_process(*args, **kwargs):
+        raise AssertionError("the demo build ran in the test's process, not in a child")
+
+    monkeypatch.setattr(demo, "make_checkpoint", in_this_process)
     notes: list[str] = []
     path = demo.demo_checkpoint_path(notes.append)
     assert path == demo.demo_path() and path.is_file()

@@ -186,3 +186,66 @@ def test_graph_export_runs_in_a_child_process(small_w, tmp_path, monkeypatch):
         cached_graphs(bad, ReferenceLoader(bad), tmp_path / "onnx2", notes.append)
     assert notes == [], "a bad checkpoint fails before the export is announced"
     assert not any((tmp_path / "onnx2").glob(".*")), "no temp folder left"
+
+
+def test_openvino_gives_back_the_pages_of_its_weight_files(exported, tmp_path, monkeypatch):
+    """After its first call, an OpenVINO runner gives back the resident pages of the weight file its
+    compile mapped (the graph's .onnx.data here; its cached blob on a later process), once; the
+    results stay identical and correct."""
+    import export.graph as xg
+    from reference import platform as rp
+
+    psp, files = exported
+    path = files[("generator", False)]
+    calls = []
+
+    def recording(paths):
+        calls.append(set(paths))
+        return rp.page_out(paths)
+
+    monkeypatch.setattr(xg, "page_out", recording)
+    run = xg.openvino_runner(path, "w_plus", "img", "fp32", tmp_path)
+    w_plus = torch.randn(2, psp.n_styles, 512, generator=torch.Generator().manual_seed(3))
+    first = run(w_plus.numpy())
+    assert len(calls) == 1 and str(xo.data_path(path)) in calls[0], calls
+    assert np.array_equal(run(w_plus.numpy()), first) and len(calls) == 1, "once, and nothing changes"
+    with torch.inference_mode():
+        assert_close(torch.from_numpy(first), psp.synthesize(w_plus), "onnx", "float32")
+
+
+def _mapping_rss_kib(path) -> int:
+    rss, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                rss += int(line.split()[1])
+    return rss
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="page_out reads /proc (Linux only)")
+def test_page_out_drops_resident_pages_and_keeps_the_data(tmp_path):
+    import mmap
+
+    from reference.platform import mapped_files, page_out
+
+    path = tmp_path / "weights.bin"
+    data = np.random.default_rng(0).integers(0, 255, 32 << 20, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert hashlib_sha(m) == hashlib_sha(data)  # every page read: resident
+        assert str(path) in mapped_files()
+        before = _mapping_rss_kib(path)
+        assert before > 30 << 10, before
+        assert page_out({str(path)}) >= 32 << 20
+        after = _mapping_rss_kib(path)
+        assert after < before // 4, (before, after)
+        assert hashlib_sha(m) == hashlib_sha(data), "the pages read back from the file"
+    assert page_out(set()) == 0 and page_out({str(tmp_path / "not-mapped")}) == 0
+
+
+def hashlib_sha(buf) -> str:
+    import hashlib
+
+    return hashlib.sha256(buf).hexdigest()

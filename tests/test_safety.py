@@ -620,3 +620,43 @@ def test_counts_read_as_english():
     assert "1 image in" in Summary(ok=1, seconds=1.0).format()
     assert "2 images in" in Summary(ok=2, seconds=1.0).format()
     assert "1 image in" in synthesize.SynthSummary(ok=1, images=1, seconds=1.0).format()
+
+
+# ------------------------------------------------------------------------------------------------
+# reference.child: memory-heavy steps in a spawned child process
+
+
+def _child_counts(n: int, notify) -> int:
+    for i in range(n):
+        notify(("step", i, os.getpid()))
+    return os.getpid()
+
+
+def _child_fails(kind: str, notify) -> None:
+    notify("started")
+    if kind == "usage":
+        raise UsageError("bad option --x; use --y")
+    if kind == "unpicklable":
+        class Local(Exception):  # a local class does not pickle
+            pass
+        raise Local("from a local exception class")
+    os._exit(3)  # dies without an answer (as the kernel's OOM killer would leave it)
+
+
+def test_call_in_child_relays_messages_result_and_errors():
+    """Messages arrive in order from another process, the result comes back, the child's exception
+    is raised here with its type, and a child that dies without a word is a clear RuntimeError."""
+    from reference.child import call_in_child
+
+    messages: list = []
+    child_pid = call_in_child(_child_counts, (3,), messages.append, what="test step")
+    assert child_pid != os.getpid(), "ran in this process"
+    assert messages == [("step", i, child_pid) for i in range(3)]
+    seen: list = []
+    with pytest.raises(UsageError, match="bad option --x; use --y"):
+        call_in_child(_child_fails, ("usage",), seen.append)
+    assert seen == ["started"]
+    with pytest.raises(RuntimeError, match="Local: from a local exception class"):
+        call_in_child(_child_fails, ("unpicklable",))
+    with pytest.raises(RuntimeError, match=r"the test step died \(exit code 3; out of memory\?\); rerun the command"):
+        call_in_child(_child_fails, ("die",), what="test step")
