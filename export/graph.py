@@ -133,6 +133,10 @@ def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache:
         `{"encoder": path, "generator": path}` (each with its weights `<path>.data` and its sidecar
         `<path>.json` beside it).
 
+    Two processes that need the same missing graphs at once do not both export: the export holds a
+    lock file (`<name>.lock` beside the graphs, `filelock.FileLock`), the other process announces
+    that it waits, then finds the graphs cached.
+
     Raises:
         CheckpointError: a bad checkpoint (from the load).
     """
@@ -141,6 +145,32 @@ def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache:
     paths = cache_paths(checkpoint, cache)
     if all(p.is_file() and sidecar_path(p).is_file() for p in paths.values()):
         return paths
+    from filelock import FileLock
+
+    cache.mkdir(parents=True, exist_ok=True)
+    # Two processes that need the same graphs at once (two runs, two test workers): one exports, the
+    # other waits for it and then finds them cached (`filelock`: an OS lock, freed if its holder dies).
+    from filelock import Timeout
+
+    lock = FileLock(paths["encoder"].with_name(paths["encoder"].name.split(".", 1)[0] + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if announce is not None:
+            announce(f"another process is exporting {checkpoint.name} to {cache}; waiting for it")
+        lock.acquire()
+    try:
+        if all(p.is_file() and sidecar_path(p).is_file() for p in paths.values()):
+            return paths
+        return _export_graphs(checkpoint, load_reference, paths, announce)
+    finally:
+        lock.release()
+
+
+def _export_graphs(checkpoint: Path, load_reference: Callable[[], object], paths: dict[str, Path],
+                   announce: Callable[[str], None] | None) -> dict[str, Path]:
+    """The export of `cached_graphs` (under its lock)."""
+    cache = paths["encoder"].parent
     say = announce or (lambda msg: None)
     t0 = time.perf_counter()
     def loaded() -> None:  # after the load: a bad checkpoint fails before anything is announced

@@ -34,27 +34,51 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 REPO = Path(__file__).resolve().parent.parent
 
 
+SESSION_ENV = "PSP_TEST_SESSION_DIR"
+
+
 def pytest_configure(config):
-    """The engine's cache (`PSP_ENGINE_CACHE`: ONNX graphs, compiled models, the demo checkpoint)
-    goes to a temp folder of this test session (one per xdist worker), never the user's
-    `~/.cache/psp-engine`; removed at the end. Subprocesses of tests inherit it."""
+    """One temp folder for the whole test run (`$PSP_TEST_SESSION_DIR`), shared by the pytest-xdist
+    workers (they inherit the controller's environment): the engine's cache (`PSP_ENGINE_CACHE`:
+    ONNX graphs, compiled models, the demo checkpoint) and the session checkpoints live there, so a
+    checkpoint is built and exported once per run, not once per worker; never the user's
+    `~/.cache/psp-engine`. Removed at the end by the process that made it. Subprocesses of tests
+    inherit it."""
     import tempfile
 
-    config._psp_cache = tempfile.mkdtemp(prefix="psp-test-cache-")
-    config._psp_cache_before = os.environ.get("PSP_ENGINE_CACHE")
-    os.environ["PSP_ENGINE_CACHE"] = config._psp_cache
+    config._psp_env_before = {k: os.environ.get(k) for k in (SESSION_ENV, "PSP_ENGINE_CACHE")}
+    config._psp_session = None
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(SESSION_ENV):
+        return  # a worker: the controller's folder
+    config._psp_session = tempfile.mkdtemp(prefix="psp-test-session-")
+    os.environ[SESSION_ENV] = config._psp_session
+    os.environ["PSP_ENGINE_CACHE"] = os.path.join(config._psp_session, "cache")
 
 
 def pytest_unconfigure(config):
     import shutil
 
-    cache = getattr(config, "_psp_cache", None)
-    if cache:
-        shutil.rmtree(cache, ignore_errors=True)
-        if config._psp_cache_before is None:
-            os.environ.pop("PSP_ENGINE_CACHE", None)
-        else:
-            os.environ["PSP_ENGINE_CACHE"] = config._psp_cache_before
+    if getattr(config, "_psp_session", None):
+        shutil.rmtree(config._psp_session, ignore_errors=True)
+        for k, v in config._psp_env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def session_file(name: str, build) -> Path:
+    """`$PSP_TEST_SESSION_DIR/ckpt/<name>`, made once per test run by `build(path)` (under a lock:
+    the xdist workers share it; the other waits). Tests must not modify it."""
+    from filelock import FileLock
+
+    folder = Path(os.environ[SESSION_ENV]) / "ckpt"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    with FileLock(folder / f"{name}.lock"):
+        if not path.is_file():
+            build(path)  # writes atomically (save_checkpoint)
+    return path
 
 
 def shared_dir() -> Path:
@@ -82,18 +106,16 @@ def shared() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ffhq256_checkpoint(tmp_path_factory) -> Path:
-    """`make_checkpoint("ffhq_encode_256", 0)` saved once per session (about 1 GB, ~10 s).
+def ffhq256_checkpoint() -> Path:
+    """`make_checkpoint("ffhq_encode_256", 0)` saved once per test run (about 1 GB, ~10 s), shared by
+    the xdist workers (`session_file`), so its ONNX export in the session's engine cache is too.
 
-    The weights of `shared/golden/public_ffhq_encode_256_seed0.npz`. Removed at the end of the
-    session (pytest keeps old tmp folders; they should not each hold 1 GB).
+    The weights of `shared/golden/public_ffhq_encode_256_seed0.npz`.
     """
     from reference import make_checkpoint, save_checkpoint
 
-    path = tmp_path_factory.mktemp("ckpt") / "ffhq_encode_256_seed0.pt"
-    save_checkpoint(make_checkpoint("ffhq_encode_256", 0), path)
-    yield path
-    path.unlink(missing_ok=True)
+    return session_file("ffhq_encode_256_seed0.pt",
+                        lambda path: save_checkpoint(make_checkpoint("ffhq_encode_256", 0), path))
 
 
 @pytest.fixture(scope="session")
@@ -124,9 +146,7 @@ def save_small_w(path: Path, output_size: int) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_w(tmp_path_factory) -> Path:
-    """`save_small_w` at 32 px (8 styles), once per session: the cheapest checkpoint for CLI runs
-    (about a second per encode)."""
-    path = save_small_w(tmp_path_factory.mktemp("ckpt") / "small_w32.pt", 32)
-    yield path
-    path.unlink(missing_ok=True)
+def small_w() -> Path:
+    """`save_small_w` at 32 px (8 styles), once per test run (shared by the xdist workers): the
+    cheapest checkpoint for CLI runs (about a second per encode)."""
+    return session_file("small_w32.pt", lambda path: save_small_w(path, 32))
