@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -164,7 +164,8 @@ class _Ready:
     n_items: int = 1  # items (faces) of this input
 
 
-def read_items(job: Job, stat: InputStat, label_nc: int, opts: "RunOptions", t0: float) -> list[_Ready]:
+def read_items(job: Job, stat: InputStat, label_nc: int, opts: "RunOptions", t0: float,
+               data: bytes | None = None) -> list[_Ready]:
     """Read one input into its items, ready for the model: one, or one per aligned face.
 
     The CPU stage of a run (no model needed: the distributed run calls it in Ray tasks).
@@ -175,6 +176,8 @@ def read_items(job: Job, stat: InputStat, label_nc: int, opts: "RunOptions", t0:
         opts: the run's options (max_pixels, align, largest_face, save_aligned, degrade_factor;
             couple_outputs / n_outputs decide whether the displayed input is kept).
         t0: `time.perf_counter()` when reading began (read_ms counts from it).
+        data: the input's bytes when the caller fetched them (an input behind a URI,
+            `engine.remote.RemoteFile`), decoded as the file would be; None: read `job.source`.
 
     Returns:
         The items, each with x `[1, C, 256, 256]` float32.
@@ -183,7 +186,7 @@ def read_items(job: Job, stat: InputStat, label_nc: int, opts: "RunOptions", t0:
         PSPError: an unreadable or unsuitable file (named), or with align a photo without a face.
     """
     keep_image = opts.couple_outputs or opts.n_outputs > 0
-    image = read_input(job.source, label_nc, max_pixels=opts.max_pixels)
+    image = read_input(job.source, label_nc, max_pixels=opts.max_pixels, data=data)
     if not opts.align:
         x = to_input_tensor([image], label_nc, names=[str(job.source)], degrade_factor=opts.degrade_factor)
         return [_Ready(job, stat, display_rgb(image, label_nc) if keep_image else None, x, _ms(t0))]
@@ -372,12 +375,14 @@ class Recorder:
         self._written: dict[str, tuple[int, list[Path]]] = {}  # input -> (items written, outputs)
         self._closed: set[str] = set()  # inputs recorded this run
 
-    def todo(self, jobs: Sequence[Job]) -> list[tuple[Job, InputStat]]:
+    def todo(self, jobs: Sequence[Job], stat_of: Callable[[object], InputStat] = InputStat.of
+             ) -> list[tuple[Job, InputStat]]:
         """Count as "skipped" the jobs the manifest has as done (no new record: a no-op rerun
-        leaves the manifest as it was); the others, with their stat."""
+        leaves the manifest as it was); the others, with their stat (`stat_of(job.source)`: a local
+        file's `InputStat.of`, or `engine.remote.input_stat` for inputs behind URIs)."""
         todo = []
         for job in jobs:
-            stat = InputStat.of(job.source)
+            stat = stat_of(job.source)
             if self.manifest.done(stat) is not None:
                 self.summary.skipped += 1
                 self._advance()

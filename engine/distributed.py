@@ -10,7 +10,8 @@ Pipeline (one Ray Data dataset, streamed):
        or each aligned face), or a row saying why the input failed / has no face;
     3. `Invert` (an actor pool, `--num-actors`, `--gpus-per-actor`; each actor loads the engine
        once with `engine.load`): `invert_items` on batches of `--batch-size` rows, then
-       `write_item` for each item (outputs go straight to the output folder, atomically);
+       `write_item` for each item (outputs go straight to the output folder, atomically; to an
+       output URI through the actor's own local folder, see `engine.remote`);
     4. the driver iterates the result rows and records them with `engine.batch.Recorder`: it is
        the manifest's only writer.
 
@@ -28,8 +29,12 @@ batches (`--batch-size 1`, or no failed input). Tested on the `engine` backend a
 single-process run on 1 thread. Otherwise results differ at float32 rounding, as they do between
 batch sizes in the single-process run.
 
-Inputs and outputs are local paths, which must be the same on every node (a shared filesystem);
-URIs (`s3://`, `gs://`, ...) are refused.
+Inputs and outputs are what every node can reach: local paths that are the same on every node (a
+shared filesystem), or URIs of `pyarrow.fs` (`file://`, `s3://`, `gs://`, `hdfs://`, `abfs://`) or of
+any installed fsspec implementation (`engine.remote`). An input URI is listed on the driver; read
+tasks fetch each file's bytes and decode them as a local file; actors upload outputs to the output
+URI atomically; the manifest is kept in a local staging folder and copied to the output URI
+periodically and at the end, and a rerun resumes from the URI's copy.
 
 Fault injection for tests: with `$PSP_ENGINE_FAULT_ONCE` naming a file that exists and holds a
 number N (empty: 1), the first actor to start its N-th batch removes the file and kills its own
@@ -39,6 +44,7 @@ process (`os._exit`), once per run.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -50,13 +56,13 @@ import torch
 from reference.errors import UsageError
 
 from .api import Engine
-from .batch import (STAGES, Recorder, RunOptions, Summary, _ms, _Ready, invert_items, prepare_run, read_error,
-                    read_items, write_item)
+from .batch import (STAGES, Inverted, Recorder, RunOptions, Summary, _ms, _Ready, invert_items, prepare_run,
+                    read_error, read_items, write_item)
 from .inputs import Job, file_ids
 from .manifest import InputStat, Manifest
+from .remote import RemoteFile, RemoteOutput, input_stat
 
 FAULT_ENV = "PSP_ENGINE_FAULT_ONCE"
-_URI_MARK = "://"
 
 
 @dataclass(frozen=True)
@@ -76,18 +82,6 @@ class ClusterOptions:
     num_actors: int | None = None
     gpus_per_actor: float = 0.0
     cpus_per_actor: int = 1
-
-
-def check_local_paths(inputs: Sequence[str], output: str) -> None:
-    """Refuse URIs for `--input` / `--output` with `--ray`.
-
-    Raises:
-        UsageError: naming the URI and the fix.
-    """
-    for what, value in [("--input", s) for s in inputs] + [("--output", output)]:
-        if _URI_MARK in str(value):
-            raise UsageError(f"{what} {value}: URIs are not supported with --ray yet; use a path that every node "
-                             "of the cluster can reach (a shared filesystem mounted at the same place)")
 
 
 def connect(address: str, say: Callable[[str], None] = lambda msg: None) -> tuple[bool, float]:
@@ -152,13 +146,20 @@ def _bytes_array(data: bytes, shape, dtype) -> np.ndarray | None:
 
 
 def _job_row(job: Job, stat: InputStat) -> dict:
-    return {"source": str(job.source), "base": str(job.base), "path": stat.path, "size": stat.size,
-            "mtime_ns": stat.mtime_ns}
+    """A job as plain columns; `root`, `rel`: a `RemoteFile`'s (both "" for a local file)."""
+    root, rel = (job.source.root, job.source.rel) if isinstance(job.source, RemoteFile) else ("", "")
+    return {"source": str(job.source), "root": root, "rel": rel, "base": str(job.base), "path": stat.path,
+            "size": stat.size, "mtime_ns": stat.mtime_ns}
+
+
+_JOB_COLUMNS = ("source", "root", "rel", "base", "path", "size", "mtime_ns")
 
 
 def _row_job(row) -> tuple[Job, InputStat]:
-    job = Job(Path(str(row["source"])), PurePosixPath(str(row["base"])))
-    return job, InputStat(str(row["path"]), int(row["size"]), int(row["mtime_ns"]))
+    stat = InputStat(str(row["path"]), int(row["size"]), int(row["mtime_ns"]))
+    root = str(row["root"])
+    source = RemoteFile(root, str(row["rel"]), stat.size, stat.mtime_ns) if root else Path(str(row["source"]))
+    return Job(source, PurePosixPath(str(row["base"]))), stat
 
 
 def _item_row(base: dict, status: str, error: str = "", r: _Ready | None = None, read_ms: float = 0.0) -> dict:
@@ -173,15 +174,17 @@ def _item_row(base: dict, status: str, error: str = "", r: _Ready | None = None,
 
 
 def read_stage(row: dict, label_nc: int, opts: RunOptions) -> list[dict]:
-    """Ray task body: read one input (`engine.batch.read_items`) into its item rows.
+    """Ray task body: read one input (`engine.batch.read_items`; an input behind a URI is fetched
+    first, `engine.remote.RemoteFile.read_bytes`) into its item rows.
 
     Returns:
-        One row per item ("ready"), or one row "failed" with the reason (a bad file, no face).
+        One row per item ("ready"), or one row "failed" with the reason (a bad or missing file, no face).
     """
     job, stat = _row_job(row)
     t0 = time.perf_counter()
     try:
-        items = read_items(job, stat, label_nc, opts, t0)
+        data = job.source.read_bytes() if isinstance(job.source, RemoteFile) else None
+        items = read_items(job, stat, label_nc, opts, t0, data=data)
     except Exception as e:  # noqa: BLE001 - a bad file is a failed row, never a failed job
         return [_item_row(row, "failed", read_error(job, e), read_ms=_ms(t0))]
     return [_item_row(row, "ready", r=r) for r in items]
@@ -196,10 +199,13 @@ class Invert:
         inputs: `engine.inputs.file_ids` of the run's inputs (an output never overwrites one).
         threads: torch's CPU threads (the actor's CPUs).
         fault_marker: see the module docstring (tests only), or None.
+        output_uri: the `--output` URI, or None (outputs go to `opts.out_dir`). With a URI, each item
+            is written by `write_item` into a temp folder of this actor's, uploaded
+            (`engine.remote.RemoteOutput.upload`), and the temp folder removed.
     """
 
     def __init__(self, load_args: dict, opts: RunOptions, inputs: dict, threads: int = 1,
-                 fault_marker: str | None = None):
+                 fault_marker: str | None = None, output_uri: str | None = None):
         from .api import load
 
         torch.set_num_threads(threads)
@@ -209,13 +215,15 @@ class Invert:
         self.mixing = prepare_run(self.eng, [], opts)
         self.fault_marker = fault_marker
         self.calls = 0
+        self.output = RemoteOutput(output_uri) if output_uri else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         """Invert the "ready" rows of `batch` and write their outputs; pass the others through.
 
         Returns:
             Columns of result rows, one per input row: status "ok" (with `outputs`, newline-joined
-            absolute paths) / "failed", `error`, `n_items` and per-stage ms.
+            POSIX paths relative to the output folder or URI) / "failed", `error`, `n_items` and
+            per-stage ms.
         """
         self._maybe_fail()
         opts = self.opts
@@ -223,12 +231,12 @@ class Invert:
         out = {k: [] for k in ("source", "path", "size", "mtime_ns", "status", "error", "n_items", "outputs",
                                *(f"{s}_ms" for s in STAGES))}
 
-        def emit(i: int, status: str, error: str = "", outputs: Sequence[Path] = (), **ms: float) -> None:
+        def emit(i: int, status: str, error: str = "", outputs: Sequence[str] = (), **ms: float) -> None:
             for k in ("source", "path", "size", "mtime_ns", "n_items"):
                 out[k].append(batch[k][i])
             out["status"].append(status)
             out["error"].append(error)
-            out["outputs"].append("\n".join(str(p) for p in outputs))
+            out["outputs"].append("\n".join(outputs))
             for s in STAGES:
                 out[f"{s}_ms"].append(float(ms.get(s, 0.0)))
 
@@ -237,7 +245,7 @@ class Invert:
             if batch["status"][i] != "ready":
                 emit(i, str(batch["status"][i]), str(batch["error"][i]), read=batch["read_ms"][i])
                 continue
-            job, stat = _row_job({k: batch[k][i] for k in ("source", "base", "path", "size", "mtime_ns")})
+            job, stat = _row_job({k: batch[k][i] for k in _JOB_COLUMNS})
             job = replace(job, base=PurePosixPath(str(batch["item_base"][i])))
             x = torch.from_numpy(_bytes_array(batch["x"][i], batch["x_shape"][i], np.float32).copy())
             ready.append(_Ready(job, stat, _bytes_array(batch["display"][i], batch["display_shape"][i], np.uint8), x,
@@ -255,14 +263,31 @@ class Invert:
             return out
         for j, (i, r) in enumerate(zip(rows, ready)):
             t0 = time.perf_counter()
-            paths, reason = write_item(r, j, inv, opts, self.inputs)
-            if paths is None:
+            if self.output is None:
+                paths, reason = write_item(r, j, inv, opts, self.inputs)
+                names = [p.relative_to(opts.out_dir).as_posix() for p in paths.values()] if paths is not None else None
+            else:
+                names, reason = self._write_to_uri(r, j, inv)
+            if names is None:
                 emit(i, "failed", reason, read=r.read_ms, encode=inv.encode_ms, synthesize=inv.synth_ms)
                 continue
             k = r.n_items
-            emit(i, "ok", outputs=[Path(os.path.abspath(p)) for p in paths.values()], read=r.read_ms * k,
-                 encode=inv.encode_ms * k, synthesize=inv.synth_ms * k, write=_ms(t0) * k)
+            emit(i, "ok", outputs=names, read=r.read_ms * k, encode=inv.encode_ms * k, synthesize=inv.synth_ms * k,
+                 write=_ms(t0) * k)
         return out
+
+    def _write_to_uri(self, r: _Ready, j: int, inv: Inverted) -> tuple[list[str] | None, str | None]:
+        """`write_item` into a temp folder, then upload to the output URI: `(names, None)`, the
+        relative names written, or `(None, reason)`."""
+        with tempfile.TemporaryDirectory(prefix="psp-engine-item-") as tmp:
+            opts = replace(self.opts, out_dir=Path(tmp))
+            paths, reason = write_item(r, j, inv, opts, self.inputs)
+            if paths is None:
+                return None, reason
+            try:
+                return self.output.upload(paths, opts.out_dir), None
+            except Exception as e:  # noqa: BLE001 - any filesystem's failure fails this item, not the run
+                return None, f"{r.job.source}: cannot write its outputs to {self.output.uri} ({type(e).__name__}: {e})"
 
     def _maybe_fail(self) -> None:
         self.calls += 1
@@ -279,19 +304,23 @@ class Invert:
 
 
 def run_distributed(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manifest,
-                    load_args: dict, cluster: ClusterOptions, progress=None) -> tuple[Summary, int]:
+                    load_args: dict, cluster: ClusterOptions, progress=None,
+                    output: RemoteOutput | None = None) -> tuple[Summary, int]:
     """`engine.batch.run_jobs` on a Ray cluster (pipeline in the module docstring).
 
     Ray must be connected (`connect`).
 
     Args:
         eng: the engine loaded on the driver (checks, mixing validation, the fingerprint).
-        jobs: from `plan_jobs`.
-        opts: output options; `opts.out_dir` must be `manifest.out_dir`.
+        jobs: from `plan_jobs` (`engine.remote.plan_jobs` when inputs are URIs).
+        opts: output options; `opts.out_dir` must be `manifest.out_dir` (with `output`, its staging folder).
         manifest: an open `Manifest` (written only here, on the driver).
         load_args: `engine.load` keyword arguments for the actors (the driver's resolved backend).
         cluster: actors and GPUs.
         progress: anything with `update(n)`, advanced once per input.
+        output: the `--output` URI's `RemoteOutput` (outputs are uploaded there; its manifest is
+            copied there every `engine.remote.SYNC_RECORDS` results or `SYNC_SECONDS` s; the final
+            copy is the caller's), or None for a local output folder.
 
     Returns:
         `(summary, actors)`: the run's `Summary` and the number of model actors used.
@@ -307,7 +336,7 @@ def run_distributed(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest
     opts = replace(opts, out_dir=Path(os.path.abspath(opts.out_dir)))
     t_start = time.perf_counter()
     rec = Recorder(manifest, progress)
-    todo = rec.todo(jobs)
+    todo = rec.todo(jobs, stat_of=input_stat)
     n_actors = cluster.num_actors or default_actors(cluster)
     if todo:
         ctx = ray.data.DataContext.get_current()
@@ -322,16 +351,20 @@ def run_distributed(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest
         ds = ds.map_batches(
             Invert, fn_constructor_kwargs={"load_args": load_args, "opts": opts, "threads": cluster.cpus_per_actor,
                                            "inputs": file_ids([job.source for job in jobs]),
-                                           "fault_marker": os.environ.get(FAULT_ENV) or None},
+                                           "fault_marker": os.environ.get(FAULT_ENV) or None,
+                                           "output_uri": output.uri if output is not None else None},
             batch_size=opts.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors),
             num_cpus=cluster.cpus_per_actor, num_gpus=cluster.gpus_per_actor or None)
         for row in ds.iter_rows():
             stat = InputStat(str(row["path"]), int(row["size"]), int(row["mtime_ns"]))
-            source, status = Path(str(row["source"])), str(row["status"])
+            source, status = str(row["source"]), str(row["status"])
             timings = {s: float(row[f"{s}_ms"]) for s in STAGES}
             if status == "ok":
-                rec.written(stat, int(row["n_items"]), [Path(p) for p in str(row["outputs"]).split("\n")], timings)
+                rec.written(stat, int(row["n_items"]), [opts.out_dir / p for p in str(row["outputs"]).split("\n")],
+                            timings)
             else:
                 rec.failed(source, stat, str(row["error"]), {k: v for k, v in timings.items() if v})
+            if output is not None:
+                output.record_made()
     rec.summary.seconds = time.perf_counter() - t_start
     return rec.summary, n_actors

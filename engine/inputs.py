@@ -89,7 +89,8 @@ class Job:
     """One input file and the base of its output names.
 
     Attributes:
-        source: the input file as found.
+        source: the input file as found: a local `Path`, or with `--ray` an
+            `engine.remote.RemoteFile` (a file behind a URI; `str` gives its URI).
         base: output path relative to the output folder, without extension (POSIX).
     """
 
@@ -130,9 +131,12 @@ class Job:
 
 
 def file_ids(paths: Sequence[str | os.PathLike]) -> dict[tuple[int, int], str]:
-    """`{(st_dev, st_ino): path}` of the files that exist (the identity `os.path.samefile` compares)."""
+    """`{(st_dev, st_ino): path}` of the files that exist (the identity `os.path.samefile` compares);
+    anything that is not a local path (an `engine.remote.RemoteFile`) has none and is passed over."""
     ids = {}
     for p in paths:
+        if not isinstance(p, (str, os.PathLike)):
+            continue
         with contextlib.suppress(OSError):
             st = os.stat(p)
             ids.setdefault((st.st_dev, st.st_ino), str(p))

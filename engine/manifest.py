@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from reference.files import atomic_write_bytes
 
@@ -108,10 +108,15 @@ class Manifest:
         config: the run's config (hashed by `fingerprint`, stored in every record).
         run: facts of this run stored in every record but not fingerprinted (e.g. why this backend
             and precision were chosen).
+        exists: whether an output (its relative POSIX name) exists, for `done`; default: a file of
+            that name under `out_dir`. Outputs uploaded elsewhere pass their own
+            (`engine.remote.RemoteOutput.exists`; the manifest then lives in a local staging folder).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, config: Mapping[str, Any], run: Mapping[str, Any] | None = None):
+    def __init__(self, out_dir: str | os.PathLike, config: Mapping[str, Any], run: Mapping[str, Any] | None = None,
+                 exists: Callable[[str], bool] | None = None):
         self.out_dir = Path(os.path.abspath(out_dir))  # outputs are stored relative to it
+        self.exists = exists or (lambda rel: (self.out_dir / rel).is_file())
         self.path = self.out_dir / MANIFEST_NAME
         self.config = dict(config)
         self.fingerprint = fingerprint(self.config)
@@ -174,7 +179,7 @@ class Manifest:
         if rec.get("input_size") != stat.size or rec.get("input_mtime_ns") != stat.mtime_ns:
             return None
         outputs = rec.get("outputs") or []
-        if not outputs or not all((self.out_dir / o).is_file() for o in outputs):
+        if not outputs or not all(self.exists(o) for o in outputs):
             return None
         return rec
 

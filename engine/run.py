@@ -14,6 +14,10 @@ Safety: options, inputs and output names are checked before the checkpoint loads
 folder that is an input folder, an output that would overwrite an input or land outside
 `--output`: see `engine.inputs`); the output folder is then locked for the run and cleared of
 the temp files an interrupted run left (`claim_output_folder`).
+
+URIs (`s3://`, `gs://`, `file://`, ... for `--input` and `--output`) are read and written by the
+distributed run (`--ray`, see `engine.remote`); without `--ray` they are refused with the fix
+(`--ray local` runs the same pipeline on this machine).
 """
 
 from __future__ import annotations
@@ -40,10 +44,11 @@ from export.backends import help_text as backend_help
 
 from . import api, demo
 from . import latents as lt
+from . import remote
 from .align import add_face_arguments, check_setup as check_align_setup, upsample as align_upsample
 from .batch import ALIGN_SIZE, RunOptions, Summary, run_jobs
 from .inputs import check_output_names, find_inputs, plan_jobs
-from .manifest import MANIFEST_NAME, InputStat, Manifest
+from .manifest import MANIFEST_NAME, Manifest
 
 CACHE_TEMP_AGE_S = 3600  # s: a cache temp file older than this is a killed process's leftover (exports take minutes)
 
@@ -93,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                "2 usage or checkpoint error.",
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="image files, folders (searched recursively) or glob patterns (quote them)")
-    p.add_argument("--output", required=True, metavar="DIR", help="output folder (created if missing)")
+                   help="image files, folders (searched recursively) or glob patterns (quote them); with --ray "
+                        "also URIs of a folder/prefix or a file (s3://, gs://, hdfs://, file://, any fsspec scheme)")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="output folder (created if missing); with --ray also a URI (s3://bucket/out, ...)")
     p.add_argument("--checkpoint", metavar="PATH", default=None,
                    help="official pSp checkpoint, e.g. psp_ffhq_encode.pt (default: a built-in DEMO "
                         "checkpoint with random weights, whose outputs are not faces)")
@@ -149,10 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "exactly one; a multi-factor checkpoint needs the option (official code draws one at random)")
     cluster = p.add_argument_group(
         "cluster (Ray Data; pip install -e '.[serve]')",
-        "same options, outputs, manifest and exit codes; inputs and outputs must be paths every node can reach")
+        "same options, outputs, manifest and exit codes; inputs and outputs must be what every node can reach: "
+        "paths of a shared filesystem, or URIs")
     cluster.add_argument("--ray", metavar="ADDRESS", default=None,
                          help="run on a Ray cluster: 'local' starts one on this machine's CPUs; else a Ray "
-                              "address ('auto', 'ray://host:10001')")
+                              "address ('auto', 'ray://host:10001'). --input and --output may then be URIs of "
+                              "pyarrow.fs (file://, s3://, gs://, hdfs://, abfs://) or of an installed fsspec "
+                              "package (pip install s3fs, gcsfs, ...): inputs are listed here and read by the "
+                              "cluster, outputs are uploaded atomically, and the manifest is copied to "
+                              "<output URI>/manifest.jsonl (a rerun resumes from it)")
     cluster.add_argument("--num-actors", type=_positive_int, default=None, metavar="N",
                          help="model actors, each loading the engine once (default: one per --gpus-per-actor "
                               "share of the cluster's GPUs, else the cluster's CPUs minus one)")
@@ -325,13 +337,14 @@ def model_options(args: argparse.Namespace, opts: RunOptions, model, say=lambda 
     return opts
 
 
-def all_done(jobs: list, opts: RunOptions, facts: ModelFacts) -> bool:
+def all_done(jobs: list, opts: RunOptions, facts: ModelFacts, output: remote.RemoteOutput | None = None) -> bool:
     """Whether the manifest in `opts.out_dir` marks every job done with the fingerprint these options
-    and this model give (`Manifest.done`: same config, input unchanged, outputs present)."""
+    and this model give (`Manifest.done`: same config, input unchanged, outputs present; with an
+    output URI, `opts.out_dir` is its staging folder and the outputs are looked for at the URI)."""
     if not jobs or not (opts.out_dir / MANIFEST_NAME).is_file():
         return False
-    manifest = Manifest(opts.out_dir, opts.config(facts))
-    return all(manifest.done(InputStat.of(job.source)) is not None for job in jobs)
+    manifest = Manifest(opts.out_dir, opts.config(facts), exists=output.exists if output is not None else None)
+    return all(manifest.done(remote.input_stat(job.source)) is not None for job in jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,44 +402,75 @@ def _run(args: argparse.Namespace) -> int:
         check_align_setup()  # a missing dlib is reported before the model loads
     if args.ray is None and (args.num_actors is not None or args.gpus_per_actor or args.cpus_per_actor != 1):
         raise api.UsageError("--num-actors, --cpus-per-actor and --gpus-per-actor need --ray ADDRESS")
-    if args.ray is not None:
-        from . import distributed  # Ray is imported only for --ray
-
-        distributed.check_local_paths(args.input, args.output)
+    given = [*(("--input", i) for i in args.input), ("--output", args.output)]
+    uris = [(what, v) for what, v in given if remote.is_uri(v)]
+    if uris and args.ray is None:
+        what, uri = uris[0]
+        raise api.UsageError(f"{what} {uri}: URIs are read and written by the distributed run; add --ray local to "
+                             "run it on this machine (or --ray ADDRESS for a cluster)")
+    output = remote.RemoteOutput(args.output) if remote.is_uri(args.output) else None
+    if output is not None:
+        output.check()  # the filesystem opens (scheme known, reachable) before anything else
+        opts = replace(opts, out_dir=output.staging)  # the manifest and the lock stay local
     check_edit_files(args.edit)
-    jobs = plan_jobs(find_inputs(args.input, exclude=opts.out_dir))
+    if uris:
+        jobs = remote.plan_jobs(remote.find_inputs(args.input, output or opts.out_dir))
+    else:
+        jobs = plan_jobs(find_inputs(args.input, exclude=opts.out_dir))
     check_output_names(jobs, opts)  # before the (slow) checkpoint load
     with claim_output_folder(opts.out_dir):
-        if args.ray is None:
-            return _invert(args, opts, jobs, None)
-        started, seconds = distributed.connect(args.ray, say)
+        if output is not None:
+            output.start(say, CACHE_TEMP_AGE_S)
         try:
-            return _invert(args, opts, jobs, (started, seconds))
+            if args.ray is None:
+                return _invert(args, opts, jobs, None)
+            from . import distributed  # Ray is imported only for --ray
+
+            started, seconds = distributed.connect(args.ray, say)
+            try:
+                return _invert(args, opts, jobs, (started, seconds), output)
+            finally:
+                if started:
+                    import ray
+
+                    ray.shutdown()
         finally:
-            if started:
-                import ray
-
-                ray.shutdown()
+            if output is not None:
+                _push_manifest(output)
 
 
-def _invert(args: argparse.Namespace, opts: RunOptions, jobs: list, ray_start: tuple[bool, float] | None) -> int:
+def _push_manifest(output: remote.RemoteOutput) -> None:
+    """The final copy of the manifest to the output URI; a failure is said, not raised (the staging
+    copy stays, and the next run from this machine uses it)."""
+    try:
+        output.push_manifest()
+    except (OSError, api.UsageError) as e:
+        say(f"warning: could not copy the manifest to {output.uri}/{MANIFEST_NAME} ({type(e).__name__}: {e}); "
+            f"it is in {output.staging / MANIFEST_NAME}, and a rerun from this machine uses it")
+
+
+def _invert(args: argparse.Namespace, opts: RunOptions, jobs: list, ray_start: tuple[bool, float] | None,
+            output: remote.RemoteOutput | None = None) -> int:
     """`_run` once the options are checked and the output folder is held: load, then run the jobs
-    (`ray_start`: None for the single process, else `(started, seconds)` of `distributed.connect`)."""
+    (`ray_start`: None for the single process, else `(started, seconds)` of `distributed.connect`;
+    `output`: the `--output` URI, whose staging folder is `opts.out_dir`, or None)."""
     if args.checkpoint is None:
         say(demo.DEMO_NOTICE)
+    where = output.uri if output is not None else opts.out_dir
     facts = preload_facts(args)
-    if facts is not None and all_done(jobs, model_options(args, opts, facts), facts):
+    if facts is not None and all_done(jobs, model_options(args, opts, facts), facts, output):
         say(f"nothing to do: all {plural(len(jobs), 'input')} are done with these options (see "
-            f"{opts.out_dir / MANIFEST_NAME}); the model was not loaded")
-        return finish(Summary(skipped=len(jobs)), opts.out_dir, facts)
-    eng = load_engine(args, f"{plural(len(jobs), 'input')} -> {opts.out_dir}")
+            f"{_manifest_path(where)}); the model was not loaded")
+        return finish(Summary(skipped=len(jobs)), where, facts)
+    eng = load_engine(args, f"{plural(len(jobs), 'input')} -> {where}")
     opts = model_options(args, opts, eng, say)
     if opts.degrade_factor is not None:
         say(f"super resolution: inputs degraded by factor {opts.degrade_factor} (official bicubic downsampling)")
     if opts.n_outputs:
         say(f"style mixing: {opts.n_outputs} output(s) per input, styles {_ranges(opts.mixing_mask(eng))}, "
             f"alpha {'replace' if opts.mix_alpha is None else opts.mix_alpha}, seed {opts.seed}")
-    with Manifest(opts.out_dir, opts.config(eng), run_facts(eng)) as manifest:
+    with Manifest(opts.out_dir, opts.config(eng), run_facts(eng),
+                  exists=output.exists if output is not None else None) as manifest:
         if manifest.n_unreadable:
             say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")
         with tqdm(total=len(jobs), unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
@@ -440,19 +484,24 @@ def _invert(args: argparse.Namespace, opts: RunOptions, jobs: list, ray_start: t
                 load_args = {"checkpoint": str(eng.checkpoint), "backend": eng.backend, "device": args.device,
                              "precision": eng.precision, "trust_pickle": args.trust_pickle}
                 summary, n_actors = distributed.run_distributed(eng, jobs, opts, manifest, load_args, cluster,
-                                                                progress=bar)
+                                                                progress=bar, output=output)
     if ray_start is not None:
         say(f"ray ({args.ray}): {n_actors} actor(s)" + (f" x {args.gpus_per_actor:g} GPU" if args.gpus_per_actor else "")
             + (f"; cluster started in {ray_start[1]:.1f} s" if ray_start[0] else ""))
-    return finish(summary, opts.out_dir, eng)
+    return finish(summary, where, eng)
 
 
-def finish(summary, out_dir: Path, eng: api.Engine) -> int:
-    """The end of a batch CLI (engine.run, engine.synthesize): the summary, where the outputs are, the
-    demo reminder; the exit code, 1 when some input failed, else 0."""
+def _manifest_path(out_dir: Path | str) -> Path | str:
+    """The manifest of an output folder (`Path`) or output URI (`str`)."""
+    return out_dir / MANIFEST_NAME if isinstance(out_dir, Path) else remote.join_uri(out_dir, MANIFEST_NAME)
+
+
+def finish(summary, out_dir: Path | str, eng: api.Engine) -> int:
+    """The end of a batch CLI (engine.run, engine.synthesize): the summary, where the outputs are (a
+    folder, or an output URI), the demo reminder; the exit code, 1 when some input failed, else 0."""
     say(summary.format())
     say(f"ran backend {eng.backend}, precision {eng.precision} on {eng.device} ({eng.reason})")
-    say(f"outputs in {out_dir} (manifest: {out_dir / MANIFEST_NAME})")
+    say(f"outputs in {out_dir} (manifest: {_manifest_path(out_dir)})")
     if eng.is_demo:
         say(f"reminder: these outputs come from the random-weight DEMO checkpoint; pass {demo.REAL_CHECKPOINT_HINT}")
     return 1 if summary.failed else 0

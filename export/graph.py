@@ -219,12 +219,12 @@ def openvino_has_bf16() -> bool:
 
 
 def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precision: str, cache: Path,
-                    threads: int | None = None) -> Runner:
+                    threads: int | None = None, release_pages: bool = True) -> Runner:
     """An OpenVINO CPU compiled model of `onnx_path` as a callable: latency hint (one stream, all cores
     on one request), precision hint f32 or bf16, compiled blobs cached under `<cache>/ov_cache`.
     After the first call, the pages of the weight files the compile mapped are given back
     (`reference.platform.page_out`): results are unchanged, the resident set is ~1 GiB smaller for
-    the 1024 px model.
+    the 1024 px model (`release_pages=False` keeps them: `benchmarks/openvino_memory.py` compares).
 
     Raises:
         UsageError: bf16 asked for where the CPU plugin has no BF16 capability.
@@ -253,7 +253,7 @@ def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precisio
     def run(a: np.ndarray) -> np.ndarray:
         res = request.infer({input_name: a})  # copies the outputs (share_outputs=False)
         out = np.array(res[output], dtype=np.float32, copy=True)
-        if first_call[0]:
+        if first_call[0] and release_pages:
             # The first inference reordered the weights into the plugin's own buffers; the mapped file
             # stays resident although the encoder never reads it again: give its pages back
             # (1.0 GiB for the 1024 px demo; benchmarks/RESULTS.md "ONNX export, first run ...").

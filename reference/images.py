@@ -28,6 +28,7 @@ official code reads wrongly or not at all):
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
@@ -56,7 +57,8 @@ _WHITE = (255, 255, 255, 255)
 # Reading
 
 
-def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, min_size: int = MIN_SIZE) -> Image.Image:
+def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, min_size: int = MIN_SIZE,
+               data: bytes | None = None) -> Image.Image:
     """Read a photo or sketch as an 8-bit PIL image, upright, with transparency over white.
 
     Source: official `inference_dataset.py` reads `Image.open(path).convert('RGB')`; this
@@ -66,6 +68,8 @@ def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, min_size: 
         path: image file in any format PIL decodes (JPEG, PNG, WebP, TIFF, BMP, GIF, ...).
         max_pixels: largest accepted width*height, checked from the header before decoding.
         min_size: smallest accepted min(width, height), in px.
+        data: the file's content, already read (a file behind a URI, `engine.remote`); `path` then
+            only names it in messages. None: read `path`.
 
     Returns:
         A loaded `PIL.Image` of mode "RGB" (colour sources: RGB, RGBA, P, CMYK, YCbCr, ...) or
@@ -76,10 +80,11 @@ def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, min_size: 
             many pixels, too small, or a mode with no defined 8-bit meaning (F, I outside
             0..65535). The message starts with the path.
     """
-    return _read(path, max_pixels, min_size, _to_8bit)
+    return _read(path, max_pixels, min_size, _to_8bit, data)
 
 
-def read_label_map(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, min_size: int = MIN_SIZE) -> Image.Image:
+def read_label_map(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, min_size: int = MIN_SIZE,
+                   data: bytes | None = None) -> Image.Image:
     """Read a segmentation map: one class id per pixel, upright, ids unchanged.
 
     Source: official `inference_dataset.py` reads label maps with `convert('L')`; for mode L
@@ -90,6 +95,7 @@ def read_label_map(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, min_si
             equal channels; alpha is ignored).
         max_pixels: largest accepted width*height, checked from the header before decoding.
         min_size: smallest accepted min(width, height), in px.
+        data: as `read_image`.
 
     Returns:
         A `PIL.Image` of mode "L" (ids 0..255) or "I" (ids above 255, left for
@@ -99,17 +105,17 @@ def read_label_map(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, min_si
         InputImageError: as `read_image`, and for a colour-coded map (RGB channels differ) or
             negative ids.
     """
-    return _read(path, max_pixels, min_size, _to_label_map)
+    return _read(path, max_pixels, min_size, _to_label_map, data)
 
 
 def read_input(path: str | os.PathLike, label_nc: int, max_pixels: int = MAX_PIXELS,
-               min_size: int = MIN_SIZE) -> Image.Image:
+               min_size: int = MIN_SIZE, data: bytes | None = None) -> Image.Image:
     """Read one encoder input of the kind a checkpoint's `label_nc` asks for.
 
     Args:
         path: image file.
         label_nc: 0 photo (RGB), 1 sketch, >1 segmentation map with that many classes.
-        max_pixels, min_size: as `read_image`.
+        max_pixels, min_size, data: as `read_image`.
 
     Returns:
         `read_label_map(path)` when `label_nc > 1`, else `read_image(path)`.
@@ -118,25 +124,32 @@ def read_input(path: str | os.PathLike, label_nc: int, max_pixels: int = MAX_PIX
         InputImageError: as `read_image` / `read_label_map`.
     """
     reader = read_label_map if label_nc > 1 else read_image
-    return reader(path, max_pixels=max_pixels, min_size=min_size)
+    return reader(path, max_pixels=max_pixels, min_size=min_size, data=data)
 
 
 def _read(path: str | os.PathLike, max_pixels: int, min_size: int,
-          convert: Callable[[Image.Image, str], Image.Image]) -> Image.Image:
-    """Open, check the header size, decode, apply EXIF orientation and `convert`; errors named."""
+          convert: Callable[[Image.Image, str], Image.Image], data: bytes | None = None) -> Image.Image:
+    """Open (the file at `path`, or `data` named `path`), check the header size, decode, apply EXIF
+    orientation and `convert`; errors named."""
     name = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise InputImageError(f"{name}: no such file")
-    if not p.is_file():
-        raise InputImageError(f"{name}: not a regular file")
-    if p.stat().st_size == 0:
-        raise InputImageError(f"{name}: empty file (0 bytes)")
+    if data is None:
+        p = Path(path)
+        if not p.exists():
+            raise InputImageError(f"{name}: no such file")
+        if not p.is_file():
+            raise InputImageError(f"{name}: not a regular file")
+        if p.stat().st_size == 0:
+            raise InputImageError(f"{name}: empty file (0 bytes)")
+        source = p
+    else:
+        if not data:
+            raise InputImageError(f"{name}: empty file (0 bytes)")
+        source = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             # The size is checked below against max_pixels, before any pixel is decoded.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
+            with Image.open(source) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise InputImageError(
