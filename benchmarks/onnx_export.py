@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,9 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _children import medians, print_header, run_child  # noqa: E402
 
 VARIANTS = ("torchscript", "dynamo")
 
@@ -76,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child, args.checkpoint, args.part, Path(args.out))))
         return 0
 
-    from reference.platform import cpu_summary
-
     ckpt = args.checkpoint
     if ckpt is None:
         from engine.demo import demo_checkpoint_path
@@ -87,22 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="onnx_export_") as tmp:
         for _ in range(args.rounds):
             for variant in VARIANTS:
-                proc = subprocess.run([sys.executable, __file__, "--child", variant, "--checkpoint", ckpt,
-                                       "--part", args.part, "--out", tmp], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(proc.stderr[-2000:], file=sys.stderr)
+                row = run_child([__file__, "--child", variant, "--checkpoint", ckpt, "--part", args.part, "--out", tmp])
+                if row is None:
                     return 1
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                rows.append(row)
                 for f in Path(tmp).iterdir():
                     f.unlink()
-    print(f"CPU: {cpu_summary()}")
-    print(f"checkpoint: {ckpt}; part: {args.part}; rounds: {args.rounds}\n")
-    print("| exporter | export s | RSS before export GiB | peak RSS GiB | peak − RSS before export GiB | files MiB | peak vs torchscript |")
-    print("|---|---|---|---|---|---|---|")
+    print_header(f"checkpoint: {ckpt}; part: {args.part}; rounds: {args.rounds}",
+                 ["exporter", "export s", "RSS before export GiB", "peak RSS GiB", "peak − RSS before export GiB",
+                  "files MiB", "peak vs torchscript"])
     base = {}
     for v in VARIANTS:
-        mine = [r for r in rows if r["variant"] == v]
-        med = {k: sorted(r[k] for r in mine)[len(mine) // 2] for k in ("seconds", "rss_before_gib", "peak_gib", "mib")}
+        med = medians(rows, v, ("seconds", "rss_before_gib", "peak_gib", "mib"))
         base = base or med
         print(f"| {v} | {med['seconds']:.1f} | {med['rss_before_gib']:.2f} | {med['peak_gib']:.2f} | "
               f"{med['peak_gib'] - med['rss_before_gib']:.2f} | {med['mib']:.0f} | {med['peak_gib'] / base['peak_gib']:.2f}x |")

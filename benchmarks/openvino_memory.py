@@ -24,12 +24,14 @@ import hashlib
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _children import medians, print_header, run_child  # noqa: E402
 
 VARIANTS = {"pages kept": False, "pages given back": True}
 
@@ -76,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child == "1", args.checkpoint, args.images)))
         return 0
 
-    from reference.platform import cpu_summary
-
     ckpt = args.checkpoint
     if ckpt is None:
         from engine.demo import demo_checkpoint_path
@@ -86,20 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for _ in range(args.rounds):
         for name, release in VARIANTS.items():
-            proc = subprocess.run([sys.executable, __file__, "--child", str(int(release)), "--checkpoint", ckpt,
-                                   "--images", str(args.images)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-2000:], file=sys.stderr)
+            row = run_child([__file__, "--child", str(int(release)), "--checkpoint", ckpt, "--images", str(args.images)])
+            if row is None:
                 return 1
-            rows.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "variant": name})
-    print(f"CPU: {cpu_summary()}")
-    print(f"checkpoint: {ckpt}; {args.images} images per child, one at a time; rounds: {args.rounds}\n")
-    print("| variant | peak RSS GiB | RSS after the first image GiB | s/image (after the first) | peak vs kept | s/image vs kept |")
-    print("|---|---|---|---|---|---|")
+            rows.append({**row, "variant": name})
+    print_header(f"checkpoint: {ckpt}; {args.images} images per child, one at a time; rounds: {args.rounds}",
+                 ["variant", "peak RSS GiB", "RSS after the first image GiB", "s/image (after the first)",
+                  "peak vs kept", "s/image vs kept"])
     base = {}
     for name in VARIANTS:
-        mine = [r for r in rows if r["variant"] == name]
-        med = {k: sorted(r[k] for r in mine)[len(mine) // 2] for k in ("peak_gib", "rss_after_first_gib", "s_per_image")}
+        med = medians(rows, name, ("peak_gib", "rss_after_first_gib", "s_per_image"))
         base = base or med
         print(f"| {name} | {med['peak_gib']:.2f} | {med['rss_after_first_gib']:.2f} | {med['s_per_image']:.3f} | "
               f"{med['peak_gib'] / base['peak_gib']:.2f}x | {med['s_per_image'] / base['s_per_image']:.2f}x |")
