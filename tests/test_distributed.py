@@ -1,8 +1,10 @@
 """`engine.run --ray`: the distributed run on a local Ray cluster (2 CPUs) against the single-process run.
 
-Inputs: three shared aligned faces plus three bad files. Both runs mix (K=1), edit, couple and save
-latents, on the fp32 `engine` backend at batch size 1 with torch on one thread (an actor's thread
-count), so every output file must be byte-identical.
+Inputs: three shared aligned faces plus three bad files; the model: the session's 32 px learn_in_w
+checkpoint (`small_w`: the driver and every actor load it, so the cheapest load keeps the Ray runs
+short; the pipeline does not depend on the model). Both runs mix (K=1, styles 4-7), edit, couple
+and save latents, on the fp32 `engine` backend at batch size 1 with torch on one thread (an actor's
+thread count), so every output file must be byte-identical.
 
 Ray runs cost tens of seconds each on CI's 2 cores, so each run checks several things: the run with
 a killed actor reads and writes `file://` URIs (pyarrow's LocalFileSystem: listing, fetching,
@@ -56,11 +58,14 @@ def inputs(shared, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def options(tmp_path_factory, ffhq256_checkpoint) -> list[str]:
+def options(tmp_path_factory, small_w) -> list[str]:
+    """The 32 px learn_in_w checkpoint (IR-SE-50 into one w): the cheapest to load in the driver and
+    in each actor, which every Ray run here does; the pipeline does not depend on the model."""
     edit = tmp_path_factory.mktemp("edit") / "dir.npy"
     np.save(edit, np.random.RandomState(3).randn(512).astype(np.float32))
-    return ["--checkpoint", str(ffhq256_checkpoint), "--backend", "engine", "--precision", "fp32", "--batch-size", "1",
-            "--save-latents", "--couple-outputs", "--n-outputs", "1", "--seed", "5", "--edit", f"{edit}:0.5"]
+    return ["--checkpoint", str(small_w), "--backend", "engine", "--precision", "fp32", "--batch-size", "1",
+            "--save-latents", "--couple-outputs", "--n-outputs", "1", "--latent-mask", "4-7", "--seed", "5",
+            "--edit", f"{edit}:0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +181,7 @@ def test_rerun_after_a_killed_driver(ray_mod, inputs, options, single, tmp_path)
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".psp-tmp"))], "a half-written file was left"
 
 
-def test_align_reads_a_zip_through_fsspec_same_files_as_single_process(ray_mod, shared, ffhq256_checkpoint, tmp_path):
+def test_align_reads_a_zip_through_fsspec_same_files_as_single_process(ray_mod, shared, small_w, tmp_path):
     """`--align` under `--ray local` gives the single-process `--align` run's files; its photo is read
     from a zip archive by fsspec (`zip://`) in the read task's process."""
     pytest.importorskip("fsspec", reason="fsspec is not installed")
@@ -193,7 +198,7 @@ def test_align_reads_a_zip_through_fsspec_same_files_as_single_process(ray_mod, 
     archive = tmp_path / "photos.zip"
     with zipfile.ZipFile(archive, "w") as z:
         z.write(photo, photo.name)
-    opts = ["--checkpoint", str(ffhq256_checkpoint), "--backend", "engine", "--precision", "fp32",
+    opts = ["--checkpoint", str(small_w), "--backend", "engine", "--precision", "fp32",
             "--align", "--save-aligned", "--save-latents"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # an actor's thread count

@@ -284,8 +284,8 @@ def test_run_help_documents_mixing(capsys):
 # Engine.mapping on a backend without torch weights
 
 
-def test_onnxruntime_mapping_equals_reference(ref_eng, small_w, tmp_path, monkeypatch):
-    monkeypatch.setenv("PSP_ENGINE_CACHE", str(tmp_path))
+def test_onnxruntime_mapping_equals_reference(ref_eng, small_w):
+    """(The session's engine cache: the graphs of `small_w` are exported once per test run.)"""
     z = torch.from_numpy(lt.mixing_z(5, 3))
     ref = ref_eng.mapping(z)
     eng = engine.load(small_w, backend="onnxruntime")
