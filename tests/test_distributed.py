@@ -107,6 +107,7 @@ def check_same_as_single(out: Path, single: Path, inputs: Path) -> None:
             == {Path(k).name: sorted(r["outputs"]) for k, r in latest(single).items()})
 
 
+@pytest.mark.slow
 def test_uris_same_files_as_single_process_survive_a_killed_actor_and_resume(ray_mod, inputs, options, single,
                                                                            tmp_path, monkeypatch, capsys):
     """`file://` URIs in and out. The actor dies at its 2nd batch (after uploading outputs); Ray
@@ -149,6 +150,7 @@ def test_uris_same_files_as_single_process_survive_a_killed_actor_and_resume(ray
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != MANIFEST_NAME} == written
 
 
+@pytest.mark.slow
 def test_rerun_after_a_killed_driver(ray_mod, inputs, options, single, tmp_path):
     """A driver killed (SIGKILL) after its first record; the rerun completes, each input once ok."""
     out = tmp_path / "out"
@@ -181,6 +183,7 @@ def test_rerun_after_a_killed_driver(ray_mod, inputs, options, single, tmp_path)
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".psp-tmp"))], "a half-written file was left"
 
 
+@pytest.mark.slow
 def test_align_reads_a_zip_through_fsspec_same_files_as_single_process(ray_mod, shared, small_w, tmp_path):
     """`--align` under `--ray local` gives the single-process `--align` run's files; its photo is read
     from a zip archive by fsspec (`zip://`) in the read task's process."""

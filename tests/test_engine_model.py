@@ -58,6 +58,7 @@ def test_rounding_and_casting_never_reach_the_source_model(precision):
     assert not changed, f"the source model was changed: {changed[:5]}"
 
 
+@pytest.mark.slow
 def test_engine_model_golden(psp256, shared):
     golden = np.load(shared / "golden" / "public_ffhq_encode_256_seed0.npz")
     x = (torch.from_numpy(golden["inputs_rgb256_uint8"]).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5

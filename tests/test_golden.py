@@ -54,6 +54,7 @@ def test_latents(w_plus, golden):
     assert_close(w_plus, golden["latents"], "golden")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused_modconv", [True, False], ids=["grouped", "activation"])
 def test_images(psp256, w_plus, golden, fused_modconv):
     psp256.decoder.set_fused_modconv(fused_modconv)

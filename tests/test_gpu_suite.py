@@ -42,6 +42,7 @@ def dry_run(tmp_path_factory):
     return proc, out
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_section_and_passes(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -51,6 +51,7 @@ def _run(path, feeds):
     return sess.run(None, {k: v.numpy() for k, v in feeds.items()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_psp_graph_matches_reference(exported, fp16, batch):
@@ -64,6 +65,7 @@ def test_psp_graph_matches_reference(exported, fp16, batch):
     assert_close(torch.from_numpy(img), ref_img, *what)
 
 
+@pytest.mark.slow
 def test_generator_graph_matches_reference(exported):
     psp, files = exported
     w_plus = psp.latent_avg.expand(2, -1, -1) + 0.1 * torch.randn(2, 8, 512, generator=torch.Generator().manual_seed(3))
@@ -73,6 +75,7 @@ def test_generator_graph_matches_reference(exported):
     assert_close(torch.from_numpy(img), ref, "onnx", "float32")
 
 
+@pytest.mark.slow
 def test_graph_contract(exported):
     """Named IO, dynamic batch, opset >= 17, only standard ops; fp16: IO fp32, style math fp32."""
     _, files = exported
@@ -130,6 +133,7 @@ def small_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.mark.slow
 def test_graph_export_runs_in_a_child_process(small, small_cache, tmp_path, monkeypatch):
     """`cached_graphs` with a `ReferenceLoader` exports in a spawned child (its torch memory ends with
     it): the graphs and sidecars appear, no temp folder stays, no child is left; a bad checkpoint's
@@ -220,6 +224,7 @@ def test_a_second_process_waits_for_the_export_and_reuses_it(small, small_cache,
     assert result == {part: folder / p.name for part, p in done.items()} and len(notes) == 1
 
 
+@pytest.mark.slow
 def test_parity_report_against_golden(shared, ffhq256_checkpoint):
     """The graphs of the 256 px model on OpenVINO against the official outputs and the reference
     (onnxruntime runs the same graphs; it is checked against the reference in test_engine_backends).
@@ -233,6 +238,7 @@ def test_parity_report_against_golden(shared, ffhq256_checkpoint):
     assert worst < 1e-4 and math.isfinite(worst)
 
 
+@pytest.mark.slow
 def test_openvino_gives_back_the_pages_of_its_weight_files(exported, tmp_path, monkeypatch):
     """After its first call, an OpenVINO runner gives back the resident pages of the weight file its
     compile mapped (the graph's .onnx.data here; its cached blob on a later process), once; the

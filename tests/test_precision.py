@@ -95,6 +95,7 @@ def parity_inputs(shared):
     return load(shared)
 
 
+@pytest.mark.slow
 def test_bf16_rounding_of_the_formulation_meets_the_parity_contract(psp256, parity_inputs):
     """On every machine: the error bf16 storage adds (emulated) is inside the contract."""
     x = parity_inputs[:2]

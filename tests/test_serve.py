@@ -24,6 +24,8 @@ from PIL import Image  # noqa: E402
 from _serve_app import LIMITS, SIZE, service, small_checkpoint  # noqa: E402
 
 
+pytestmark = pytest.mark.slow  # a Ray Serve app per test process (tens of seconds to start)
+
 FACE = "psp_input_img.jpg"
 
 

@@ -284,6 +284,7 @@ def test_run_help_documents_mixing(capsys):
 # Engine.mapping on a backend without torch weights
 
 
+@pytest.mark.slow
 def test_onnxruntime_mapping_equals_reference(ref_eng, small_w):
     """(The session's engine cache: the graphs of `small_w` are exported once per test run.)"""
     z = torch.from_numpy(lt.mixing_z(5, 3))

@@ -60,6 +60,7 @@ def run_one(eng: api.Engine, source: Path, tmp_path: Path, **kw):
     return np.asarray(Image.open(paths["image"])), np.load(paths["latent"])
 
 
+@pytest.mark.slow
 def test_sketch_to_face(task_engine, shared, tmp_path):
     eng = task_engine("sketch_to_face")
     assert (eng.input_nc, eng.label_nc, eng.output_size, eng.n_styles) == (1, 1, 1024, 18)
@@ -74,6 +75,7 @@ def test_sketch_to_face(task_engine, shared, tmp_path):
     assert np.abs(w_plus - expect).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_seg_to_face(task_engine, shared, tmp_path):
     eng = task_engine("seg_to_face")
     assert (eng.input_nc, eng.label_nc) == (19, 19)
@@ -88,6 +90,7 @@ def test_seg_to_face(task_engine, shared, tmp_path):
     assert np.abs(w_plus - eng.encode(x)[0].numpy()).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_super_resolution(task_engine, shared, tmp_path):
     eng = task_engine("super_resolution")
     assert eng.opts["dataset_type"] == "celebs_super_resolution" and eng.opts["resize_factors"] == "1,2,4,8,16,32"
@@ -130,6 +133,7 @@ def test_resize_factor_resolution():
             resolve_resize_factor(bad, sr_multi)
 
 
+@pytest.mark.slow
 def test_align_in_the_run_loop(shared, tmp_path, ffhq256_checkpoint):
     pytest.importorskip("dlib", reason="--align needs dlib (pip install -e '.[align]')")
     from engine.align import align_image

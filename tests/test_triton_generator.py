@@ -101,6 +101,7 @@ def test_triton_backend_of_the_engine(tmp_path):
                "checked against the reference at 16 px (test_triton_generator_fp16_matches_reference), and "
                "at full size on CUDA (here and in benchmarks.gpu_suite)")),
 ], ids=["fp32", "fp16"])
+@pytest.mark.slow
 def test_triton_generator_reproduces_the_official_images(psp256, shared, dtype, what):
     """The 256 px golden config through the kernels (interpreter: ~60 s per image on 1 core)."""
     import numpy as np

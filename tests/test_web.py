@@ -18,6 +18,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 from _serve_app import service  # noqa: E402
 
 
+pytestmark = pytest.mark.slow  # a Ray Serve app per test process (tens of seconds to start)
+
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
