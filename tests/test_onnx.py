@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 
 import numpy as np
@@ -275,7 +277,11 @@ def _mapping_rss_kib(path) -> int:
     return rss
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="page_out reads /proc (Linux only)")
+def _sha256(buf) -> str:
+    return hashlib.sha256(buf).hexdigest()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="page_out reads /proc (Linux only)")
 def test_page_out_drops_resident_pages_and_keeps_the_data(tmp_path):
     import mmap
 
@@ -285,18 +291,12 @@ def test_page_out_drops_resident_pages_and_keeps_the_data(tmp_path):
     data = np.random.default_rng(0).integers(0, 255, 32 << 20, dtype=np.uint8).tobytes()
     path.write_bytes(data)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        assert hashlib_sha(m) == hashlib_sha(data)  # every page read: resident
+        assert _sha256(m) == _sha256(data)  # every page read: resident
         assert str(path) in mapped_files()
         before = _mapping_rss_kib(path)
         assert before > 30 << 10, before
         assert page_out({str(path)}) >= 32 << 20
         after = _mapping_rss_kib(path)
         assert after < before // 4, (before, after)
-        assert hashlib_sha(m) == hashlib_sha(data), "the pages read back from the file"
+        assert _sha256(m) == _sha256(data), "the pages read back from the file"
     assert page_out(set()) == 0 and page_out({str(tmp_path / "not-mapped")}) == 0
-
-
-def hashlib_sha(buf) -> str:
-    import hashlib
-
-    return hashlib.sha256(buf).hexdigest()
