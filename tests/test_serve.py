@@ -1,4 +1,12 @@
-"""`engine.serve`: the HTTP API on a local Serve app (tests/_serve_app.py), its limits, errors and a load test."""
+"""`engine.serve`: the HTTP API on a local Serve app, its limits, errors, a load test, and its web page
+in real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright).
+
+One app for the whole module (started by the `url` fixture, shut down when the module ends, so the
+Ray tests that may run after it in the same process get the cluster's CPUs back). The model is a
+32 px pSp by the weight rule (the `ffhq_encode_256` config with `output_size` 32, 8 styles): its
+IR-SE-50 encoder costs what a real one does, its generator little. Two random edit directions
+(`dir_a`, `dir_b`) are loaded from an edit folder.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +14,13 @@ import asyncio
 import base64
 import io
 import math
+import os
 import pickle
+import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,19 +30,63 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed: pip install
 pytest.importorskip("fastapi", reason="fastapi is not installed: pip install -e '.[serve]'")
 pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[serve]'")
 
-from PIL import Image  # noqa: E402
+from _ray_cluster import local_ray
+from PIL import Image
 
-from _serve_app import LIMITS, SIZE, service, small_checkpoint  # noqa: E402
+pytestmark = pytest.mark.slow  # a Ray Serve app (tens of seconds to start)
 
-
-pytestmark = pytest.mark.slow  # a Ray Serve app per test process (tens of seconds to start)
+SIZE = 32  # px, output of the service's test model (the smallest GradualStyleEncoder allows)
+LIMITS = {"max_upload_bytes": 400_000, "max_pixels": 1_100_000, "request_timeout_s": 60.0,
+          "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 16, "max_queued_requests": 16}
 
 FACE = "psp_input_img.jpg"
 
 
 @pytest.fixture(scope="module")
-def url() -> str:
-    return service()
+def checkpoint(tmp_path_factory) -> Path:
+    """A 32 px pSp checkpoint (rule weights, seed 0), with the edit folder `edits/` beside it."""
+    from reference.configs import get_config, n_styles_for
+    from reference.weights import LATENT_AVG_KEY, draw, make_state_dict, psp_modules
+
+    opts = get_config("ffhq_encode_256").opts()
+    opts.update(output_size=SIZE, n_styles=n_styles_for(SIZE))
+    with torch.device("meta"):
+        model = psp_modules(opts)
+    latent_avg = (0.5 * draw(LATENT_AVG_KEY, (512,), 0)).repeat(opts["n_styles"], 1)
+    folder = tmp_path_factory.mktemp("serve")
+    path = folder / f"ffhq_encode_{SIZE}_seed0.pt"
+    torch.save({"state_dict": make_state_dict(model, 0), "opts": opts, "latent_avg": latent_avg}, path)
+    edits = folder / "edits"
+    edits.mkdir()
+    rng = np.random.RandomState(7)
+    np.save(edits / "dir_a.npy", rng.randn(512).astype(np.float32))
+    np.save(edits / "dir_b.npy", rng.randn(opts["n_styles"], 512).astype(np.float32))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint):
+    """The app (engine backend, fp32, 1 replica) on a free local port: its base URL; shut down after
+    the module (its replica holds a CPU of the local Ray instance)."""
+    local_ray()
+    from ray import serve
+
+    from engine.serve import ServeOptions, start
+
+    port = free_port()
+    opts = ServeOptions(checkpoint=str(checkpoint), backend="engine", precision="fp32", edit_dir=str(checkpoint.parent / "edits"),
+                        **LIMITS)
+    t0 = time.perf_counter()
+    start(opts, host="127.0.0.1", port=port)
+    print(f"service started in {time.perf_counter() - t0:.1f} s on port {port}")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +118,14 @@ def test_health_and_info(url):
     assert info["batching"]["max_batch_size"] == LIMITS["max_batch_size"]
 
 
-def test_invert_equals_the_cli(url, inverted, shared, tmp_path):
+def test_invert_equals_the_cli(url, inverted, checkpoint, shared, tmp_path):
     """The service's PNG and latents are engine.run's bytes (same backend, one torch thread, batch 1)."""
     from engine import run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert run.main(["--checkpoint", str(small_checkpoint()), "--backend", "engine", "--precision", "fp32",
+        assert run.main(["--checkpoint", str(checkpoint), "--backend", "engine", "--precision", "fp32",
                          "--save-latents", "--input", str(shared / "data" / "faces" / "aligned" / FACE), "--output", str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -82,7 +137,7 @@ def test_invert_equals_the_cli(url, inverted, shared, tmp_path):
     assert png(base64.b64decode(inverted["image"])).shape == (SIZE, SIZE, 3)
 
 
-def test_invert_png_mixes_and_edits(url, face, inverted):
+def test_invert_png_mixes_and_edits(url, face, inverted, checkpoint):
     r = httpx.post(f"{url}/v1/invert", files={"image": (FACE, face)}, headers={"Accept": "image/png"}, timeout=120)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.content == base64.b64decode(inverted["image"])
@@ -92,8 +147,8 @@ def test_invert_png_mixes_and_edits(url, face, inverted):
     assert r.status_code == 200, r.text
     out = r.json()
     assert len(out["mixes"]) == 2 and out["mixes"][0] != out["mixes"][1]
-    direction_a = np.load(small_checkpoint().parent / "edits" / "dir_a.npy")
-    direction_b = np.load(small_checkpoint().parent / "edits" / "dir_b.npy")
+    direction_a = np.load(checkpoint.parent / "edits" / "dir_a.npy")
+    direction_b = np.load(checkpoint.parent / "edits" / "dir_b.npy")
     delta = np.asarray(out["w_plus"], np.float32) - np.asarray(inverted["w_plus"], np.float32)
     np.testing.assert_allclose(delta, 1.5 * direction_a[None] - direction_b, atol=1e-4)
 
@@ -181,11 +236,11 @@ def test_overload_answers_503_with_retry_after(url, inverted):
     assert httpx.get(f"{url}/healthz").status_code == 200
 
 
-CLIENTS, REQUESTS = 8, 10  # requests per client; benchmarks/distributed.py measures the service at 1/4/8 clients
+CLIENTS, REQUESTS = 8, 4  # requests per client (the batches are of 8: four rounds); benchmarks/distributed.py measures the service at 1/4/8 clients
 
 
 def test_load(url, inverted, face):
-    """8 concurrent clients x 10 synthesize requests: no error; requests batched. Then 8 concurrent inverts."""
+    """8 concurrent clients x 4 synthesize requests: no error; requests batched. Then 8 concurrent inverts."""
     before = stats(url)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(CLIENTS) as pool:
@@ -211,3 +266,58 @@ def test_load(url, inverted, face):
     enc_batches = after["encode"]["batches"] - before["encode"]["batches"]
     print(f"load: 8 concurrent inverts in {enc_batches} encoder batch(es), {8 / enc_batches:.2f} requests per batch")
     assert enc_batches < 8
+
+
+# ------------------------------------------------------------------------------------------------
+# The web page in headless Chromium
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[serve]'")
+    if not CHROMIUM.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} not found: CI installs Debian's chromium (.ci/run)")
+        pytest.skip(f"{CHROMIUM} not found: apt-get install -y chromium")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+def test_page_inverts_mixes_and_edits(url, browser, shared, tmp_path):
+    """Upload a face, invert it with 3 style mixes, move an edit slider and see the re-synthesized image;
+    a screenshot of the page is saved under pytest's tmp path and its path printed."""
+    page = browser.new_page(viewport={"width": 1100, "height": 720})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(url + "/")
+    page.wait_for_selector("#sliders input[data-edit='dir_a']")
+    assert "32 px, 8 styles" in page.inner_text("#model")
+
+    page.set_input_files("#image", str(shared / "data" / "faces" / "aligned" / "psp_input_img.jpg"))
+    page.fill("#n_outputs", "3")
+    page.click("#invert")
+    page.wait_for_selector("body[data-inverted='1']", timeout=120_000)
+    assert page.locator("#mixes img.mix").count() == 3
+    for sel in ("#input", "#inversion", "#mixes img.mix >> nth=2"):
+        assert page.eval_on_selector(sel, "img => img.complete && img.naturalWidth > 0"), sel
+    assert page.eval_on_selector("#inversion", "img => img.naturalWidth") == 32
+    before = page.get_attribute("#edited", "src")
+
+    page.fill("#edit-dir_a", "3")  # a range input: sets the value and fires `input`
+    page.wait_for_selector("body[data-edited]", timeout=60_000)
+    assert page.get_attribute("#edited", "src") != before
+    assert page.eval_on_selector("#edited", "img => img.complete && img.naturalWidth > 0")
+    assert "dir_a" in page.inner_text("#status")
+    assert not errors, errors
+
+    shot = tmp_path / "serve_page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"\nscreenshot of the page: {shot}")
+    assert shot.stat().st_size > 10_000
