@@ -123,16 +123,17 @@ def _no_load(*args, **kwargs):
     raise AssertionError("api.load was called")
 
 
-def test_rerun_with_nothing_to_do_does_not_load(tmp_path, shared, ffhq256_checkpoint, capsys, monkeypatch):
+def test_rerun_with_nothing_to_do_does_not_load(tmp_path, shared, small_w, capsys, monkeypatch):
     """Every option that shapes the outputs goes into the pre-load fingerprint (`run.ModelFacts`, read
-    before the load): the same command skips without loading, one changed option loads and redoes."""
+    before the load): the same command skips without loading, one changed option loads and redoes.
+    (The session's 32 px checkpoint, 8 styles: the fingerprint does not depend on the model's size.)"""
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy(shared / "data" / "faces" / "aligned" / "hyperstyle_pitt_256.jpg", src / "pitt.jpg")
     direction = tmp_path / "d.npy"
     np.save(direction, np.full(512, 0.01, np.float32))
-    argv = ["--input", str(src), "--output", str(tmp_path / "out"), "--checkpoint", str(ffhq256_checkpoint),
-            "--save-latents", "--n-outputs", "1", "--edit", f"{direction}:0.5", "--backend", "reference"]
+    argv = ["--input", str(src), "--output", str(tmp_path / "out"), "--checkpoint", str(small_w),
+            "--save-latents", "--n-outputs", "1", "--latent-mask", "5-7", "--edit", f"{direction}:0.5", "--backend", "reference"]
     assert run.main(argv) == 0
     [record] = read_records(tmp_path / "out")
     args = run.build_parser().parse_args(argv)
@@ -144,7 +145,7 @@ def test_rerun_with_nothing_to_do_does_not_load(tmp_path, shared, ffhq256_checkp
     capsys.readouterr()
     assert run.main(argv) == 0
     assert "the model was not loaded" in capsys.readouterr().err
-    for changed in (["--seed", "1"], ["--latent-mask", "8-12"], ["--backend", "engine"], ["--resize-outputs"]):
+    for changed in (["--seed", "1"], ["--latent-mask", "4-7"], ["--backend", "engine"], ["--resize-outputs"]):
         with pytest.raises(AssertionError, match="api.load was called"):
             run.main(argv + changed)
     (src / "pitt.jpg").touch()  # a changed input is redone
@@ -168,12 +169,13 @@ def test_preload_resolves_the_resize_factor_as_the_load_does(tmp_path):
                           run.replace(facts, opts={"dataset_type": "ffhq_encode"}))
 
 
-def test_rerun_with_relative_paths_skips(tmp_path, shared, ffhq256_checkpoint, capsys, monkeypatch):
-    """Manifest outputs are relative to the output folder, whatever the working directory."""
+def test_rerun_with_relative_paths_skips(tmp_path, shared, small_w, capsys, monkeypatch):
+    """Manifest outputs are relative to the output folder, whatever the working directory (the
+    session's 32 px checkpoint on the engine backend: no graph export)."""
     (tmp_path / "in").mkdir()
     shutil.copy(shared / "data" / "faces" / "aligned" / "hyperstyle_pitt_256.jpg", tmp_path / "in" / "pitt.jpg")
     monkeypatch.chdir(tmp_path)
-    argv = ["--input", "in", "--output", "out", "--checkpoint", str(ffhq256_checkpoint), "--save-latents"]
+    argv = ["--input", "in", "--output", "out", "--checkpoint", str(small_w), "--backend", "engine", "--save-latents"]
     assert run.main(argv) == 0
     assert [r["outputs"] for r in read_records(tmp_path / "out")] == [["pitt.png", "pitt.npy"]]
     capsys.readouterr()
@@ -202,9 +204,11 @@ def mixed_folder(tmp_path, shared):
     return src
 
 
-def test_bad_files_are_recorded_and_the_rest_goes_on(mixed_folder, tmp_path, ffhq256_checkpoint, capsys):
+def test_bad_files_are_recorded_and_the_rest_goes_on(mixed_folder, tmp_path, small_w, capsys):
+    """Bad files fail with their reason and the rest goes on; a rerun retries only them (the session's
+    32 px checkpoint on the engine backend: what is checked does not depend on the model)."""
     out = tmp_path / "out"
-    args = ["--input", str(mixed_folder), "--output", str(out), "--checkpoint", str(ffhq256_checkpoint),
+    args = ["--input", str(mixed_folder), "--output", str(out), "--checkpoint", str(small_w), "--backend", "engine",
             "--batch-size", "3"]
     assert run.main(args) == 1
     err = capsys.readouterr().err
