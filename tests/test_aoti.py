@@ -3,15 +3,20 @@ against the reference model (fp32, export.compare.TOL["aoti"]).
 
 Inductor compiles C++ (tens of seconds per package on 2 cores): each package is built once per
 module. The whole-model package has a dynamic batch (activation modulation); the generator package
-goes through the CLI with a static batch (official grouped convolution) and `--resize`.
+goes through the CLI with a static batch (official grouped convolution) and `--resize`. The Python
+tests share one loaded package and one reference output per batch; the C++ runner binary is kept
+between runs, keyed by everything it is built from (see `runner`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +87,28 @@ def psp_package(psp, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def psp_loaded(psp_package):
+    """`aoti.load_package(psp_package)` once for the Python tests (each load unpacks the .so and its
+    weights): the package serves every batch, so one loaded model runs them all."""
+    return aoti.load_package(psp_package)
+
+
+@pytest.fixture(scope="module")
+def reference_case(psp):
+    """`reference_case(batch)` -> (x, reference img, reference w_plus), computed once per batch for
+    the module: the Python loader and the C++ runner run the same batch-3 input."""
+    cache = {}
+
+    def case(batch: int):
+        if batch not in cache:
+            x = rand_x(batch, seed=10 + batch)
+            cache[batch] = (x, *reference_outputs(psp, x))
+        return cache[batch]
+
+    return case
+
+
+@pytest.fixture(scope="module")
 def generator_package(tmp_path_factory):
     """The generator part through the CLI: static batch 2, `--resize` -> gen.pt2 (and its checkpoint file)."""
     d = tmp_path_factory.mktemp("aoti_cli")
@@ -94,13 +121,44 @@ def generator_package(tmp_path_factory):
     return path
 
 
+def _runner_build_key() -> str:
+    """What the runner binary depends on: main.cpp, the build command (flags, include and library
+    folders, ABI), the compiler's version, and the torch it links (version, libtorch_cpu's size and
+    mtime, so a reinstall counts)."""
+    from torch.utils import cpp_extension
+
+    h = hashlib.sha256(RUNNER_SRC.read_bytes())
+    h.update("\0".join(aoti.runner_build_command(RUNNER_SRC, "OUT", cxx=CXX)).encode())
+    h.update(subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout.encode())
+    h.update(torch.__version__.encode())
+    for d in cpp_extension.library_paths():
+        for lib in sorted(Path(d).glob("libtorch_cpu.*")):
+            st = lib.stat()
+            h.update(f"{lib}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    """examples/cpp/aoti_runner built with the plain g++ command of `aoti.runner_build_command`."""
-    exe = tmp_path_factory.mktemp("runner") / "aoti_runner"
-    cmd = aoti.runner_build_command(RUNNER_SRC, exe, cxx=CXX)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"building the runner failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"
+def runner():
+    """examples/cpp/aoti_runner built with the plain g++ command of `aoti.runner_build_command`.
+
+    Kept between test runs (like inductor's own /tmp/torchinductor_<user>), under the temp folder
+    in a subfolder named by `_runner_build_key`: g++ on torch's headers takes ~20 s, and the binary
+    only changes when main.cpp, the command, the compiler or torch does, which change the key and
+    rebuild it. Built under a lock (pytest-xdist workers), written atomically.
+    """
+    from filelock import FileLock
+
+    folder = Path(tempfile.gettempdir()) / f"psp-test-aoti-runner-{os.getuid()}" / _runner_build_key()
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = folder / "aoti_runner"
+    with FileLock(folder / "build.lock"):
+        if not exe.is_file():
+            tmp = folder / f"aoti_runner.{os.getpid()}.tmp"
+            cmd = aoti.runner_build_command(RUNNER_SRC, tmp, cxx=CXX)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            assert proc.returncode == 0, f"building the runner failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"
+            os.replace(tmp, exe)
     return exe
 
 
@@ -110,19 +168,17 @@ def runner(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 3])
-def test_python_package_matches_reference(psp, psp_package, batch):
+def test_python_package_matches_reference(psp_loaded, reference_case, batch):
     """Every batch size (the package was traced at 2) against the reference in the official formulation."""
-    model = aoti.load_package(psp_package)
-    x = rand_x(batch, seed=10 + batch)
-    img, w_plus = model(x)
-    ref_img, ref_w_plus = reference_outputs(psp, x)
+    x, ref_img, ref_w_plus = reference_case(batch)
+    img, w_plus = psp_loaded(x)
     assert img.shape == (batch, 3, OUTPUT_SIZE, OUTPUT_SIZE) and w_plus.shape == (batch, N_STYLES, 512)
     assert_close(w_plus, ref_w_plus, "aoti")
     assert_close(img, ref_img, "aoti")
 
 
 @pytest.mark.slow
-def test_sidecar_and_model_restored(psp, psp_package):
+def test_sidecar_and_model_restored(psp, psp_package, psp_loaded):
     assert sidecar_path(psp_package).name == "psp.pt2.json"
     desc, meta = read_sidecar(psp_package, aoti.AOTI_KIND)
     assert meta["part"] == "psp" and meta["dynamic_batch"] is True
@@ -131,19 +187,18 @@ def test_sidecar_and_model_restored(psp, psp_package):
                                "w_plus": {"shape": ["batch", N_STYLES, 512], "dtype": "float32"}}
     assert (desc.output_size, desc.n_styles, desc.input_nc, desc.precision) == (OUTPUT_SIZE, N_STYLES, 3, "fp32")
     assert desc.learn_in_w and torch.equal(torch.tensor(desc.latent_avg), psp.latent_avg.expand(N_STYLES, 512))
-    assert aoti.load_package(psp_package).description == desc
+    assert psp_loaded.description == desc
     assert meta["modulated_conv"].startswith("activation modulation")
     assert meta["torch_version"] == torch.__version__
     # the export switched the formulation only while tracing
     assert all(m.fused_modconv for m in aoti._modulated_convs(psp))
     # the names travel inside the package too (the C++ runner reads them)
-    compiled = aoti.load_package(psp_package).compiled
-    assert compiled.get_metadata()["output_names"] == "img,w_plus"
+    assert psp_loaded.compiled.get_metadata()["output_names"] == "img,w_plus"
 
 
 @pytest.mark.slow
-def test_python_package_refuses_wrong_inputs(psp_package):
-    model = aoti.load_package(psp_package)
+def test_python_package_refuses_wrong_inputs(psp_loaded):
+    model = psp_loaded
     with pytest.raises(ValueError, match=r"input 'x' must be float32 \['batch', 3, 256, 256\]"):
         model(torch.zeros(1, 3, 128, 128))
     with pytest.raises(ValueError, match="float32"):
@@ -174,8 +229,8 @@ def test_generator_part_static_batch_cli(psp, generator_package):
 
 
 @pytest.mark.slow
-def test_cpp_runner_matches_reference(psp, psp_package, runner, tmp_path):
-    x = rand_x(3, seed=7)  # a batch the package was not traced at
+def test_cpp_runner_matches_reference(psp_package, runner, reference_case, tmp_path):
+    x, ref_img, ref_w_plus = reference_case(3)  # a batch the package was not traced at
     x.numpy().tofile(tmp_path / "x.bin")
     proc = subprocess.run([str(runner), str(psp_package), str(tmp_path / "x.bin"), "3,3,256,256",
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
@@ -185,7 +240,6 @@ def test_cpp_runner_matches_reference(psp, psp_package, runner, tmp_path):
     assert lines[1].startswith(f"w_plus [3, {N_STYLES}, 512] -> ")
     img = read_raw(tmp_path / "out" / "img.bin", (3, 3, OUTPUT_SIZE, OUTPUT_SIZE))
     w_plus = read_raw(tmp_path / "out" / "w_plus.bin", (3, N_STYLES, 512))
-    ref_img, ref_w_plus = reference_outputs(psp, x)
     assert_close(w_plus, ref_w_plus, "aoti")
     assert_close(img, ref_img, "aoti")
 

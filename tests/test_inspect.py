@@ -1,7 +1,8 @@
 """`python -m kernels.inspect`: compiling Triton kernels for sm_80 / sm_90 without a GPU.
 
 Two small kernels defined here (a `tl.dot` of fp16 tiles, where tensor-core MMA must appear, and
-an elementwise one, where it must not) check the compile-and-read path; the real specs of
+an elementwise one, where it must not) check the compile-and-read path, compiled once per module
+by one run of the CLI for both archs (its JSON rows are the reports checked); the real specs of
 `kernels.bias_act`, `kernels.upfirdn2d` and `kernels.modulated_conv2d` are compiled once per
 module (a module-scoped fixture) and checked for failures, spills and MMA. The suite runs with
 `TRITON_INTERPRET=1` (tests/conftest.py): the compiles then run in clean worker processes.
@@ -9,6 +10,7 @@ module (a module-scoped fixture) and checked for failures, spills and MMA. The s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -161,15 +163,32 @@ def test_missing_module_is_an_error():
 
 
 # ----------------------------------------------------------------------------------------------
-# compiling the sample kernels (under TRITON_INTERPRET=1: through the clean worker processes)
+# compiling the sample kernels: one CLI run (under TRITON_INTERPRET=1: through a clean worker
+# process) serves the CLI test and the per-kernel checks, so each configuration compiles once
 
 
 @pytest.fixture(scope="module")
-def sample_reports():
+def cli_run():
+    """`python -m kernels.inspect --json --arch 80,90 --source <the sample specs> --jobs 1` as a user
+    runs it with the interpreter on (every compile in one worker process): (process, JSON rows)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run(
+        [sys.executable, "-m", "kernels.inspect", "--json", "--arch", "80,90", "--source", HERE, "--jobs", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    return p, json.loads(p.stdout)
+
+
+@pytest.fixture(scope="module")
+def sample_reports(cli_run):
+    """The CLI's rows as `KernelReport`s: the JSON is `asdict` of `compile_all` + `make_reports`
+    (3 specs, 2 distinct configurations, x 2 archs); the in-process `compile_all` path is the one
+    `real_reports` takes."""
     assert os.environ.get("TRITON_INTERPRET") == "1" or not ki.interpret_mode()
-    specs, compiled = ki.compile_all([HERE], ARCHS)
-    assert len(compiled) == 2 * len(ARCHS)  # 3 specs, 2 distinct configurations
-    return ki.make_reports(specs, compiled, ARCHS)
+    assert len(ki._jobs_of(sample_specs(), ARCHS)) == 2 * len(ARCHS)  # 3 specs, 2 distinct configurations
+    _, rows = cli_run
+    return [ki.KernelReport(**row) for row in rows]
 
 
 def _row(reports, kernel, arch):
@@ -197,6 +216,7 @@ def test_sample_eltwise_kernel(sample_reports, arch):
     assert not r.mma and r.mma_opcodes == {}
     twin = _row(sample_reports, "_sample_eltwise_kernel[1024] again", arch)
     assert (twin.registers, twin.shared_bytes) == (r.registers, r.shared_bytes)
+    assert twin.compile_s == r.compile_s  # the same compilation, reported twice
     assert not twin.used
 
 
@@ -213,20 +233,16 @@ def test_totals_and_table(sample_reports):
     assert ki.problems(sample_reports) == []
 
 
-def test_cli_json(tmp_path):
-    """The CLI end to end, as a user runs it with the interpreter on: JSON on stdout, exit 0."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run(
-        [sys.executable, "-m", "kernels.inspect", "--json", "--arch", "90", "--source", HERE, "--jobs", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert p.returncode == 0, p.stderr
-    rows = json.loads(p.stdout)
-    assert len(rows) == 3
+def test_cli_json(cli_run):
+    """The CLI end to end, as a user runs it with the interpreter on: JSON on stdout (one row per
+    spec and arch, arch-major), the roofline sum on stderr, exit 0 (checked by `cli_run`)."""
+    p, rows = cli_run
+    assert len(rows) == 3 * len(ARCHS)
     for row in rows:
         assert {"kernel", "arch", "registers", "spills", "shared_bytes", "mma", "flops", "min_bytes", "calls",
                 "roofline_us", "bound"} <= set(row)
-        assert row["arch"] == "sm_90"
+    assert [row["arch"] for row in rows] == ["sm_80"] * 3 + ["sm_90"] * 3
+    assert {f.name for f in dataclasses.fields(ki.KernelReport)} == set(rows[0])  # asdict of a KernelReport
     assert "Roofline sum" in p.stderr
     assert not list(REPO.rglob("*.cubin"))  # nothing left in the repo
 
@@ -340,11 +356,18 @@ def test_bench_ref_matches_official_on_cpu(gpu_bench):
 
 
 def test_bench_triton_args_in_interpreter(gpu_bench):
-    """The triton callables get valid arguments (small shapes, Triton's CPU interpreter, fp32)."""
+    """The triton callables get valid arguments (small shapes, Triton's CPU interpreter, fp32).
+
+    The 8 px generator's cases, except where 512 channels cost the interpreter seconds for nothing
+    the arguments depend on: the styled convs and the blur (`up` 1 branch) take 16-32 channels."""
     if not ki.interpret_mode():
         pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py where no GPU exists)")
     Case = gpu_bench.Case
     cases = [c for c in gpu_bench.build_cases(8, (2,)) if c.op in ("bias_act", "upfirdn2d", "to_rgb")]
+    blur = [c for c in cases if c.op == "upfirdn2d" and c.up == 1]
+    assert len(blur) == 1 and blur[0].c_in == 512
+    cases = [c for c in cases if c not in blur] + [Case("upfirdn2d", "Blur after the up conv 16x9->8px", 2, 16, 16, 8,
+                                                        used=False)]
     cases += [Case("styled_conv2d", "small up", 2, 32, 16, 8, up=2), Case("styled_conv2d", "small", 2, 16, 16, 8)]
     for case in cases:
         fns = gpu_bench.make_impls(case, "cpu", torch.float32, impls=("triton", "official"))

@@ -70,11 +70,15 @@ def test_mix_reproduces_golden_latents(eng256, golden, alpha, key):
 
 
 def test_mixed_images_reproduce_golden(eng256, golden):
+    """The engine's mix rendered by Engine.synthesize is the golden image. One of the four (a 256 px
+    render costs seconds): all four are rendered from the golden latents by tests/test_golden.py
+    (test_style_mixing, the same generator), and test_mix_reproduces_golden_latents checks that the
+    engine's mixed latents are the golden ones for all four."""
     mask = lt.parse_latent_mask(GOLDEN_MASK, eng256.n_styles)
     out = lt.mix(eng256, golden["latents"], lt.mixing_z(0, 4), mask, 0.5)
     # one image at a time, as the golden run did (batch size changes fp32 rounding by ~1e-5)
-    images = torch.cat([eng256.synthesize(out[i, i][None]) for i in range(4)])
-    assert_close(images, golden["stylemix_alpha_0_5_images"], "golden")
+    image = eng256.synthesize(out[0, 0][None])
+    assert_close(image, golden["stylemix_alpha_0_5_images"][:1], "golden")
 
 
 def test_mapping_argument_errors(eng256):
@@ -89,7 +93,7 @@ def test_mapping_argument_errors(eng256):
 
 
 # ------------------------------------------------------------------------------------------------
-# Engine.mapping without the model's torch weights (the onnxruntime backend: tests/test_synthesize.py)
+# Engine.mapping without the model's torch weights (the graph backends: tests/test_onnx.py::test_engine_backends)
 
 
 def test_mapping_from_checkpoint(ffhq256_checkpoint, eng256, golden, tmp_path):

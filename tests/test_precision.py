@@ -97,8 +97,12 @@ def parity_inputs(shared):
 
 @pytest.mark.slow
 def test_bf16_rounding_of_the_formulation_meets_the_parity_contract(psp256, parity_inputs):
-    """On every machine: the error bf16 storage adds (emulated) is inside the contract."""
-    x = parity_inputs[:2]
+    """On every machine: the error bf16 storage adds (emulated) is inside the contract. On one face,
+    the first golden one (~15 s for the reference and the emulation on one thread; each more face
+    ~10 s): the contract's relative errors are taken over the batch, and this face alone errs more
+    than the first two faces together did (measured: img 1.2e-2 vs 1.0e-2, w_plus 4.0e-3 vs 3.8e-3),
+    so the check is no looser."""
+    x = parity_inputs[:1]
     with torch.inference_mode():
         ref_w = psp256.encode(x)
         ref_img = psp256.synthesize(ref_w)

@@ -6,6 +6,12 @@ in memory, and the shared sketch / segmentation map / face photo goes through th
 `python -m engine.run` uses. What is checked is the task plumbing: the official input transform of
 each task (checked here against formulas written out independently), the encoder accepting it, and
 the outputs written; random weights do not draw faces.
+
+The task checkpoints keep each layout's official opts and encoder (GradualStyleEncoder, 256 px
+inputs, the task's input_nc) but a 32 px generator (8 styles) instead of the 1024 px one: the
+generator's size plays no part in the task plumbing, and a 1024 px render costs ~7 s on one core
+(the official 1024 layouts, opts and keys, are checked in tests/test_weights.py, test_layout_matches_spec).
+The --align run uses the session's 32 px `small_w` checkpoint for the same reason.
 """
 
 from __future__ import annotations
@@ -23,23 +29,48 @@ from engine.batch import RunOptions, run_jobs
 from engine.inputs import plan_jobs
 from reference.images import to_input_tensor
 from engine.manifest import Manifest
-from reference import load_psp, make_checkpoint
+from reference import load_psp
+from reference.configs import get_config, n_styles_for
+
+
+TASK_OUTPUT_SIZE = 32  # the generator of the task checkpoints here (n_styles 8); official: 1024 (18)
+
+
+def task_checkpoint(config: str) -> dict:
+    """The rule checkpoint (seed 0) of an official task layout with a TASK_OUTPUT_SIZE generator: the
+    config's opts but output_size and n_styles, the same encoder and input layer (~140 M parameters)."""
+    from reference.weights import LATENT_AVG_KEY, draw, make_state_dict, psp_modules
+
+    opts = {**get_config(config).opts(), "output_size": TASK_OUTPUT_SIZE, "n_styles": n_styles_for(TASK_OUTPUT_SIZE)}
+    with torch.device("meta"):
+        model = psp_modules(opts)
+    latent_avg = (0.5 * draw(LATENT_AVG_KEY, (512,), 0)).repeat(opts["n_styles"], 1)
+    return {"state_dict": make_state_dict(model, 0), "opts": opts, "latent_avg": latent_avg}
 
 
 @pytest.fixture(scope="module")
 def task_engine():
-    """Build the rule checkpoint of a config in memory (1024 px, ~1.2 GB) and wrap it in an Engine."""
+    """Build `task_checkpoint(config)` in memory and wrap it in an Engine (one model at a time)."""
     cache = {}
 
     def get(config: str) -> api.Engine:
         if config not in cache:
-            cache.clear()  # one 1.2 GB model at a time
-            psp = load_psp(make_checkpoint(config, 0))
-            cache[config] = api.Engine(psp, Path(f"rule-{config}.pt"), "reference", torch.device("cpu"), is_demo=False)
+            cache.clear()
+            psp = load_psp(task_checkpoint(config))
+            cache[config] = api.Engine(psp, Path(f"rule-{config}-{TASK_OUTPUT_SIZE}.pt"), "reference",
+                                       torch.device("cpu"), is_demo=False)
         return cache[config]
 
     yield get
     cache.clear()
+
+
+def assert_task_layout(eng: api.Engine, config: str) -> None:
+    """The engine's opts are the official task's (1024 px, 18 styles) but for the smaller generator."""
+    official = get_config(config).opts()
+    assert (official["output_size"], official["n_styles"]) == (1024, 18)
+    assert {**eng.opts, "output_size": 1024, "n_styles": 18} == official
+    assert (eng.output_size, eng.n_styles) == (TASK_OUTPUT_SIZE, n_styles_for(TASK_OUTPUT_SIZE))
 
 
 def official_onehot(ids: np.ndarray, n_classes: int) -> np.ndarray:
@@ -51,33 +82,51 @@ def official_onehot(ids: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def run_one(eng: api.Engine, source: Path, tmp_path: Path, **kw):
-    opts = RunOptions(out_dir=tmp_path / "out", save_latents=True, resize_outputs=True, **kw)
+    """Run `source` through the batch loop; returns the image and latent written, and the tensor the
+    run gave `eng.encode` with what it returned (recorded on the way, instead of encoding the
+    expected input a second time: a 256 px GradualStyleEncoder pass costs ~2 s)."""
+    calls = []
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        w = api.Engine.encode(eng, x)
+        calls.append((x.clone(), w.clone()))
+        return w
+
+    opts = RunOptions(out_dir=tmp_path / "out", save_latents=True, **kw)
     jobs = plan_jobs([source])
-    with Manifest(opts.out_dir, {"test": str(eng.checkpoint)}) as m:
-        summary = run_jobs(eng, jobs, opts, m)
+    eng.encode = encode  # on this instance, for this run
+    try:
+        with Manifest(opts.out_dir, {"test": str(eng.checkpoint)}) as m:
+            summary = run_jobs(eng, jobs, opts, m)
+    finally:
+        del eng.encode
     assert (summary.ok, summary.failed) == (1, 0), summary.failures
+    assert len(calls) == 1, "one input, one encoder call"
     paths = jobs[0].outputs(opts.out_dir, save_latents=True, couple_outputs=False)
-    return np.asarray(Image.open(paths["image"])), np.load(paths["latent"])
+    (x_seen, w_seen), = calls
+    assert np.abs(np.load(paths["latent"]) - w_seen[0].numpy()).max() < 1e-4, "the latent written is the encoder's"
+    return np.asarray(Image.open(paths["image"])), np.load(paths["latent"]), x_seen
 
 
 @pytest.mark.slow
 def test_sketch_to_face(task_engine, shared, tmp_path):
     eng = task_engine("sketch_to_face")
-    assert (eng.input_nc, eng.label_nc, eng.output_size, eng.n_styles) == (1, 1, 1024, 18)
+    assert_task_layout(eng, "sketch_to_face")
+    assert (eng.input_nc, eng.label_nc) == (1, 1)
     src = shared / "data" / "sketch" / "psp_input_sketch.jpg"
     x = to_input_tensor([Image.open(src)], eng.label_nc)
     # official SketchToImageTransforms: convert('L'), Resize((256, 256)), ToTensor (no Normalize)
     grey = np.array(Image.open(src).convert("L").resize((256, 256), Image.BILINEAR))
     assert torch.equal(x, torch.from_numpy(grey)[None, None].float() / 255)
-    img, w_plus = run_one(eng, src, tmp_path)
-    assert img.shape == (256, 256, 3) and w_plus.shape == (18, 512)
-    expect = eng.encode(x)[0].numpy()
-    assert np.abs(w_plus - expect).max() < 1e-4
+    img, w_plus, x_seen = run_one(eng, src, tmp_path)
+    assert img.shape == (32, 32, 3) and w_plus.shape == (8, 512)
+    assert torch.equal(x_seen, x), "the run encoded the official transform of the sketch"
 
 
 @pytest.mark.slow
 def test_seg_to_face(task_engine, shared, tmp_path):
     eng = task_engine("seg_to_face")
+    assert_task_layout(eng, "seg_to_face")
     assert (eng.input_nc, eng.label_nc) == (19, 19)
     src = shared / "data" / "segmentation" / "psp_input_mask.png"
     x = to_input_tensor([Image.open(src)], eng.label_nc)
@@ -85,23 +134,23 @@ def test_seg_to_face(task_engine, shared, tmp_path):
     ids = np.asarray(Image.open(src).convert("L").resize((256, 256), Image.BILINEAR))
     assert torch.equal(x[0], torch.from_numpy(official_onehot(ids, 19)).float())
     assert float(x.sum()) == 256 * 256  # exactly one class per pixel
-    img, w_plus = run_one(eng, src, tmp_path)
-    assert img.shape == (256, 256, 3) and w_plus.shape == (18, 512)
-    assert np.abs(w_plus - eng.encode(x)[0].numpy()).max() < 1e-4
+    img, w_plus, x_seen = run_one(eng, src, tmp_path)
+    assert img.shape == (32, 32, 3) and w_plus.shape == (8, 512)
+    assert torch.equal(x_seen, x), "the run encoded the official one-hot map"
 
 
 @pytest.mark.slow
 def test_super_resolution(task_engine, shared, tmp_path):
     eng = task_engine("super_resolution")
+    assert_task_layout(eng, "super_resolution")
     assert eng.opts["dataset_type"] == "celebs_super_resolution" and eng.opts["resize_factors"] == "1,2,4,8,16,32"
     src = shared / "data" / "faces" / "aligned" / "hyperstyle_pitt_256.jpg"
     x8 = to_input_tensor([Image.open(src)], 0, degrade_factor=8)
     x_plain = to_input_tensor([Image.open(src)], 0)
-    img, w_plus = run_one(eng, src, tmp_path, degrade_factor=8)
-    assert img.shape == (256, 256, 3) and w_plus.shape == (18, 512)
-    w8 = eng.encode(torch.cat([x8, x_plain]))
-    assert np.abs(w_plus - w8[0].numpy()).max() < 1e-4, "the run encoded the degraded input"
-    assert np.abs(w_plus - w8[1].numpy()).max() > 1e-3, "and not the plain one"
+    img, w_plus, x_seen = run_one(eng, src, tmp_path, degrade_factor=8)
+    assert img.shape == (32, 32, 3) and w_plus.shape == (8, 512)
+    assert torch.equal(x_seen, x8), "the run encoded the degraded input"
+    assert not torch.equal(x8, x_plain), "and not the plain one, which differs"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,12 +183,23 @@ def test_resize_factor_resolution():
 
 
 @pytest.mark.slow
-def test_align_in_the_run_loop(shared, tmp_path, ffhq256_checkpoint):
+def test_align_in_the_run_loop(shared, tmp_path, small_w):
+    """Photos aligned in the run loop: every face, its kept crop and its inversion, a photo without a
+    face failed with a hint, a rerun, --largest-face. The 32 px `small_w` checkpoint: what is checked
+    is the loop, which any photo checkpoint exercises (the crop is 1024 px whatever the model)."""
     pytest.importorskip("dlib", reason="--align needs dlib (pip install -e '.[align]')")
     from engine.align import align_image
     from reference.images import read_image
 
-    eng = api.Engine(load_psp(ffhq256_checkpoint), Path(ffhq256_checkpoint), "reference", torch.device("cpu"), is_demo=False)
+    eng = api.Engine(load_psp(small_w), Path(small_w), "reference", torch.device("cpu"), is_demo=False)
+    encoded = []  # (input row, W+) of every encoder call of the run, to check what it encoded without encoding again
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        w = api.Engine.encode(eng, x)
+        encoded.extend(zip(x.clone(), w.clone()))
+        return w
+
+    eng.encode = encode
     unaligned = shared / "data" / "faces" / "unaligned"
     files = [unaligned / "face_recognition_two_people.jpg", unaligned / "hyperstyle_face_image.jpg",
              shared / "data" / "other" / "skimage_coffee.png"]
@@ -160,8 +220,9 @@ def test_align_in_the_run_loop(shared, tmp_path, ffhq256_checkpoint):
     # the kept crop is engine.align's, and the inversion encoded that crop
     crop = align_image(read_image(files[1]), name="x", output_size=1024, transform_size=1024)[0][1]
     assert np.array_equal(np.asarray(Image.open(out / "hyperstyle_face_image_aligned.png")), np.asarray(crop))
-    w = eng.encode(to_input_tensor([crop], 0))[0].numpy()
-    assert np.abs(np.load(out / "hyperstyle_face_image.npy") - w).max() < 1e-4
+    assert len(encoded) == 3, "three faces encoded"
+    (w,) = [w for x, w in encoded if torch.equal(x, to_input_tensor([crop], 0)[0])]
+    assert np.abs(np.load(out / "hyperstyle_face_image.npy") - w.numpy()).max() < 1e-4
     # one manifest record per input, listing all its faces' outputs; a rerun skips them and retries the photo without a face
     import json
 

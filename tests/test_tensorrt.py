@@ -175,17 +175,20 @@ def test_onnx_fp16_count(tiny_onnx, tmp_path):
 
 
 @pytest.mark.slow
-def test_fp32_patterns_cover_the_real_export(psp256, tmp_path):
+def test_fp32_patterns_cover_the_real_export(ffhq256_checkpoint):
     """The contract with export.onnx: the pSp generator's style affines and demodulation nodes carry
-    the patterns (else an FP16 build would silently lose its fp32 islands), and the fp16 variant is
-    recognised as mixed precision (built strongly typed)."""
+    the patterns (else an FP16 build would silently lose its fp32 islands). The generator graph is
+    the 256 px checkpoint's in the session's engine cache (`cached_graphs`, the export the onnxruntime
+    and openvino backends use: tests/test_onnx.py's parity report and tests/test_cli.py's end-to-end
+    run share it), not an export of its own. That an fp16 export is recognised as mixed precision
+    (`onnx_fp16_count` > 0, built strongly typed) and an fp32 one is not is checked on real exports in
+    tests/test_onnx.py::test_graph_contract."""
     import onnx
 
-    from export.engine_model import EnginePSP
-    from export.onnx import export_onnx
+    from export.graph import ReferenceLoader, cached_graphs
+    from reference.files import cache_dir
 
-    model = EnginePSP(psp256)
-    path = export_onnx(model, tmp_path / "gen.onnx", "generator")
+    path = cached_graphs(ffhq256_checkpoint, ReferenceLoader(ffhq256_checkpoint), cache_dir() / "onnx")["generator"]
     names = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node]
     hits = {p: [n for n in names if p in n.replace(".", "/")] for p in T.FP32_NODE_PATTERNS}
     # one affine per styled conv and ToRGB, one demodulation per styled conv (13 + 7 at 256 px)
@@ -193,8 +196,6 @@ def test_fp32_patterns_cover_the_real_export(psp256, tmp_path):
     assert len({n.rsplit("/demod/", 1)[0] for n in hits["/demod"]}) == 13, hits["/demod"][:5]
     assert not [n for n in T.match_fp32_layers(names) if n.endswith("/Conv") and "/demod/" not in n]
     assert T.onnx_fp16_count(path) == 0 and read_sidecar(path, "onnx")[1]["part"] == "generator"
-    path16 = export_onnx(model, tmp_path / "gen.fp16.onnx", "generator", fp16=True)
-    assert T.onnx_fp16_count(path16) > 0
     assert T.precision_mode(True, True, True) == "strong"
 
 

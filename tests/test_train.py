@@ -95,8 +95,12 @@ def _quiet(_msg):
 @pytest.mark.slow
 def test_trains_saves_reloads_and_resumes_exactly(faces, small_ckpt, tmp_path):
     """The loss falls; the checkpoint loads with load_psp and gives the trained model's outputs; a run
-    stopped at step 4 and resumed reaches the same weights at step 8 as the uninterrupted run."""
-    max_steps = 15
+    stopped at step 4 and resumed reaches the same weights at step 8 as the uninterrupted run.
+
+    The uninterrupted run has 10 steps (0-9; each costs ~1.5 s on one core): enough for the loss to
+    fall (measured: the last 4 steps' mean 0.69x the first 4's, the whole-set L2 0.47x; checked: below
+    0.8x and 0.6x), one interval checkpoint (8) and a final one (9) off the interval."""
+    max_steps = 9
     coach, result = run(_opts(faces, small_ckpt, tmp_path / "a", max_steps=max_steps, save_interval=8), say=_quiet)
     assert result["step"] == max_steps
     losses = _train_losses(tmp_path / "a")
@@ -117,7 +121,7 @@ def test_trains_saves_reloads_and_resumes_exactly(faces, small_ckpt, tmp_path):
     # Official layout, weights_only, loadable by load_psp, same outputs as the trained model.
     ckpt_dir = tmp_path / "a" / "checkpoints"
     final = ckpt_dir / f"iteration_{max_steps}.pt"
-    assert sorted(p.name for p in ckpt_dir.glob("iteration_*.pt")) == ["iteration_15.pt", "iteration_8.pt"]
+    assert sorted(p.name for p in ckpt_dir.glob("iteration_*.pt")) == ["iteration_8.pt", "iteration_9.pt"]
     raw = torch.load(final, map_location="cpu", weights_only=True)
     assert set(raw) == {"state_dict", "opts", "latent_avg"}
     assert set(BASE_OPTS) <= set(raw["opts"]) and raw["opts"]["device"] == "cuda:0"
@@ -323,10 +327,11 @@ def test_losses_w_norm_lpips_crop_and_identity(tmp_path):
     id_loss_fn = PSPLoss({**BASE_OPTS, "l2_lambda": 0, "lpips_lambda": 0, "id_lambda": 0.1,
                           "ir_se50_weights": str(ir_path)})
     assert isinstance(id_loss_fn.id_loss, IDLoss)
-    same, _, _ = id_loss_fn.id_loss(y, y, y)
-    assert float(same) == pytest.approx(0.0, abs=1e-5)
     _, d, logs = id_loss_fn(y, y, y_hat, w_plus[:2], latent_avg)
     assert d["loss_id"] > 0 and len(logs) == 2 and {"diff_target", "diff_input", "diff_views"} <= set(logs[0])
+    # x is y here: diff_views is the similarity of identical images, 1 (an ID loss of 0), per sample
+    assert [entry["diff_views"] for entry in logs] == [pytest.approx(1.0, abs=1e-5)] * 2
+    assert d["loss_id"] == pytest.approx(1 - sum(entry["diff_target"] for entry in logs) / 2, rel=1e-5)
 
     # Init as official load_weights: the IR-SE-50 body from the ArcFace file (input layer skipped for 1-channel
     # sketches), the decoder and latent_avg (repeated to n_styles) from a rosinality StyleGAN2 file.

@@ -51,7 +51,9 @@ def test_assembly_with_reference_ops_matches_generator(gen16):
     assert_close(out, ref, "generator_formulations")
 
 
-@pytest.mark.parametrize("size,batch", [(16, 3), (32, 1)])
+# Batch 2 at 16 px: the sample is the modulated-conv kernel's grid axis 2, so any batch > 1 takes the
+# same path (the interpreter's time grows with the batch); 32 px adds a level at batch 1.
+@pytest.mark.parametrize("size,batch", [(16, 2), (32, 1)])
 def test_triton_generator_fp32_matches_reference(size, batch, gen16):
     gen = gen16 if size == 16 else rule_generator(32)
     w_plus = w_plus_for(gen, batch)
@@ -72,7 +74,9 @@ def test_triton_generator_fp16_matches_reference(gen16):
 
 def test_triton_backend_of_the_engine(tmp_path):
     """`engine.load(backend="triton")` (the engine-formulation encoder + synthesis on the kernels) inverts
-    like the reference backend (fp32 under the interpreter)."""
+    like the reference backend (fp32 under the interpreter). One image: the loading and the wiring
+    are what is checked here; the kernels at batch > 1 are checked against the generator above
+    (`test_triton_generator_fp32_matches_reference[16-2]`, `..._fp16_...`)."""
     import engine
     from reference import save_checkpoint
     from reference.configs import BASE_OPTS
@@ -84,7 +88,7 @@ def test_triton_backend_of_the_engine(tmp_path):
         model = psp_modules(opts)
     ckpt = {"state_dict": make_state_dict(model, 0), "opts": opts, "latent_avg": 0.5 * torch.randn(1, 512)}
     path = save_checkpoint(ckpt, tmp_path / "w16.pt")
-    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ref_img, ref_w = engine.load(path, backend="reference").invert(x)
     img, w_plus = engine.load(path, backend="triton").invert(x)
     assert_close(w_plus, ref_w, "engine_model")  # the engine formulation's encoder: fp32 rounding apart
