@@ -27,7 +27,7 @@ from engine.inputs import find_inputs, plan_jobs
 from reference.images import tensor_to_uint8
 from engine.manifest import MANIFEST_NAME, InputStat, Manifest, read_records
 
-N_FACES = 12
+N_FACES = 7  # of the 12 shared aligned faces: 5 + 2 at batch 5
 SUBPROCESS_TIMEOUT_S = 600
 
 
@@ -59,24 +59,30 @@ def golden(shared):
 
 
 # ------------------------------------------------------------------------------------------------
-# End to end on the 12 aligned faces
+# End to end on real aligned faces
 
 
 @pytest.fixture(scope="module")
 def e2e(shared, ffhq256_checkpoint, tmp_path_factory):
-    """One subprocess run over the 12 faces, batch 5 (so the last batch has 2), with latents."""
+    """One subprocess run over N_FACES of the shared aligned faces (the first six by name, and
+    psp_input_img.jpg, golden input 0), batch 5 (so the last batch has 2), with latents. Returns
+    (input folder, output folder, the process, the manifest's records)."""
+    src = tmp_path_factory.mktemp("e2e_in")
+    faces = sorted((shared / "data" / "faces" / "aligned").glob("*.jpg"))
+    for p in faces[:N_FACES - 1] + [p for p in faces[N_FACES - 1:] if p.name == "psp_input_img.jpg"]:
+        shutil.copy(p, src / p.name)
     out = tmp_path_factory.mktemp("e2e") / "out"
-    proc = run_cli("--input", str(shared / "data" / "faces" / "aligned"), "--output", str(out),
+    proc = run_cli("--input", str(src), "--output", str(out),
                    "--checkpoint", str(ffhq256_checkpoint), "--save-latents", "--batch-size", "5")
-    return out, proc, read_records(out)
+    return src, out, proc, read_records(out)
 
 
 @pytest.mark.slow
 def test_end_to_end(e2e, shared, golden):
-    out, proc, records = e2e
+    src, out, proc, records = e2e
     assert proc.returncode == 0, proc.stderr
-    assert "12 ok, 0 failed, 0 skipped" in proc.stderr
-    stems = sorted(p.stem for p in (shared / "data" / "faces" / "aligned").glob("*.jpg"))
+    assert f"{N_FACES} ok, 0 failed, 0 skipped" in proc.stderr
+    stems = sorted(p.stem for p in src.glob("*.jpg"))
     assert len(stems) == N_FACES
     assert files_under(out) == sorted([MANIFEST_NAME] + [f"{s}.png" for s in stems] + [f"{s}.npy" for s in stems])
     for s in stems:
@@ -104,15 +110,15 @@ def test_end_to_end(e2e, shared, golden):
 
 @pytest.mark.slow
 def test_rerun_skips_everything(e2e, shared, ffhq256_checkpoint, capsys):
-    out, proc, _ = e2e
+    src, out, proc, _ = e2e
     assert proc.returncode == 0, proc.stderr
     before = {p: (out / p).stat().st_mtime_ns for p in files_under(out) if p != MANIFEST_NAME}
     n_records = len(read_records(out))
-    rc = run.main(["--input", str(shared / "data" / "faces" / "aligned"), "--output", str(out),
+    rc = run.main(["--input", str(src), "--output", str(out),
                    "--checkpoint", str(ffhq256_checkpoint), "--save-latents", "--batch-size", "5"])
     assert rc == 0
     err = capsys.readouterr().err
-    assert "0 ok, 0 failed, 12 skipped" in err and "the model was not loaded" in err
+    assert f"0 ok, 0 failed, {N_FACES} skipped" in err and "the model was not loaded" in err
     records = read_records(out)
     assert len(records) == n_records == N_FACES and {r["status"] for r in records} == {"ok"}, \
         "a no-op rerun adds no record"

@@ -162,6 +162,7 @@ def test_graph_contract(exported):
         assert desc.checkpoint["size"] > 0
 
 
+@pytest.mark.slow  # `exported`: whole-model exports
 def test_cli_and_bad_checkpoint(small, exported, tmp_path, capsys):
     """The CLI's export is the fp16 psp graph of `exported` (its graph is checked there); here its exit
     code, files and report line, then the one-line exit-2 errors."""
