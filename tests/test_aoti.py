@@ -4,19 +4,15 @@ against the reference model (fp32, export.compare.TOL["aoti"]).
 Inductor compiles C++ (tens of seconds per package on 2 cores): each package is built once per
 module. The whole-model package has a dynamic batch (activation modulation); the generator package
 goes through the CLI with a static batch (official grouped convolution) and `--resize`. The Python
-tests share one loaded package and one reference output per batch; the C++ runner binary is kept
-between runs, keyed by everything it is built from (see `runner`).
+tests share one loaded package and one reference output per batch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -121,44 +117,13 @@ def generator_package(tmp_path_factory):
     return path
 
 
-def _runner_build_key() -> str:
-    """What the runner binary depends on: main.cpp, the build command (flags, include and library
-    folders, ABI), the compiler's version, and the torch it links (version, libtorch_cpu's size and
-    mtime, so a reinstall counts)."""
-    from torch.utils import cpp_extension
-
-    h = hashlib.sha256(RUNNER_SRC.read_bytes())
-    h.update("\0".join(aoti.runner_build_command(RUNNER_SRC, "OUT", cxx=CXX)).encode())
-    h.update(subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout.encode())
-    h.update(torch.__version__.encode())
-    for d in cpp_extension.library_paths():
-        for lib in sorted(Path(d).glob("libtorch_cpu.*")):
-            st = lib.stat()
-            h.update(f"{lib}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:24]
-
-
 @pytest.fixture(scope="module")
-def runner():
-    """examples/cpp/aoti_runner built with the plain g++ command of `aoti.runner_build_command`.
-
-    Kept between test runs (like inductor's own /tmp/torchinductor_<user>), under the temp folder
-    in a subfolder named by `_runner_build_key`: g++ on torch's headers takes ~20 s, and the binary
-    only changes when main.cpp, the command, the compiler or torch does, which change the key and
-    rebuild it. Built under a lock (pytest-xdist workers), written atomically.
-    """
-    from filelock import FileLock
-
-    folder = Path(tempfile.gettempdir()) / f"psp-test-aoti-runner-{os.getuid()}" / _runner_build_key()
-    folder.mkdir(parents=True, exist_ok=True)
-    exe = folder / "aoti_runner"
-    with FileLock(folder / "build.lock"):
-        if not exe.is_file():
-            tmp = folder / f"aoti_runner.{os.getpid()}.tmp"
-            cmd = aoti.runner_build_command(RUNNER_SRC, tmp, cxx=CXX)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            assert proc.returncode == 0, f"building the runner failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"
-            os.replace(tmp, exe)
+def runner(tmp_path_factory):
+    """examples/cpp/aoti_runner built with the plain g++ command of `aoti.runner_build_command`."""
+    exe = tmp_path_factory.mktemp("runner") / "aoti_runner"
+    cmd = aoti.runner_build_command(RUNNER_SRC, exe, cxx=CXX)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"building the runner failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"
     return exe
 
 

@@ -16,6 +16,7 @@ The --align run uses the session's 32 px `small_w` checkpoint for the same reaso
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -81,31 +82,38 @@ def official_onehot(ids: np.ndarray, n_classes: int) -> np.ndarray:
     return out.transpose(2, 0, 1)
 
 
-def run_one(eng: api.Engine, source: Path, tmp_path: Path, **kw):
-    """Run `source` through the batch loop; returns the image and latent written, and the tensor the
-    run gave `eng.encode` with what it returned (recorded on the way, instead of encoding the
-    expected input a second time: a 256 px GradualStyleEncoder pass costs ~2 s)."""
+@contextlib.contextmanager
+def recorded_encodes(eng: api.Engine):
+    """Within the block, every `eng.encode` call (on this instance) is recorded: yields the list of
+    (input row [C, 256, 256], W+ row [n_styles, 512]) pairs of all calls, to check what a run encoded
+    without encoding it a second time (a 256 px encode costs ~2 s per image on one thread)."""
     calls = []
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         w = api.Engine.encode(eng, x)
-        calls.append((x.clone(), w.clone()))
+        calls.extend(zip(x.clone(), w.clone()))
         return w
 
-    opts = RunOptions(out_dir=tmp_path / "out", save_latents=True, **kw)
-    jobs = plan_jobs([source])
-    eng.encode = encode  # on this instance, for this run
+    eng.encode = encode
     try:
-        with Manifest(opts.out_dir, {"test": str(eng.checkpoint)}) as m:
-            summary = run_jobs(eng, jobs, opts, m)
+        yield calls
     finally:
         del eng.encode
+
+
+def run_one(eng: api.Engine, source: Path, tmp_path: Path, **kw):
+    """Run `source` through the batch loop; returns the image and latent written, and the tensor
+    [1, C, 256, 256] the run gave `eng.encode` (`recorded_encodes`)."""
+    opts = RunOptions(out_dir=tmp_path / "out", save_latents=True, **kw)
+    jobs = plan_jobs([source])
+    with recorded_encodes(eng) as calls, Manifest(opts.out_dir, {"test": str(eng.checkpoint)}) as m:
+        summary = run_jobs(eng, jobs, opts, m)
     assert (summary.ok, summary.failed) == (1, 0), summary.failures
-    assert len(calls) == 1, "one input, one encoder call"
+    assert len(calls) == 1, "one input, one encoded image"
     paths = jobs[0].outputs(opts.out_dir, save_latents=True, couple_outputs=False)
     (x_seen, w_seen), = calls
-    assert np.abs(np.load(paths["latent"]) - w_seen[0].numpy()).max() < 1e-4, "the latent written is the encoder's"
-    return np.asarray(Image.open(paths["image"])), np.load(paths["latent"]), x_seen
+    assert np.abs(np.load(paths["latent"]) - w_seen.numpy()).max() < 1e-4, "the latent written is the encoder's"
+    return np.asarray(Image.open(paths["image"])), np.load(paths["latent"]), x_seen[None]
 
 
 @pytest.mark.slow
@@ -192,20 +200,12 @@ def test_align_in_the_run_loop(shared, tmp_path, small_w):
     from reference.images import read_image
 
     eng = api.Engine(load_psp(small_w), Path(small_w), "reference", torch.device("cpu"), is_demo=False)
-    encoded = []  # (input row, W+) of every encoder call of the run, to check what it encoded without encoding again
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        w = api.Engine.encode(eng, x)
-        encoded.extend(zip(x.clone(), w.clone()))
-        return w
-
-    eng.encode = encode
     unaligned = shared / "data" / "faces" / "unaligned"
     files = [unaligned / "face_recognition_two_people.jpg", unaligned / "hyperstyle_face_image.jpg",
              shared / "data" / "other" / "skimage_coffee.png"]
     opts = RunOptions(out_dir=tmp_path / "out", align=True, save_aligned=True, save_latents=True, batch_size=2)
     jobs = plan_jobs(files)
-    with Manifest(opts.out_dir, opts.config(eng)) as m:
+    with recorded_encodes(eng) as encoded, Manifest(opts.out_dir, opts.config(eng)) as m:
         summary = run_jobs(eng, jobs, opts, m)
     assert (summary.ok, summary.failed, summary.skipped) == (2, 1, 0), summary.format()
     assert "skimage_coffee.png" in summary.failures[0][1] and "no face" in summary.failures[0][1]
