@@ -41,7 +41,13 @@ Runner = Callable[[np.ndarray], np.ndarray]
 
 
 def physical_cores() -> int:
-    """Cores to use for intra-op threads: the CPUs this process may run on (2 on CI)."""
+    """Intra-op threads for ONNX Runtime and OpenVINO when none are asked for: `$OMP_NUM_THREADS`
+    when it is a positive integer (the variable torch's and OpenBLAS's thread pools follow, so one
+    setting sizes every runtime of the process: e.g. several processes sharing a machine), else the
+    CPUs this process may run on (`os.sched_getaffinity`; 2 on CI)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
@@ -197,8 +203,8 @@ def _export_graphs(checkpoint: Path, load_reference: Callable[[], object], paths
 
 def ort_runner(onnx_path: Path, input_name: str, output_name: str, precision: str, cache: Path,
                threads: int | None = None) -> Runner:
-    """An ONNX Runtime CPU session of `onnx_path` as a callable (all graph optimisations, one intra-op
-    thread per core, no inter-op parallelism: the graph is a chain). fp32 only."""
+    """An ONNX Runtime CPU session of `onnx_path` as a callable (all graph optimisations, `threads`
+    intra-op threads, default `physical_cores()`, no inter-op parallelism: the graph is a chain). fp32 only."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -220,8 +226,8 @@ def openvino_has_bf16() -> bool:
 
 def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precision: str, cache: Path,
                     threads: int | None = None, release_pages: bool = True) -> Runner:
-    """An OpenVINO CPU compiled model of `onnx_path` as a callable: latency hint (one stream, all cores
-    on one request), precision hint f32 or bf16, compiled blobs cached under `<cache>/ov_cache`.
+    """An OpenVINO CPU compiled model of `onnx_path` as a callable: latency hint (one stream, `threads`
+    threads on one request, default `physical_cores()`), precision hint f32 or bf16, compiled blobs cached under `<cache>/ov_cache`.
     After the first call, the pages of the weight files the compile mapped are given back
     (`reference.platform.page_out`): results are unchanged, the resident set is ~1 GiB smaller for
     the 1024 px model (`release_pages=False` keeps them: `benchmarks/openvino_memory.py` compares).

@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+# numpy's OpenBLAS on one thread (read when numpy loads; nothing has loaded it yet): Triton's
+# interpreter runs tl.dot as np.matmul on small tiles, and an idle second BLAS thread spins between
+# them (the 256 px golden synthesis in the interpreter: 102 CPU-s on two threads, 59 on one).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # Triton kernels run in Triton's CPU interpreter where no GPU exists. The switch is read when a
 # kernel is decorated, so it must be set before any test module imports `kernels`.
 if "TRITON_INTERPRET" not in os.environ:
@@ -24,12 +29,13 @@ if "TRITON_INTERPRET" not in os.environ:
     if not _has_cuda:
         os.environ["TRITON_INTERPRET"] = "1"
 
-# Under pytest-xdist (`-n N`) each worker is a process of its own: one torch thread each, so N
-# workers share the cores instead of each starting one thread per core.
+# Under pytest-xdist (`-n N`) each worker is a process of its own: the cores are shared out
+# (`$OMP_NUM_THREADS`, set by the controller in `pytest_configure`, one thread each on 2 cores), so
+# N workers share the cores instead of each starting one thread per core.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,10 +52,17 @@ def pytest_configure(config):
     inherit it."""
     import tempfile
 
-    config._psp_env_before = {k: os.environ.get(k) for k in (SESSION_ENV, "PSP_ENGINE_CACHE")}
+    config._psp_env_before = {k: os.environ.get(k) for k in (SESSION_ENV, "PSP_ENGINE_CACHE", "OMP_NUM_THREADS")}
     config._psp_session = None
     if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(SESSION_ENV):
         return  # a worker: the controller's folder
+    workers = getattr(config.option, "numprocesses", None)
+    if isinstance(workers, int) and workers >= 2 and not os.environ.get("OMP_NUM_THREADS"):
+        # The workers and every process they start (CLI runs, Ray actors) size their
+        # thread pools from it: torch, OpenBLAS (the Triton interpreter's numpy), and ONNX Runtime
+        # and OpenVINO through `export.graph.physical_cores`. Two threads per process on 2 shared
+        # cores cost ~1.6x the CPU of one (spinning, measured with ONNX Runtime) and help no one.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
     config._psp_session = tempfile.mkdtemp(prefix="psp-test-session-")
     os.environ[SESSION_ENV] = config._psp_session
     os.environ["PSP_ENGINE_CACHE"] = os.path.join(config._psp_session, "cache")

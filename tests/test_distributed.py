@@ -42,7 +42,9 @@ BAD = {"bad.jpg": b"not an image", "empty.png": b"", "truncated.jpg": None}
 
 @pytest.fixture(scope="module")
 def ray_mod():
-    return local_ray()
+    """The module's local Ray instance (`_ray_cluster.local_ray`), shut down when the module ends."""
+    with local_ray() as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")

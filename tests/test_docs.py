@@ -27,14 +27,13 @@ def test_shared_data_is_there(shared):
 def test_shared_skip_says_what_and_where(tmp_path):
     """Without the shared data, a test that needs it is skipped with what the folder is and where it comes from.
 
-    The pytest subprocess runs test_shared_data_is_there: this file imports no torch, and without the
-    hypothesis plugin (1.5 s to import, unused here) the subprocess takes about a second, where a test
-    file of the models takes several to import. It is not an xdist worker, so the worker's variables
+    The pytest subprocess runs test_shared_data_is_there: this file imports no torch, so the
+    subprocess takes about a second, where a test file of the models takes several to import. It is not an xdist worker, so the worker's variables
     are left out (under them tests/conftest.py imports torch)."""
     env = {k: v for k, v in os.environ.items() if k != "CI" and not k.startswith("PYTEST_XDIST_")}
     env["PSP_SHARED"] = str(tmp_path / "no_shared")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p",
-                          "no:hypothesispytest", "tests/test_docs.py::test_shared_data_is_there"],
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          "tests/test_docs.py::test_shared_data_is_there"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     skips = [ln for ln in res.stdout.splitlines() if ln.startswith("SKIPPED")]
     assert res.returncode == 0 and skips, res.stdout[-2000:]

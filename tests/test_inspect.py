@@ -280,7 +280,10 @@ def test_spills_are_problems():
 
 @pytest.fixture(scope="module")
 def real_reports():
-    specs, compiled = ki.compile_all(ki.SPEC_MODULES, ARCHS, output_size=1024)
+    """Compiled in one worker process per thread this test process is given (`$OMP_NUM_THREADS`, 1 per
+    pytest-xdist worker on 2 cores: one process importing torch and triton, not two), else the default."""
+    jobs = int(os.environ.get("OMP_NUM_THREADS") or 0) or None
+    specs, compiled = ki.compile_all(ki.SPEC_MODULES, ARCHS, output_size=1024, jobs=jobs)
     return ki.make_reports(specs, compiled, ARCHS)
 
 

@@ -93,21 +93,43 @@ def exported(small, small_graphs, tmp_path_factory):
 
 
 def _run(path, feeds):
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """Run a graph once on ONNX Runtime's CPU provider with torch's thread count (1 per pytest-xdist
+    worker, tests/conftest.py) and no spinning: ORT's idle intra-op threads would otherwise spin
+    for work and burn the core the other worker runs on."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+
+
+@pytest.fixture(scope="module")
+def psp_refs(exported):
+    """The reference pipeline's (img, w_plus) of the random input of each batch size, computed once:
+    the fp32 and fp16 psp graphs at batch 1 are compared with the same reference outputs."""
+    psp = exported[0]
+    cache = {}
+
+    def ref(batch):
+        if batch not in cache:
+            x = torch.rand(batch, 3, 256, 256, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+            with torch.inference_mode():
+                cache[batch] = (x, *psp(x))
+        return cache[batch]
+
+    return ref
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch,fp16", [(1, False), (3, False), (1, True)], ids=["1-fp32", "3-fp32", "1-fp16"])
-def test_psp_graph_matches_reference(exported, fp16, batch):
+def test_psp_graph_matches_reference(exported, psp_refs, fp16, batch):
     """The psp graphs against the reference at batch sizes other than the export's example batch (2):
     the batch axis is dynamic. No batch 3 in fp16 (the slowest run, ~14 s: fp16 convolutions on the
     CPU): the batch axis is the same exporter setting in both precisions, and 1 != 2 already checks
-    it; batch 3 is checked in fp32."""
-    psp, files, _ = exported
-    x = torch.rand(batch, 3, 256, 256, generator=torch.Generator().manual_seed(batch)) * 2 - 1
-    with torch.inference_mode():
-        ref_img, ref_w = psp(x)
+    it; batch 3 is checked in fp32. (The reference outputs of each batch: `psp_refs`, computed once.)"""
+    _, files, _ = exported
+    x, ref_img, ref_w = psp_refs(batch)
     img, w_plus = _run(files[("psp", fp16)], {"x": x})
     what = ("onnx", "float16" if fp16 else "float32")
     assert_close(torch.from_numpy(w_plus), ref_w, *what)

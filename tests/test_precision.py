@@ -134,3 +134,16 @@ def test_readme_backend_table_is_the_registry():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert backends.markdown_table() in readme, "regenerate the README's backend table from export.backends"
+
+
+@pytest.mark.parametrize("value, expected", [("3", 3), ("1", 1), ("", None), ("0", None), ("two", None)])
+def test_runtime_threads_follow_omp_num_threads(monkeypatch, value, expected):
+    """ONNX Runtime's and OpenVINO's default thread count (`export.graph.physical_cores`) is
+    `$OMP_NUM_THREADS` when that is a positive integer (what torch follows too), else the CPUs this
+    process may run on."""
+    import os
+
+    from export.graph import physical_cores
+
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    assert physical_cores() == (expected or len(os.sched_getaffinity(0)))

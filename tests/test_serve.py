@@ -1,8 +1,8 @@
 """`engine.serve`: the HTTP API on a local Serve app, its limits, errors, a load test, and its web page
 in real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright).
 
-One app for the whole module (started by the `url` fixture, shut down when the module ends, so the
-Ray tests that may run after it in the same process get the cluster's CPUs back). The model is a
+One app for the whole module (started by the `url` fixture with the module's own Ray instance; both
+are shut down when the module ends, so nothing of Ray idles through the files run after it). The model is a
 32 px pSp by the weight rule (the `ffhq_encode_256` config with `output_size` 32, 8 styles): its
 IR-SE-50 encoder costs what a real one does, its generator little. Two random edit directions
 (`dir_a`, `dir_b`) are loaded from an edit folder.
@@ -72,21 +72,23 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def url(checkpoint):
-    """The app (engine backend, fp32, 1 replica) on a free local port: its base URL; shut down after
-    the module (its replica holds a CPU of the local Ray instance)."""
-    local_ray()
+    """The app (engine backend, fp32, 1 replica) on a free local port: its base URL; the app and the
+    module's Ray instance (`_ray_cluster.local_ray`) are shut down when the module ends."""
     from ray import serve
 
     from engine.serve import ServeOptions, start
 
-    port = free_port()
-    opts = ServeOptions(checkpoint=str(checkpoint), backend="engine", precision="fp32", edit_dir=str(checkpoint.parent / "edits"),
-                        **LIMITS)
-    t0 = time.perf_counter()
-    start(opts, host="127.0.0.1", port=port)
-    print(f"service started in {time.perf_counter() - t0:.1f} s on port {port}")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    with local_ray():
+        port = free_port()
+        opts = ServeOptions(checkpoint=str(checkpoint), backend="engine", precision="fp32",
+                            edit_dir=str(checkpoint.parent / "edits"), **LIMITS)
+        t0 = time.perf_counter()
+        start(opts, host="127.0.0.1", port=port)
+        print(f"service started in {time.perf_counter() - t0:.1f} s on port {port}")
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,10 @@
 // AOTI_RUNTIME_CHECK_INPUTS=1 is set (unless already set) so a wrong input shape is refused by
 // the package instead of being read out of bounds.
 
+// Only the headers this file uses: <ATen/ATen.h> (every operator) would double the build time.
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
