@@ -280,9 +280,12 @@ def test_spills_are_problems():
 
 @pytest.fixture(scope="module")
 def real_reports():
-    """Compiled in one worker process per thread this test process is given (`$OMP_NUM_THREADS`, 1 per
-    pytest-xdist worker on 2 cores: one process importing torch and triton, not two), else the default."""
-    jobs = int(os.environ.get("OMP_NUM_THREADS") or 0) or None
+    """Compiled in one worker process per thread this test process is given (`$OMP_NUM_THREADS` as
+    `export.graph.physical_cores` reads it, 1 per pytest-xdist worker on 2 cores: one process importing
+    torch and triton, not two), else `compile_all`'s default."""
+    from export.graph import physical_cores
+
+    jobs = physical_cores() if os.environ.get("OMP_NUM_THREADS") else None
     specs, compiled = ki.compile_all(ki.SPEC_MODULES, ARCHS, output_size=1024, jobs=jobs)
     return ki.make_reports(specs, compiled, ARCHS)
 
