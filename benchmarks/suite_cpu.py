@@ -9,9 +9,10 @@ outlive the test (a Ray instance's GCS, raylet and workers until it shuts down, 
 workers); the report gives the machine's busy CPU seconds over the run (`/proc/stat`) beside the
 recorded sum, and the difference is theirs (plus collection and pytest-xdist itself).
 
-Usage (the README's test command plus the plugin; `benchmarks/RESULTS.md`, "The test suite's time"):
+Usage (the README's test command with every test, as CI runs it, plus the plugin;
+`benchmarks/RESULTS.md`, "The test suite's CPU cost"):
 
-    PSP_SUITE_CPU=/tmp/suite_cpu .venv/bin/python -m pytest -q -n 2 --dist loadfile -p benchmarks.suite_cpu
+    PSP_RUN_SLOW=1 PSP_SUITE_CPU=/tmp/suite_cpu .venv/bin/python -m pytest -q -n 2 --dist loadfile -p benchmarks.suite_cpu
     .venv/bin/python -m benchmarks.suite_cpu /tmp/suite_cpu
 
 Writes `$PSP_SUITE_CPU/<worker>.jsonl` (one row per test: `id`, `wall`, `self`, `children` in s)

@@ -80,6 +80,35 @@ def pytest_unconfigure(config):
                 os.environ[k] = v
 
 
+RUN_SLOW_ENV = "PSP_RUN_SLOW"
+
+
+def slow_tests_left_out(file_or_dir, markexpr: str, env) -> bool:
+    """Whether this run leaves out the tests marked `slow` (the quick set): only a run of the whole
+    suite as the README gives it, with no test paths named, no `-m` expression and no
+    `PSP_RUN_SLOW=1` (which `.ci/run` sets: CI runs every test). Naming files or nodes runs all of
+    them, slow or not; `-m` decides for itself."""
+    return not file_or_dir and not markexpr and env.get(RUN_SLOW_ENV) != "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The quick set by default (`slow_tests_left_out`): the tests marked `slow` are deselected
+    (each xdist worker collects and deselects the same)."""
+    if not slow_tests_left_out(config.option.file_or_dir, config.option.markexpr, os.environ):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.hook.pytest_deselected(items=slow)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if slow_tests_left_out(config.option.file_or_dir, config.option.markexpr, os.environ):
+        terminalreporter.write_line(
+            f"the quick set ran: the tests marked slow were left out; {RUN_SLOW_ENV}=1 runs them too, "
+            "as CI does (.ci/run)")
+
+
 def session_file(name: str, build) -> Path:
     """`$PSP_TEST_SESSION_DIR/ckpt/<name>`, made once per test run by `build(path)` (under a lock:
     the xdist workers share it; the other waits). Tests must not modify it."""

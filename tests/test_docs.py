@@ -45,3 +45,46 @@ def test_readme_has_no_stale_lines_and_says_how_to_run_the_quick_set():
     assert "alignment is planned" not in README
     assert '-m "not slow"' in README and "PSP_SHARED" in README
     assert "python -m engine.cache" in README and "--all-faces" in README and "--include-extras" in README
+
+
+class _Item:
+    def __init__(self, name: str, slow: bool):
+        self.name, self.slow = name, slow
+
+    def get_closest_marker(self, name: str):
+        return object() if name == "slow" and self.slow else None
+
+
+class _Config:
+    def __init__(self, file_or_dir: list, markexpr: str):
+        self.option = type("Option", (), {"file_or_dir": file_or_dir, "markexpr": markexpr})()
+        self.deselected = []
+        self.hook = type("Hook", (), {"pytest_deselected": lambda _, items: self.deselected.extend(items)})()
+
+
+def test_the_readme_command_runs_the_quick_set_and_ci_runs_every_test(monkeypatch):
+    """The README's test command leaves out the tests marked `slow` (the quick set, issue 10: at most
+    10 minutes on 2 cores), and says so; `.ci/run` runs the same command with `PSP_RUN_SLOW=1`, so
+    CI runs them all. Naming test files or giving `-m` runs what was asked."""
+    import conftest
+
+    env = conftest.RUN_SLOW_ENV
+    assert conftest.slow_tests_left_out([], "", {})
+    assert conftest.slow_tests_left_out([], "", {env: "0"})
+    assert not conftest.slow_tests_left_out([], "", {env: "1"})
+    assert not conftest.slow_tests_left_out(["tests/test_aoti.py"], "", {})
+    assert not conftest.slow_tests_left_out([], "slow", {})
+
+    monkeypatch.delenv(env, raising=False)
+    items = [_Item("quick", False), _Item("slow", True), _Item("quick2", False)]
+    config = _Config([], "")
+    conftest.pytest_collection_modifyitems(config, items)
+    assert [i.name for i in items] == ["quick", "quick2"] and [i.name for i in config.deselected] == ["slow"]
+    monkeypatch.setenv(env, "1")
+    items = [_Item("quick", False), _Item("slow", True)]
+    conftest.pytest_collection_modifyitems(_Config([], ""), items)
+    assert [i.name for i in items] == ["quick", "slow"]
+
+    command = "-m pytest -q -n 2 --dist loadfile"
+    assert f".venv/bin/python {command}\n" in README and f"{env}=1 " in README
+    assert f'{env}=1 "$venv/bin/python" {command}\n' in (REPO / ".ci" / "run").read_text()
