@@ -6,8 +6,8 @@ For each `KernelSpec` of `kernels.bias_act`, `kernels.upfirdn2d` and `kernels.mo
 (`aot_specs(output_size)`) and each target: registers per thread, spilled bytes, shared memory per
 block, whether tensor-core MMA instructions (HMMA on sm_80, HGMMA/HMMA on sm_90) appear in the
 SASS, and the roofline time of one call from the spec's FLOPs and compulsory bytes. No kernel runs:
-compilation needs no GPU (Triton's `triton.compile(ASTSource(...), target=GPUTarget(...))`, ptxas
-and cuobjdump shipped in the triton wheel).
+compilation needs no GPU (Triton's `triton.compile(ASTSource(...), target=GPUTarget(...))`, ptxas,
+cuobjdump and nvdisasm shipped in the triton wheel).
 
 Where the numbers come from:
   * registers, spill stores / loads, stack frame: the `ptxas -v` log of Triton's own ptxas call
@@ -15,7 +15,10 @@ Where the numbers come from:
     --dump-resource-usage` (REG), which also gives the local memory per thread (LOCAL);
   * shared memory: Triton's dynamic allocation (`metadata.shared`) plus the cubin's static
     shared memory (`SHARED` in the resource usage); a block uses both;
-  * MMA: the opcodes of `cuobjdump -sass`;
+  * MMA: the opcodes of the SASS: each cubin's code sections (its executable ELF sections, what
+    `cuobjdump -sass` disassembles) go to one `nvdisasm --binary SM<arch>` call per arch for all
+    the kernels a process compiled (nvdisasm costs ~0.5 CPU-s per call whatever the size, so one
+    call per kernel would cost more than the compiles it reads);
   * roofline per call: `max(flops / peak, min_bytes / bandwidth)` on the GPU of the arch
     (`PEAKS`: sm_80 an A100 SXM4 80 GB, sm_90 an H100 SXM5; fp16 tensor-core dense peaks); the
     final line sums `calls x roofline` over the specs the generator runs (`KernelSpec.used`; the
@@ -31,12 +34,14 @@ Exit codes: 0 every configuration compiled without spills; 1 a compile failed or
 (each named on stderr); 2 usage error (a spec module missing or without `aot_specs`).
 
 Source: Triton 3.9 `triton/compiler/compiler.py` (`compile`, `ASTSource`),
-`triton/backends/nvidia/compiler.py` (`make_cubin`: the ptxas call and its `-v` log).
+`triton/backends/nvidia/compiler.py` (`make_cubin`: the ptxas call and its `-v` log); the ELF-64
+section header layout (System V gABI) for the code sections of a cubin.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import importlib
 import importlib.util
@@ -44,6 +49,7 @@ import io
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -171,6 +177,7 @@ def spec_key(spec: KernelSpec) -> str:
 # parsing ptxas / cuobjdump output (fixtures in tests/test_inspect.py)
 
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PTXAS_TARGET = re.compile(r"Compiling entry function '([^']+)' for '(sm_[0-9]+[a-z]?)'")
 _PTXAS_PROPS = re.compile(r"Function properties for (\S+)")
 _PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
@@ -240,6 +247,41 @@ def sass_opcodes(text: str) -> Counter:
     return Counter(m.group(1) + m.group(2) for line in text.splitlines() if (m := _SASS_INSTR.match(line)))
 
 
+def sass_opcodes_by_offset(text: str, starts: Sequence[int]) -> list[Counter]:
+    """`sass_opcodes` of `nvdisasm --binary` output of several code blobs laid end to end, one
+    Counter per blob: an instruction at byte offset `o` (its `/*o*/` label) belongs to the last
+    blob with `starts[i] <= o`."""
+    out = [Counter() for _ in starts]
+    for line in text.splitlines():
+        if m := _SASS_INSTR.match(line):
+            offset = int(line.split("/*", 1)[1].split("*/", 1)[0], 16)
+            out[bisect.bisect_right(starts, offset) - 1][m.group(1) + m.group(2)] += 1
+    return out
+
+
+_SHF_EXECINSTR = 0x4
+
+
+def cubin_code(cubin: bytes) -> bytes:
+    """The instructions of a cubin: its executable sections (`.text.<function>`, the ones
+    `cuobjdump -sass` disassembles), in section order, end to end.
+
+    Raises:
+        ValueError: not a little-endian ELF-64 file.
+    """
+    if cubin[:4] != b"\x7fELF" or cubin[4] != 2 or cubin[5] != 1:
+        raise ValueError("not a little-endian ELF-64 cubin")
+    (shoff,) = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", cubin, 0x3A)
+    code = []
+    for i in range(shnum):
+        # Elf64_Shdr: name, type, flags, addr, offset, size, ...
+        _, _, flags, _, offset, size = struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize)
+        if flags & _SHF_EXECINSTR and size:
+            code.append(cubin[offset:offset + size])
+    return b"".join(code)
+
+
 def mma_opcodes(opcodes: Counter) -> dict[str, int]:
     """The tensor-core MMA entries of `sass_opcodes(...)`."""
     return {op: n for op, n in sorted(opcodes.items()) if op.split(".")[0] in MMA_OPCODES}
@@ -280,6 +322,22 @@ def compile_spec(spec: KernelSpec, arch: int, workdir: str | os.PathLike) -> Com
     Must run with the interpreter off (`compile_all` takes care of it). Compile errors are
     returned in `Compiled.error`, not raised.
     """
+    res, code = _compile_unread(spec, arch, workdir)
+    if code is not None:
+        read_sass([(res, code)], workdir)
+    return res
+
+
+@dataclass
+class _Code:
+    """A compiled kernel's instructions, waiting for `read_sass`: `nvdisasm --binary <target>`."""
+
+    target: str  # what ptxas compiled for, e.g. "sm_90a"
+    code: bytes
+
+
+def _compile_unread(spec: KernelSpec, arch: int, workdir: str | os.PathLike) -> tuple[Compiled, _Code | None]:
+    """`compile_spec` up to the SASS: the result and the code to disassemble (None after an error)."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -304,14 +362,18 @@ def compile_spec(spec: KernelSpec, arch: int, workdir: str | os.PathLike) -> Com
     except Exception as e:  # noqa: BLE001  any compiler failure is a finding, reported with its message
         res.error = _error_summary(e)
         res.compile_s = time.perf_counter() - t0
-        return res
+        return res, None
     res.compile_s = time.perf_counter() - t0
     name = ck.metadata.name
 
     ptxas = parse_ptxas_log(log.getvalue()).get(name)
     if not ptxas or "registers" not in ptxas or "spill_stores" not in ptxas:
         res.error = f"could not read the ptxas -v log for {name} (Triton's TRITON_DUMP_PTXAS_LOG output changed?)"
-        return res
+        return res, None
+    target = next((m.group(2) for m in _PTXAS_TARGET.finditer(log.getvalue()) if m.group(1) == name), None)
+    if target is None:
+        res.error = f"the ptxas -v log names no target for {name}"
+        return res, None
     res.registers = ptxas["registers"]
     res.spill_stores, res.spill_loads = ptxas["spill_stores"], ptxas["spill_loads"]
     res.stack_bytes = ptxas.get("stack_bytes", 0)
@@ -323,25 +385,57 @@ def compile_spec(spec: KernelSpec, arch: int, workdir: str | os.PathLike) -> Com
         usage_text = subprocess.run(
             [_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], check=True, capture_output=True, text=True
         ).stdout
-        sass_text = subprocess.run(
-            [_tool("cuobjdump"), "-sass", str(cubin)], check=True, capture_output=True, text=True
-        ).stdout
     finally:
         cubin.unlink(missing_ok=True)
     usage = parse_resource_usage(usage_text).get(name)
     if usage is None or "REG" not in usage:
         res.error = f"cuobjdump --dump-resource-usage lists no function {name}"
-        return res
+        return res, None
     if usage["REG"] != res.registers:
         res.error = f"registers disagree: ptxas log {res.registers}, cuobjdump REG {usage['REG']}"
     res.shared_static_bytes = usage.get("SHARED", 0)
     res.local_bytes = usage.get("LOCAL", 0)
-    ops = sass_opcodes(sass_text)
-    if not ops:
-        res.error = "cuobjdump -sass printed no instructions we could parse"
-    res.sass_instructions = sum(ops.values())
-    res.mma_opcodes = mma_opcodes(ops)
-    return res
+    return res, _Code(target, cubin_code(ck.asm["cubin"]))
+
+
+def read_sass(compiled: Sequence[tuple[Compiled, _Code]], workdir: str | os.PathLike) -> None:
+    """Fill `sass_instructions` and `mma_opcodes` of each result from its code: one `nvdisasm
+    --binary` call per target for all of them (their code end to end; the `/*offset*/` of each
+    instruction says whose it is). A result whose SASS cannot be read gets an `error`."""
+    by_target: dict[str, list[tuple[Compiled, bytes]]] = {}
+    for res, c in compiled:
+        by_target.setdefault(c.target, []).append((res, c.code))
+    for target, items in by_target.items():
+        whole = []
+        for res, code in items:  # sm_70+ instructions are 16 bytes: anything else is no code we can split
+            if code and len(code) % 16 == 0:
+                whole.append((res, code))
+            else:
+                res.error = res.error or f"the cubin has {len(code)} bytes of code, not whole 16-byte instructions"
+        items = whole
+        if not items:
+            continue
+        starts, offset = [], 0
+        for _, code in items:
+            starts.append(offset)
+            offset += len(code)
+        raw = Path(workdir) / f"code.{target}.{os.getpid()}.bin"
+        raw.write_bytes(b"".join(code for _, code in items))
+        try:
+            p = subprocess.run([_tool("nvdisasm"), "--binary", "SM" + target.removeprefix("sm_"), str(raw)],
+                               check=False, capture_output=True, text=True)
+        finally:
+            raw.unlink(missing_ok=True)
+        if p.returncode != 0:
+            why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+            for res, _ in items:
+                res.error = res.error or f"nvdisasm --binary failed for {target}: {why}"[:400]
+            continue
+        for (res, _), ops in zip(items, sass_opcodes_by_offset(p.stdout, starts)):
+            if not ops:
+                res.error = res.error or "nvdisasm printed no instructions we could parse"
+            res.sass_instructions = sum(ops.values())
+            res.mma_opcodes = mma_opcodes(ops)
 
 
 def _error_summary(e: Exception) -> str:
@@ -384,7 +478,9 @@ def _compile_in_process(
     i, n = shard
     jobs = _jobs_of(specs, archs)[i::n]
     with _private_triton_cache() as d:
-        return [compile_spec(s, a, d) for _, a, s in jobs]
+        done = [_compile_unread(s, a, d) for _, a, s in jobs]
+        read_sass([(res, code) for res, code in done if code is not None], d)  # one nvdisasm per target
+    return [res for res, _ in done]
 
 
 def compile_all(

@@ -287,12 +287,15 @@ def interpreter_config(c_in: int, c_out: int, m_phase: int) -> dict[str, int]:
 
     The interpreter runs programs one after another and costs ~5 ms per loop iteration whatever
     the tile size (numpy does the tile math), so the fastest tiles are the largest: up to
-    1024 pixels x 512 channels x 512 channels. Numerics do not depend on the tiling beyond fp32
-    summation order. The GPU tiles (`conv_config`) are exercised in the tests by patching this.
+    512 channels x 512 channels, and as many pixels as Triton allows in one tile
+    (`TRITON_MAX_TENSOR_NUMEL` elements of the `[BLOCK_M, BLOCK_N]` / `[BLOCK_M, BLOCK_K]` tiles:
+    8192 pixels at 128 channels; the 256 px generator in 32 CPU-s instead of 56 with 1024).
+    Numerics do not depend on the tiling beyond fp32 rounding (the summation order of numpy's
+    matmul). The GPU tiles (`conv_config`) are exercised in the tests by patching this.
     """
-    block_m = min(max(16, triton.next_power_of_2(m_phase)), 1024)
     block_n = min(max(16, triton.next_power_of_2(c_out)), 512)
     block_k = min(max(16, triton.next_power_of_2(c_in)), 512)
+    block_m = min(max(16, triton.next_power_of_2(m_phase)), tl.TRITON_MAX_TENSOR_NUMEL // max(block_n, block_k))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 1}
 
 

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from kernels import bias_act as ba  # noqa: E402
 from kernels._triton import interpret_mode, jit_function  # noqa: E402
-from triton_trace import trace
+from triton_trace import trace_for, traces
 from export.compare import assert_close  # noqa: E402
 
 DEVICE = "cpu" if interpret_mode() else "cuda"
@@ -127,12 +127,14 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.slow
-def test_triton_op_traces_to_the_kernel():
+@traces("psp::bias_act", 'import kernels.bias_act as ba', 'lambda x, b: ba.bias_act(x, b, clamp=2.0, impl="triton")',
+        'torch.randn(2, 3, 5, 5), torch.randn(3)')
+def test_triton_op_traces_to_the_kernel(request):
     """Without the interpreter (the GPU path), `torch.compile(fullgraph=True)` traces the public
     op through `check_impl` and the custom op `psp::bias_act` down to its kernel launch
-    (captured in AOTAutograd's forward graph, not run)."""
-    out = trace('import kernels.bias_act as ba', 'lambda x, b: ba.bias_act(x, b, clamp=2.0, impl="triton")',
-                'torch.randn(2, 3, 5, 5), torch.randn(3)', 'psp::bias_act')
+    (captured in AOTAutograd's forward graph, not run; one trace process for every op's test,
+    `triton_trace.trace_for`)."""
+    out = trace_for(request)
     assert "KERNELS ['_bias_act_kernel']" in out, out
     assert "triton_kernel_wrapper_functional" in out and "'HAS_CLAMP': True" in out, out
 

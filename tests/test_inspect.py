@@ -1,21 +1,25 @@
 """`python -m kernels.inspect`: compiling Triton kernels for sm_80 / sm_90 without a GPU.
 
 Two small kernels defined here (a `tl.dot` of fp16 tiles, where tensor-core MMA must appear, and
-an elementwise one, where it must not) check the compile-and-read path, compiled once per module
-by one run of the CLI for both archs (its JSON rows are the reports checked); the real specs of
-`kernels.bias_act`, `kernels.upfirdn2d` and `kernels.modulated_conv2d` are compiled once per
-module (a module-scoped fixture) and checked for failures, spills and MMA. The suite runs with
-`TRITON_INTERPRET=1` (tests/conftest.py): the compiles then run in clean worker processes.
+an elementwise one, where it must not) check the compile-and-read path; the real specs of
+`kernels.bias_act`, `kernels.upfirdn2d` and `kernels.modulated_conv2d` are checked for failures,
+spills and MMA. Both are compiled once per module by one run of the CLI for both archs (its JSON
+rows are the reports checked; the real specs only when a test of them is selected), in this
+process with `TRITON_INTERPRET=1` as the suite runs (tests/conftest.py): the compiles then run in
+clean worker processes, so the sample and the real kernels share one worker's imports.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
-import subprocess
+import struct
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -146,6 +150,46 @@ def test_sass_opcodes_and_mma():
     assert ki.mma_opcodes(ops) == {"HGMMA.64x64x16.F32": 1, "HMMA.16816.F32": 1}
 
 
+# `nvdisasm --binary SM90a` of two kernels' code laid end to end (the second starts at 0x10a80)
+RAW_SASS = """
+	.headerflags	@"EF_CUDA_64BIT_ADDRESS EF_CUDA_ACCELERATORS EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0aa0*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4].tnspB, RZ, !UPT ;
+        /*10a70*/                  EXIT ;
+        /*10a80*/                  LDC R1, c[0x0][0x28] ;
+        /*10a90*/              @P0 HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*10aa0*/                  BRA 0x10aa0;
+"""
+
+
+def test_sass_opcodes_by_offset():
+    first, second = ki.sass_opcodes_by_offset(RAW_SASS, [0, 0x10A80])
+    assert first == {"LDC": 1, "HGMMA.64x64x16.F32": 1, "EXIT": 1}
+    assert second == {"LDC": 1, "HMMA.16816.F32": 1, "BRA": 1}
+    assert first + second == ki.sass_opcodes(RAW_SASS)
+
+
+def _elf(sections: list[tuple[int, bytes]]) -> bytes:
+    """A minimal little-endian ELF-64 file with `sections` ([(sh_flags, contents)]) after a null one."""
+    body, headers = b"", [struct.pack("<IIQQQQIIQQ", *[0] * 10)]
+    for flags, data in sections:
+        headers.append(struct.pack("<IIQQQQIIQQ", 0, 1, flags, 0, 64 + len(body), len(data), 0, 0, 16, 0))
+        body += data
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header = ident + struct.pack("<HHIQQQIHHHHHH", 2, 190, 1, 0, 0, 64 + len(body), 0, 64, 0, 0, 64,
+                                 len(headers), 0)
+    return header + body + b"".join(headers)
+
+
+def test_cubin_code():
+    """The executable sections (SHF_EXECINSTR), in order, end to end; data sections left out."""
+    text_a, text_b = bytes(range(32)), bytes(range(100, 116))
+    cubin = _elf([(0x6, text_a), (0x2, b"constant"), (0x6, text_b)])
+    assert ki.cubin_code(cubin) == text_a + text_b
+    with pytest.raises(ValueError, match="ELF-64"):
+        ki.cubin_code(b"not an elf")
+
+
 def test_roofline():
     h100 = ki.PEAKS[90]
     t, bound = h100.seconds(989e12, 1.0)  # one second of tensor FLOPs, one byte
@@ -163,32 +207,60 @@ def test_missing_module_is_an_error():
 
 
 # ----------------------------------------------------------------------------------------------
-# compiling the sample kernels: one CLI run (under TRITON_INTERPRET=1: through a clean worker
-# process) serves the CLI test and the per-kernel checks, so each configuration compiles once
+# compiling: one CLI run (under TRITON_INTERPRET=1: through clean worker processes) serves the CLI
+# test, the sample kernels' checks and, when selected, the real kernels' checks, so each
+# configuration compiles once and one worker's imports (torch, Dynamo, triton) serve them all
+
+
+def _real_selected(request) -> bool:
+    """Whether this run selected a test of the real kernels (one using the `real_reports` fixture)."""
+    return any("real_reports" in getattr(item, "fixturenames", ()) for item in request.session.items)
 
 
 @pytest.fixture(scope="module")
-def cli_run():
-    """`python -m kernels.inspect --json --arch 80,90 --source <the sample specs> --jobs 1` as a user
-    runs it with the interpreter on (every compile in one worker process): (process, JSON rows)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run(
-        [sys.executable, "-m", "kernels.inspect", "--json", "--arch", "80,90", "--source", HERE, "--jobs", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert p.returncode == 0, p.stderr
-    return p, json.loads(p.stdout)
+def cli_run(request):
+    """`python -m kernels.inspect --json --arch 80,90 --source <the sample specs> [--source <each of
+    the three kernel modules>] --jobs N` (its `main`, in this process), as a user runs it with the
+    interpreter on: the compiles in clean worker processes, the JSON rows on stdout, the roofline sum
+    on stderr. The real specs only when a test of them is selected; then N is one worker per thread
+    this test process is given (`$OMP_NUM_THREADS` as `export.graph.physical_cores` reads it, 1 per
+    pytest-xdist worker on 2 cores: one process importing torch and triton, not two), else
+    `compile_all`'s default; the sample specs alone take `--jobs 1`.
+
+    Returns:
+        `code` (exit code), `out`, `err` (the text printed), `rows` (the JSON), `sources`.
+    """
+    from export.graph import physical_cores
+
+    sources = [HERE]
+    jobs: int | None = 1
+    if _real_selected(request):
+        sources += list(ki.SPEC_MODULES)
+        jobs = physical_cores() if os.environ.get("OMP_NUM_THREADS") else None
+    argv = ["--json", "--arch", "80,90"] + [a for src in sources for a in ("--source", src)]
+    argv += ["--jobs", str(jobs)] if jobs else []
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setenv("TRITON_INTERPRET", "1")
+        code = ki.main(argv)
+    assert out.getvalue().lstrip().startswith("["), f"exit {code}, no JSON rows:\n{err.getvalue()[-3000:]}"
+    return SimpleNamespace(code=code, out=out.getvalue(), err=err.getvalue(), rows=json.loads(out.getvalue()),
+                           sources=sources)
+
+
+def _reports(cli_run, sample: bool) -> list[ki.KernelReport]:
+    """The CLI's rows of the sample specs (`sample`) or of the real ones, as `KernelReport`s."""
+    names = {s.kernel for s in sample_specs()}
+    return [ki.KernelReport(**row) for row in cli_run.rows if (row["kernel"] in names) == sample]
 
 
 @pytest.fixture(scope="module")
 def sample_reports(cli_run):
-    """The CLI's rows as `KernelReport`s: the JSON is `asdict` of `compile_all` + `make_reports`
-    (3 specs, 2 distinct configurations, x 2 archs); the in-process `compile_all` path is the one
-    `real_reports` takes."""
+    """The CLI's rows of the sample specs as `KernelReport`s: the JSON is `asdict` of `compile_all` +
+    `make_reports` (3 specs, 2 distinct configurations, x 2 archs)."""
     assert os.environ.get("TRITON_INTERPRET") == "1" or not ki.interpret_mode()
     assert len(ki._jobs_of(sample_specs(), ARCHS)) == 2 * len(ARCHS)  # 3 specs, 2 distinct configurations
-    _, rows = cli_run
-    return [ki.KernelReport(**row) for row in rows]
+    return _reports(cli_run, sample=True)
 
 
 def _row(reports, kernel, arch):
@@ -235,15 +307,20 @@ def test_totals_and_table(sample_reports):
 
 def test_cli_json(cli_run):
     """The CLI end to end, as a user runs it with the interpreter on: JSON on stdout (one row per
-    spec and arch, arch-major), the roofline sum on stderr, exit 0 (checked by `cli_run`)."""
-    p, rows = cli_run
-    assert len(rows) == 3 * len(ARCHS)
+    spec and arch, arch-major), the roofline sum on stderr, exit 0 when every configuration compiled
+    without spills (1, with each named on stderr, when one did not: the real kernels' tests say which)."""
+    rows = cli_run.rows
+    n_specs = len(ki.load_specs(cli_run.sources))  # 3 sample specs (+ 51 real ones)
+    assert len(rows) == n_specs * len(ARCHS)
     for row in rows:
         assert {"kernel", "arch", "registers", "spills", "shared_bytes", "mma", "flops", "min_bytes", "calls",
                 "roofline_us", "bound"} <= set(row)
-    assert [row["arch"] for row in rows] == ["sm_80"] * 3 + ["sm_90"] * 3
+    assert [row["arch"] for row in rows] == ["sm_80"] * n_specs + ["sm_90"] * n_specs
     assert {f.name for f in dataclasses.fields(ki.KernelReport)} == set(rows[0])  # asdict of a KernelReport
-    assert "Roofline sum" in p.stderr
+    found = ki.problems(ki.KernelReport(**row) for row in rows)
+    assert cli_run.code == (1 if found else 0), cli_run.err
+    assert all(line in cli_run.err for line in found)
+    assert "Roofline sum" in cli_run.err
     assert not list(REPO.rglob("*.cubin"))  # nothing left in the repo
 
 
@@ -279,15 +356,11 @@ def test_spills_are_problems():
 
 
 @pytest.fixture(scope="module")
-def real_reports():
-    """Compiled in one worker process per thread this test process is given (`$OMP_NUM_THREADS` as
-    `export.graph.physical_cores` reads it, 1 per pytest-xdist worker on 2 cores: one process importing
-    torch and triton, not two), else `compile_all`'s default."""
-    from export.graph import physical_cores
-
-    jobs = physical_cores() if os.environ.get("OMP_NUM_THREADS") else None
-    specs, compiled = ki.compile_all(ki.SPEC_MODULES, ARCHS, output_size=1024, jobs=jobs)
-    return ki.make_reports(specs, compiled, ARCHS)
+def real_reports(cli_run):
+    """The CLI's rows of the real specs (`aot_specs(1024)` of the three kernel modules, compiled in
+    the `cli_run` workers) as `KernelReport`s."""
+    assert cli_run.sources[1:] == list(ki.SPEC_MODULES)
+    return _reports(cli_run, sample=False)
 
 
 @pytest.mark.slow

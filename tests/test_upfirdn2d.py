@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from kernels import upfirdn2d as ud  # noqa: E402
 from kernels._triton import interpret_mode, jit_function  # noqa: E402
 from reference.ops import setup_filter  # noqa: E402
-from triton_trace import trace
+from triton_trace import trace_for, traces
 from export.compare import assert_close  # noqa: E402
 
 DEVICE = "cpu" if interpret_mode() else "cuda"
@@ -146,12 +146,15 @@ def test_torch_compile_fullgraph():
 
 
 
-def test_triton_op_traces_to_the_kernel():
+@traces("psp::upfirdn2d", 'import kernels.upfirdn2d as ud',
+        'lambda x, fir: ud.upfirdn2d(x, fir, up=2, padding=(2, 1, 2, 1), impl="triton")',
+        'torch.randn(1, 3, 8, 8), torch.tensor([1.0, 3.0, 3.0, 1.0])')
+def test_triton_op_traces_to_the_kernel(request):
     """Without the interpreter (the GPU path), `torch.compile(fullgraph=True)` traces the public
     op through `check_impl` and the custom op `psp::upfirdn2d` down to its kernel launch
-    (captured in AOTAutograd's forward graph, not run)."""
-    out = trace('import kernels.upfirdn2d as ud', 'lambda x, fir: ud.upfirdn2d(x, fir, up=2, padding=(2, 1, 2, 1), impl="triton")',
-                'torch.randn(1, 3, 8, 8), torch.tensor([1.0, 3.0, 3.0, 1.0])', 'psp::upfirdn2d')
+    (captured in AOTAutograd's forward graph, not run; one trace process for every op's test,
+    `triton_trace.trace_for`)."""
+    out = trace_for(request)
     assert "KERNELS ['_upfirdn2d_kernel']" in out, out
     assert "triton_kernel_wrapper_functional" in out and "'UP': 2" in out, out
 
