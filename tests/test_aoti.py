@@ -66,8 +66,14 @@ def reference_outputs(psp, x: torch.Tensor, resize: bool = False) -> tuple[torch
 
 
 @pytest.fixture(scope="module")
-def psp():
-    model = load_psp(small_checkpoint())
+def checkpoint() -> dict:
+    """`small_checkpoint()` once for the module: the Python tests' model and the CLI's checkpoint file."""
+    return small_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def psp(checkpoint):
+    model = load_psp(checkpoint)
     assert model.n_styles == N_STYLES
     return model
 
@@ -105,11 +111,11 @@ def reference_case(psp):
 
 
 @pytest.fixture(scope="module")
-def generator_package(tmp_path_factory):
+def generator_package(checkpoint, tmp_path_factory):
     """The generator part through the CLI: static batch 2, `--resize` -> gen.pt2 (and its checkpoint file)."""
     d = tmp_path_factory.mktemp("aoti_cli")
     ckpt = d / "small.pt"
-    save_checkpoint(small_checkpoint(), ckpt)
+    save_checkpoint(checkpoint, ckpt)
     path = d / "gen.pt2"
     rc = aoti.main(["--checkpoint", str(ckpt), "--out", str(path), "--part", "generator", "--resize",
                     "--static-batch", "--batch", "2"])
