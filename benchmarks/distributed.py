@@ -1,7 +1,7 @@
 """The cluster paths against the single process, side by side: `engine.run` vs `engine.run --ray local`,
 then the service's latency and throughput at 1/4/8 concurrent clients.
 
-Run: `python benchmarks/distributed.py [--checkpoint C] [--images 12] [--backend engine]
+Run (from the repository root): `python -m benchmarks.distributed [--checkpoint C] [--images 12] [--backend engine]
       [--clients 1,4,8] [--requests 3] [--json out.json]`
 
 Batch: both runs are `python -m engine.run` child processes on the same inputs (the shared aligned
@@ -34,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def cpu_model() -> str:
@@ -81,8 +80,10 @@ def service(ckpt: Path, backend: str, clients: list[int], requests: int, shared:
 
     from engine.serve import ServeOptions, start
 
+    from engine.ray_local import start_local_ray
+
     cpus = len(os.sched_getaffinity(0))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    start_local_ray(cpus, log_to_driver=False)  # loopback only, token auth, files in a private folder
     port = 8765
     start(ServeOptions(checkpoint=str(ckpt), backend=backend, cpus_per_replica=cpus, max_batch_size=8,
                        batch_wait_timeout_s=0.05, request_timeout_s=600), "127.0.0.1", port)

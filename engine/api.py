@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from reference.errors import CheckpointError, UsageError
 from reference.files import cache_dir
+from reference.images import MAX_PIXELS, read_input, to_input_tensor
 from reference.psp import face_pool, load_mapping
 
 from export.backends import BACKENDS, LoadRequest, resolve
@@ -107,12 +108,42 @@ class Engine:
             raise ValueError(f"expected x float32, got {x.dtype}")
         return x.to(self.device)
 
+    def read_inputs(self, paths: Sequence[str | os.PathLike], degrade_factor: int | None = None,
+                    max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+        """Read image files into this checkpoint's encoder input `x`: the conversion `engine.run`
+        applies (no face alignment: inputs must already be aligned crops, or use `engine.align`).
+
+        Per the checkpoint's `label_nc`: photos (0) are read as RGB, sketches (1) as grayscale,
+        segmentation maps (>1) as class-id images (`reference.images.read_input`), then resized and
+        normalised as the official test transforms do (`reference.images.to_input_tensor`, source:
+        official `configs/transforms_config.py`).
+
+        Args:
+            paths: image files (PNG, JPEG, ... as Pillow reads them), any size.
+            degrade_factor: super-resolution checkpoints: degrade each input by this factor first
+                (official bicubic downsampling, as `engine.run --resize-factor F`); None: no
+                degradation (other checkpoints, or inputs that are already low-resolution).
+            max_pixels: refuse images above this many pixels before decoding them (as `--max-pixels`).
+
+        Returns:
+            x `[len(paths), input_nc, 256, 256]` float32 on `self.device`: RGB in [-1, 1], sketch in
+            [0, 1], segmentation one-hot in {0, 1}; ready for `encode` / `invert`.
+
+        Raises:
+            InputImageError: a file that is missing, not an image, too large or too small, or a
+                segmentation map with an id >= label_nc (the message names the file).
+            ValueError: no paths, or a degrade_factor on a checkpoint that takes no RGB input.
+        """
+        names = [str(p) for p in paths]
+        images = [read_input(p, self.label_nc, max_pixels=max_pixels) for p in names]
+        return to_input_tensor(images, self.label_nc, names=names, degrade_factor=degrade_factor).to(self.device)
+
     @torch.inference_mode()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encode inputs into W+ (latent_avg added).
 
         Args:
-            x: `[B, input_nc, 256, 256]` float32 from `reference.images.to_input_tensor`: RGB in
+            x: `[B, input_nc, 256, 256]` float32 from `read_inputs` (image files): RGB in
                 [-1, 1], sketch in [0, 1], segmentation one-hot in {0, 1}.
 
         Returns:

@@ -31,6 +31,7 @@ tries it again). Super-resolution checkpoints
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from .align import DEFAULT_UPSAMPLE, MIN_FACE_SIZE, MIN_SCORE
 from .api import Engine
 from .inputs import Job, check_output_names, file_ids, unsafe_output
 from .latents import Edit, apply_edits, default_latent_mask, fit_jpeg, mix_with_w, mixing_z, strip
-from .manifest import InputStat, Manifest, checkpoint_identity
+from .manifest import InputStat, Manifest, checkpoint_identity, input_digest
 
 STAGES = ("read", "encode", "synthesize", "write")
 ALIGN_SIZE = 1024  # px: aligned crop side (and quad-warp size) for --align; the encoder resizes it to 256
@@ -61,7 +62,7 @@ ALIGN_SIZE = 1024  # px: aligned crop side (and quad-warp size) for --align; the
 
 @dataclass
 class RunOptions:
-    """Output options of a batch run (all but batch_size and max_pixels are in the fingerprint)."""
+    """Output options of a batch run (all but batch_size, max_pixels and overwrite are in the fingerprint)."""
 
     out_dir: Path
     batch_size: int = 1
@@ -80,6 +81,18 @@ class RunOptions:
     all_faces: bool = False  # with align: every detection, not only those engine.align.is_face accepts
     upsample: int = DEFAULT_UPSAMPLE  # with align: dlib detector upsampling
     degrade_factor: int | None = None  # super-resolution: official bicubic degradation by this factor
+    overwrite: bool = False  # replace outputs made from another input (engine.manifest, "Provenance")
+
+    def names(self, job: Job) -> list[str]:
+        """The output names `job` would write, relative POSIX, the main image first: its own outputs
+        and, with align, those of its first face (`<base>_face0.*`, the names of a photo with
+        several faces; later faces are not listed). What `Manifest.done` and `Manifest.conflict`
+        look up before the input is read."""
+        jobs = [job, job.face(0)] if self.align else [job]
+        paths = [j.outputs(self.out_dir, self.save_latents, self.couple_outputs, self.n_outputs, self.save_aligned)
+                 for j in jobs]
+        ordered = [ps["image"] for ps in paths] + [p for ps in paths for k, p in ps.items() if k != "image"]
+        return [Path(os.path.relpath(p, self.out_dir)).as_posix() for p in ordered]
 
     def mixing_mask(self, eng: Engine) -> list[int]:
         """The style indices mixed: `latent_mask`, or the fine styles 8..n_styles-1."""
@@ -138,8 +151,9 @@ class Summary:
 
     def format(self) -> str:
         """Multi-line human summary."""
-        lines = [f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped; "
-                 f"{plural(self.ok, 'image')} in {self.seconds:.1f} s = {self.images_per_s:.2f} img/s"]
+        lines = [f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped"
+                 + (f"; {plural(self.ok, 'image')} in {self.seconds:.1f} s = {self.images_per_s:.2f} img/s"
+                    if self.ok or self.failed else "")]
         if self.ok:
             lines.append("mean ms per image: " + ", ".join(f"{s} {self.stage_ms[s] / self.ok:.1f}" for s in STAGES))
         lines += [f"failed: {reason}" if reason.startswith(src) else f"failed: {src}: {reason}"
@@ -261,30 +275,40 @@ def prepare_run(eng: Engine, jobs: Sequence[Job], opts: RunOptions) -> Mixing | 
     return Mixing(mask, w_inject)
 
 
+class NonFiniteError(Exception):
+    """Rendered style mixes hold NaN/Inf (raised by `Inverted.render`; `write_item` fails the item)."""
+
+
 @dataclass
 class Inverted:
-    """The model's results for a batch of items, on the CPU, ready to write."""
+    """The model's results for a batch of items, on the CPU, ready to write.
+
+    The style mixes are not rendered here: `write_item` renders each item's K mixes in chunks of
+    `RunOptions.batch_size` with `render` and writes each chunk before the next is made, so a run
+    holds one item's mixes at most (as uint8, for its grid), never the batch's."""
 
     out_u8: np.ndarray  # [B, R, R, 3] uint8 inversions
     latents: np.ndarray  # [B, n_styles, 512] float32 (edited)
-    mix_u8: np.ndarray | None  # [B, K, R, R, 3] uint8 style mixes, or None
-    mix_latents: np.ndarray | None  # [B, K, n_styles, 512] float32, or None
+    mix_latents: np.ndarray | None  # [B, K, n_styles, 512] float32 mixed latents, or None
     encode_ms: float  # per item
-    synth_ms: float  # per item
+    synth_ms: float  # per item, the inversion only
     bad: dict[int, str] = field(default_factory=dict)  # items with NaN/Inf (zeroed here; never written)
+    render: Callable[[np.ndarray], np.ndarray] | None = None  # [k, n_styles, 512] float32 -> [k, R, R, 3] uint8
+    mix_ms: dict[int, float] = field(default_factory=dict)  # item -> ms spent rendering its mixes (write_item)
 
 
 def invert_items(eng: Engine, x: torch.Tensor, opts: RunOptions, mixing: Mixing | None) -> Inverted:
-    """The model stage of a run: encode, edit, synthesize (and mix) one batch.
+    """The model stage of a run: encode, edit, synthesize one batch, and mix its latents (the mixes
+    are rendered by `write_item`, see `Inverted`).
 
     Args:
         eng: a loaded `Engine`.
         x: `[B, C, 256, 256]` float32, the items' inputs concatenated.
-        opts: edits, resize_outputs, n_outputs, mix_alpha, batch_size (the chunk of mixed renders).
+        opts: edits, resize_outputs, n_outputs, mix_alpha.
         mixing: from `prepare_run` (None without mixing).
 
     Returns:
-        The batch's `Inverted`; items whose latents or images hold NaN/Inf are in `bad`.
+        The batch's `Inverted`; items whose latents, mixed latents or images hold NaN/Inf are in `bad`.
 
     Raises:
         RuntimeError: the model failed (e.g. out of memory).
@@ -298,29 +322,37 @@ def invert_items(eng: Engine, x: torch.Tensor, opts: RunOptions, mixing: Mixing 
     img = eng.synthesize(w_plus, resize=opts.resize_outputs)  # [B, 3, R, R]
     if mixing is not None:
         w_mixed = mix_with_w(w_plus, mixing.w_inject, mixing.mask, opts.mix_alpha).flatten(0, 1)  # [B*K, n_styles, 512]
-        mix_img = torch.cat([eng.synthesize(w_mixed[j : j + opts.batch_size], resize=opts.resize_outputs)
-                             for j in range(0, w_mixed.shape[0], opts.batch_size)])  # [B*K, 3, R, R]
     _sync(eng)
     synth_ms = _ms(t0) / n
-    bad = non_finite(n, latents=w_plus, image=img,
-                     **({"mixed latents": w_mixed, "mixed images": mix_img} if mixing is not None else {}))
+    bad = non_finite(n, latents=w_plus, image=img, **({"mixed latents": w_mixed} if mixing is not None else {}))
     if bad:  # zero them so the conversions below stay quiet; those items are not written
         w_plus, img = w_plus.nan_to_num(0.0, 0.0, 0.0), img.nan_to_num(0.0, 0.0, 0.0)
         if mixing is not None:
-            w_mixed, mix_img = w_mixed.nan_to_num(0.0, 0.0, 0.0), mix_img.nan_to_num(0.0, 0.0, 0.0)
+            w_mixed = w_mixed.nan_to_num(0.0, 0.0, 0.0)
     out_u8 = tensor_to_uint8(img)  # [B, R, R, 3]
     latents = w_plus.to("cpu", torch.float32).numpy()  # [B, n_styles, 512]
-    mix_u8 = mix_latents = None
-    if mixing is not None:
-        k = opts.n_outputs
-        mix_u8 = tensor_to_uint8(mix_img).reshape(n, k, *out_u8.shape[1:])  # [B, K, R, R, 3]
-        mix_latents = w_mixed.to("cpu", torch.float32).numpy().reshape(n, k, *latents.shape[1:])
-    return Inverted(out_u8, latents, mix_u8, mix_latents, encode_ms, synth_ms, bad)
+    if mixing is None:
+        return Inverted(out_u8, latents, None, encode_ms, synth_ms, bad)
+    mix_latents = w_mixed.to("cpu", torch.float32).numpy().reshape(n, opts.n_outputs, *latents.shape[1:])
+
+    def render(w: np.ndarray) -> np.ndarray:
+        """Mixed latents `[k, n_styles, 512]` -> images `[k, R, R, 3]` uint8 (ValueError if not finite)."""
+        mix_img = eng.synthesize(torch.from_numpy(np.ascontiguousarray(w)).to(w_plus.device), resize=opts.resize_outputs)
+        if not bool(torch.isfinite(mix_img).all()):
+            raise NonFiniteError("the model produced NaN/Inf mixed images (the checkpoint's weights or an --edit "
+                                 "overflow float32)")
+        return tensor_to_uint8(mix_img)
+
+    return Inverted(out_u8, latents, mix_latents, encode_ms, synth_ms, bad, render)
 
 
 def write_item(r: _Ready, i: int, inv: Inverted, opts: RunOptions,
                inputs: dict[tuple[int, int], str]) -> tuple[dict[str, Path] | None, str | None]:
     """Write item `r` (row `i` of `inv`): every output file atomically, the .png last.
+
+    The K style mixes are rendered here (`Inverted.render`) in chunks of `opts.batch_size`, each
+    chunk written before the next is rendered; their time is added to `inv.mix_ms[i]`. If anything
+    fails, the files this call wrote are removed again, so a failed item leaves nothing.
 
     Args:
         r, i, inv: the item and its row of the batch's results.
@@ -330,30 +362,56 @@ def write_item(r: _Ready, i: int, inv: Inverted, opts: RunOptions,
     Returns:
         `(paths, None)`: the files written, by kind (see `Job.outputs`); or `(None, reason)` when
         nothing was written: the model produced NaN/Inf for it, an output path is outside
-        `opts.out_dir` or onto an input, or a file cannot be written.
+        `opts.out_dir` or onto an input, the mixes' rendering failed, or a file cannot be written.
     """
     paths = r.job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs, opts.save_aligned)
     harm = inv.bad.get(i) or next(filter(None, (unsafe_output(p, opts.out_dir, inputs) for p in paths.values())), None)
     if harm is not None:
         return None, f"{r.job.source}: {harm}; nothing written"
+    written: list[Path] = []
+
+    def write(kind: str, save, array: np.ndarray) -> None:
+        save(paths[kind], array)
+        written.append(paths[kind])
+
     try:
         if "aligned" in paths:
-            atomic_write_image(paths["aligned"], r.aligned)
+            write("aligned", atomic_write_image, r.aligned)
         if "latent" in paths:
-            atomic_write_npy(paths["latent"], inv.latents[i])
+            write("latent", atomic_write_npy, inv.latents[i])
         if "coupled" in paths:
-            atomic_write_image(paths["coupled"], couple(r.display, inv.out_u8[i]))
-        for k in range(opts.n_outputs):
-            atomic_write_image(paths[f"mix{k}"], inv.mix_u8[i, k])
-            if f"mix{k}_latent" in paths:
-                atomic_write_npy(paths[f"mix{k}_latent"], inv.mix_latents[i, k])
+            write("coupled", atomic_write_image, couple(r.display, inv.out_u8[i]))
+        mixes: list[np.ndarray] = []  # [R, R, 3] uint8 each, for the grid
+        for k0 in range(0, opts.n_outputs, opts.batch_size):
+            t0 = time.perf_counter()
+            chunk = inv.render(inv.mix_latents[i, k0 : k0 + opts.batch_size])  # [k, R, R, 3]
+            inv.mix_ms[i] = inv.mix_ms.get(i, 0.0) + _ms(t0)
+            for k, img in enumerate(chunk, start=k0):
+                write(f"mix{k}", atomic_write_image, img)
+                if f"mix{k}_latent" in paths:
+                    write(f"mix{k}_latent", atomic_write_npy, inv.mix_latents[i, k])
+                mixes.append(img)
         if "grid" in paths:
-            row = strip([r.display, inv.out_u8[i], *inv.mix_u8[i]], height=inv.out_u8.shape[1])
-            atomic_write_image(paths["grid"], fit_jpeg(row))
-        atomic_write_image(paths["image"], inv.out_u8[i])
+            row = strip([r.display, inv.out_u8[i], *mixes], height=inv.out_u8.shape[1])
+            write("grid", atomic_write_image, fit_jpeg(row))
+        write("image", atomic_write_image, inv.out_u8[i])
+    except NonFiniteError as e:
+        reason = f"{r.job.source}: {e}; nothing written"
     except (OSError, ValueError) as e:
-        return None, f"{paths['image']}: cannot write ({type(e).__name__}: {e})"
-    return paths, None
+        reason = f"{paths['image']}: cannot write ({type(e).__name__}: {e})"
+    except RuntimeError as e:  # the mixes' rendering, e.g. out of memory
+        reason = f"{r.job.source}: model failed on its style mixes: {type(e).__name__}: {e}; nothing written"
+    else:
+        return paths, None
+    _remove(written)
+    return None, reason
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    """Remove the files a failed item wrote (each was written whole, atomically)."""
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
 
 
 class Recorder:
@@ -366,36 +424,68 @@ class Recorder:
     Args:
         manifest: an open `Manifest`.
         progress: anything with `update(n)` (a tqdm bar), advanced once per input, or None.
+        opts: the run's options (output names and `overwrite`, for `todo`); None: inputs are
+            matched by path only and never checked for conflicts.
     """
 
-    def __init__(self, manifest: Manifest, progress: Progress | None = None):
+    def __init__(self, manifest: Manifest, progress: Progress | None = None, opts: RunOptions | None = None):
         self.manifest = manifest
         self.progress = progress
+        self.opts = opts
         self.summary = Summary()
         self._written: dict[str, tuple[int, list[Path]]] = {}  # input -> (items written, outputs)
         self._closed: set[str] = set()  # inputs recorded this run
+        self._stats: dict[str, InputStat] = {}  # input -> its stat as `todo` handed it out (with the digest)
 
-    def todo(self, jobs: Sequence[Job], stat_of: Callable[[object], InputStat] = InputStat.of
-             ) -> list[tuple[Job, InputStat]]:
-        """Count as "skipped" the jobs the manifest has as done (no new record: a no-op rerun
-        leaves the manifest as it was); the others, with their stat (`stat_of(job.source)`: a local
-        file's `InputStat.of`, or `engine.remote.input_stat` for inputs behind URIs)."""
+    def todo(self, jobs: Sequence[Job], stat_of: Callable[[object], InputStat] = InputStat.of,
+             digest_of: Callable[[object], str | None] = input_digest) -> list[tuple[Job, InputStat]]:
+        """The jobs to run, with their stat (`stat_of(job.source)`: a local file's `InputStat.of`, or
+        `engine.remote.input_stat` for inputs behind URIs).
+
+        Jobs the manifest has as done (`Manifest.done`, a moved input included) are counted
+        "skipped" without a new record (a no-op rerun leaves the manifest as it was). Without
+        `opts.overwrite`, a job whose outputs were made from another input (`Manifest.conflict`)
+        is recorded "failed" with the reason and not run. Digests are computed with
+        `digest_of(job.source)` where a decision needs one, and for every local input to run (the
+        manifest records it; an input behind a URI is hashed by the read stage instead).
+        """
         todo = []
         for job in jobs:
             stat = stat_of(job.source)
-            if self.manifest.done(stat) is not None:
+            digest = lambda _stat, source=job.source: digest_of(source)  # noqa: E731
+            names = self.opts.names(job) if self.opts is not None else ()
+            if self.manifest.done(stat, names, digest) is not None:
                 self.summary.skipped += 1
                 self._advance()
-            else:
-                todo.append((job, stat))
+                continue
+            reason = None
+            if self.opts is not None and not self.opts.overwrite:
+                reason = self.manifest.conflict(stat, names, digest)
+            if reason is not None:
+                self.failed(job.source, stat, reason, {})
+                continue
+            if stat.sha256 is None:
+                stat.sha256 = input_digest(job.source)
+            self._stats[stat.path] = stat
+            todo.append((job, stat))
         return todo
+
+    def _stat(self, stat: InputStat) -> InputStat:
+        """The stat `todo` gave out for this input (its digest), completed by `stat`'s digest if it
+        has one (computed by the read stage of the distributed run)."""
+        known = self._stats.get(stat.path)
+        if known is None:
+            return stat
+        if known.sha256 is None:
+            known.sha256 = stat.sha256
+        return known
 
     def failed(self, source: Path, stat: InputStat, reason: str, timings: dict) -> None:
         """Record input `source` "failed" with `reason` (once: later calls for it are ignored)."""
         if stat.path in self._closed:
             return
         self._closed.add(stat.path)
-        self.manifest.append(stat, "failed", error=reason, timings_ms=timings)
+        self.manifest.append(self._stat(stat), "failed", error=reason, timings_ms=timings)
         self.summary.failed += 1
         self.summary.failures.append((str(source), reason))
         self._advance()
@@ -412,7 +502,7 @@ class Recorder:
             return
         self._written.pop(stat.path, None)
         self._closed.add(stat.path)
-        self.manifest.append(stat, "ok", outputs=outs, timings_ms=timings)
+        self.manifest.append(self._stat(stat), "ok", outputs=outs, timings_ms=timings)
         self.summary.ok += 1
         for s in STAGES:
             self.summary.stage_ms[s] += timings[s]
@@ -443,7 +533,9 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
     proportional to the inputs). The last partial batch runs.
     With `opts.edits` the encoder's latents are edited before synthesis; with `opts.n_outputs`
     K > 0 each input is also mixed with the K mapped z vectors and those K images are rendered
-    (in chunks of `opts.batch_size`), written, and shown in a grid (see the module docstring).
+    (in chunks of `opts.batch_size`, each chunk written before the next is rendered: `write_item`),
+    and shown in a grid (see the module docstring). An input whose outputs were made from another
+    input is recorded "failed" unless `opts.overwrite` (`Recorder.todo`).
     The stages (`read_items`, `invert_items`, `write_item`, `Recorder`) are the ones the
     distributed run (`engine.distributed`) runs on a Ray cluster.
 
@@ -464,7 +556,7 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
     mixing = prepare_run(eng, jobs, opts)
     inputs = file_ids([job.source for job in jobs])  # checked again before each write (faces' names are new)
     t_start = time.perf_counter()
-    rec = Recorder(manifest, progress)
+    rec = Recorder(manifest, progress, opts)
     todo = rec.todo(jobs)
 
     for start in range(0, len(todo), opts.batch_size):
@@ -494,9 +586,10 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
                            {"read": r.read_ms, "encode": inv.encode_ms, "synthesize": inv.synth_ms})
                 continue
             n = r.n_items
+            mix_ms = inv.mix_ms.get(i, 0.0)  # rendered while writing: counted as synthesis
             rec.written(r.stat, n, [Path(os.path.abspath(p)) for p in paths.values()],
-                        {"read": r.read_ms * n, "encode": inv.encode_ms * n, "synthesize": inv.synth_ms * n,
-                         "write": _ms(t0) * n})
+                        {"read": r.read_ms * n, "encode": inv.encode_ms * n, "synthesize": (inv.synth_ms + mix_ms) * n,
+                         "write": (_ms(t0) - mix_ms) * n})
 
     rec.summary.seconds = time.perf_counter() - t_start
     return rec.summary

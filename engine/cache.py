@@ -2,22 +2,31 @@
 
 The cache folder (`reference.files.cache_dir()`: `$PSP_ENGINE_CACHE`, else `~/.cache/psp-engine`)
 holds what the engine makes once and reuses:
-- `demo_*.pt`: the random-weight demo checkpoint (`engine.demo`, about 1.2 GB);
+- `demo_*.pt` + its sidecar `demo_*.pt.json` (size and sha256 at the build): the random-weight
+  demo checkpoint (`engine.demo`, about 1.2 GB);
 - `onnx/<stem>-<key>.<part>.onnx` + their weights `.onnx.data` and JSON sidecars: the graphs the
   onnxruntime and openvino backends export on first use of a checkpoint (`export.graph.cache_paths`; about the checkpoint's
-  size). One entry per `<stem>-<key>`; the sidecar records the source checkpoint's path;
-- `ov_cache/`: compiled-model caches (OpenVINO's model cache), one entry per file;
+  size). One entry per `<stem>-<key>`; the sidecar records the source checkpoint's path and the
+  size and sha256 of each file;
+- `ov_cache/<stem>-<key>.<part>/`: OpenVINO's compiled blobs of one graph, with their sizes and
+  digests in `ov_cache/<stem>-<key>.<part>.json` (`export.graph.compiled_model_cache`), one entry
+  per graph; loose files in `ov_cache/` were written by older versions and are never used;
+- `digests.json`: sha256 digests remembered per file version (`reference.digests`);
 - `*.psp-tmp`: temp files (and an export's temp folders) of writes a killed process never finished
   (`reference.files.temp_path`, `atomic_files`).
 
-Entries are removed with `--prune` (ONNX graphs whose source checkpoint is gone or has changed since
-the export, so no run can use them again, and temp files untouched for `STALE_TEMP_S`), `--all`, or
+`--verify` checks every entry's files against the sizes and digests recorded when it was written
+and lists the damaged ones (truncated, changed bytes, missing or unrecorded files); exit code 1
+when there are any. A run never uses a damaged entry either: it rebuilds it, with a one-line note.
+
+Entries are removed with `--prune` (damaged entries; ONNX graphs whose source checkpoint is gone or has changed since
+the export, and compiled blobs whose graph is gone, so no run can use them again; temp files untouched for `STALE_TEMP_S`), `--all`, or
 `--older-than DAYS` (last use older than that); `--dry-run` lists what would go. A run that needs a
 removed entry rebuilds it. Last use is the newest access or modification time of the entry's files
 (access times are as fresh as the file system's mount options allow: `relatime` updates them at
 most daily).
 
-Exit codes: 0 done; 2 usage error (one line).
+Exit codes: 0 done; 1 `--verify` found damaged entries; 2 usage error (one line).
 """
 
 from __future__ import annotations
@@ -31,10 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reference.cli import ArgumentParser, argparse_type, run_cli
+from reference.description import verify_artifact
+from reference.digests import MEMO_NAME
 from reference.files import TEMP_SUFFIX, cache_dir
 
 ONNX_DIR = "onnx"  # engine.api: the graph backends' cache, cache_dir() / "onnx"
-COMPILED_DIRS = ("ov_cache",)  # compiled-model caches (OpenVINO `CACHE_DIR`)
+COMPILED_DIRS = ("ov_cache",)  # compiled-model caches (OpenVINO `CACHE_DIR`: `export.graph.COMPILED_DIR`)
 STALE_TEMP_S = 600.0  # s: a temp file untouched this long belongs to no live writer (writers touch theirs continuously)
 DAY_S = 86400.0
 
@@ -44,11 +55,13 @@ class Entry:
     """One removable thing in the cache.
 
     Attributes:
-        kind: "checkpoint", "onnx", "compiled", "temp" or "other".
+        kind: "checkpoint", "onnx", "compiled", "digests", "temp" or "other".
         name: path relative to the cache folder (for ONNX graphs, `onnx/<stem>-<key>`).
         files: the files it consists of.
         source: the checkpoint an ONNX entry was exported from (None when unknown).
-        stale: why `--prune` removes it ("" when it does not).
+        stale: why `--prune` removes it ("" when it does not; damaged entries included).
+        damaged: what `scan(verify=True)` found wrong with its files against their recorded sizes
+            and digests ("" when nothing, or not verified).
     """
 
     kind: str
@@ -56,6 +69,7 @@ class Entry:
     files: list[Path] = field(default_factory=list)
     source: str | None = None
     stale: str = ""
+    damaged: str = ""
 
     @property
     def size(self) -> int:
@@ -97,19 +111,43 @@ def _onnx_staleness(name: str, source: str | None, onnx_dir: Path) -> str:
     ckpt = Path(source)
     if not ckpt.is_file():
         return f"source checkpoint {source} no longer exists"
-    from export.graph import cache_paths  # the cache key (path, size, mtime, export version) in one place
+    from export.graph import cache_paths  # the cache key (checkpoint path, size, sha256, export version) in one place
 
     if cache_paths(ckpt, onnx_dir)["encoder"].name != f"{name}.encoder.onnx":
         return f"source checkpoint {source} changed since the export (or the export version did)"
     return ""
 
 
-def scan(folder: Path | None = None, now: float | None = None) -> list[Entry]:
+def _damage(entry: Entry, folder: Path) -> str:
+    """What is wrong with an entry's files against the sizes and digests recorded when they were
+    written ("" when nothing): the graphs of an ONNX entry (`export.graph.graph_problems`), the blobs
+    of a compiled-model folder (`export.graph.compiled_problems`), the demo checkpoint
+    (`reference.description.verify_artifact`). Reads each file once per file version
+    (`reference.digests` remembers the digests)."""
+    from export.graph import PARTS, compiled_problems, graph_problems
+
+    if entry.kind == "onnx":
+        paths = {part: folder / f"{entry.name}.{part}.onnx" for part in PARTS}
+        problems = {part: probs for part, probs in graph_problems(paths).items()
+                    if probs != ["missing"] or any(f.name.startswith(paths[part].name) for f in entry.files)}
+        return "; ".join(f"{paths[part].name}: {', '.join(probs)}" for part, probs in problems.items())
+    if entry.kind == "compiled" and (folder / entry.name).is_dir():
+        graph = folder / ONNX_DIR / (Path(entry.name).name + ".onnx")
+        return ", ".join(compiled_problems(folder / entry.name, graph))
+    if entry.kind == "checkpoint":
+        return ", ".join(verify_artifact(folder / entry.name))
+    return ""
+
+
+def scan(folder: Path | None = None, now: float | None = None, verify: bool = False) -> list[Entry]:
     """The entries of the cache folder (see the module docstring), sorted by kind then name.
 
     Args:
         folder: the cache folder (default `cache_dir()`).
         now: the current time (s since the epoch), for temp-file staleness (default `time.time()`).
+        verify: check every graph, compiled blob and demo checkpoint against its recorded sizes and
+            digests (`Entry.damaged`; a damaged entry is stale). Costs a read of each file whose
+            digest is not remembered for its current version (~0.8 GB/s).
 
     Returns:
         Entries; empty when the folder does not exist.
@@ -144,16 +182,35 @@ def scan(folder: Path | None = None, now: float | None = None) -> list[Entry]:
                 entry.files.append(p)
                 if f.endswith(".json") and entry.source is None:
                     entry.source = _sidecar_checkpoint(p)
+            elif rel_dir.parts[:1] and rel_dir.parts[0] in COMPILED_DIRS and len(rel_dir.parts) >= 2:
+                name = "/".join(rel_dir.parts[:2])  # ov_cache/<graph>/...: one entry per graph
+                groups.setdefault(name, Entry("compiled", name)).files.append(p)
             elif rel_dir.parts[:1] and rel_dir.parts[0] in COMPILED_DIRS:
-                entries.append(Entry("compiled", rel, [p]))
-            elif rel_dir == Path(".") and f.endswith(".pt"):
-                entries.append(Entry("checkpoint", rel, [p]))
+                graph = Path(dirpath, f.removesuffix(".json").removesuffix(".lock"))
+                if f.endswith((".json", ".lock")) and graph.is_dir():  # the sidecar and lock of a graph's folder
+                    groups.setdefault(f"{rel_dir.parts[0]}/{graph.name}", Entry("compiled", f"{rel_dir.parts[0]}/{graph.name}")).files.append(p)
+                else:
+                    entries.append(Entry("compiled", rel, [p], stale="written by an older version, never used"))
+            elif rel_dir == Path(".") and f == MEMO_NAME:
+                entries.append(Entry("digests", rel, [p]))
+            elif rel_dir == Path(".") and f.endswith((".pt", ".pt.json")):
+                name = f.removesuffix(".json")
+                groups.setdefault(name, Entry("checkpoint", name)).files.append(p)
             else:
                 entries.append(Entry("other", rel, [p]))
     for stem, entry in groups.items():
-        entry.stale = _onnx_staleness(stem, entry.source, folder / ONNX_DIR)
+        if entry.kind == "onnx":
+            entry.stale = _onnx_staleness(stem, entry.source, folder / ONNX_DIR)
+        elif entry.kind == "compiled":
+            graph = Path(entry.name).name + ".onnx"
+            if not (folder / ONNX_DIR / graph).is_file():
+                entry.stale = f"its graph {ONNX_DIR}/{graph} is gone"
+        if verify and not entry.stale:
+            entry.damaged = _damage(entry, folder)
+            if entry.damaged:
+                entry.stale = f"damaged: {entry.damaged}"
         entries.append(entry)
-    order = {"checkpoint": 0, "onnx": 1, "compiled": 2, "temp": 3, "other": 4}
+    order = {"checkpoint": 0, "onnx": 1, "compiled": 2, "digests": 3, "temp": 4, "other": 5}
     return sorted(entries, key=lambda e: (order[e.kind], e.name))
 
 
@@ -221,9 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "demo checkpoint, ONNX graphs exported for the onnxruntime and openvino backends, compiled-model "
                     "caches, unfinished temp files; with sizes and last use. With an option, remove entries (a run "
                     "that needs one again rebuilds it).",
-        epilog="Exit codes: 0 done, 2 usage error.")
+        epilog="Exit codes: 0 done, 1 --verify found damaged entries, 2 usage error.")
+    p.add_argument("--verify", action="store_true",
+                   help="check every cached graph, compiled blob and demo checkpoint against the sizes and sha256 "
+                        "digests recorded when it was written, and list the damaged ones (exit code 1 if any)")
     p.add_argument("--prune", action="store_true",
-                   help="remove ONNX graphs whose source checkpoint no longer exists or has changed, and temp files "
+                   help="remove damaged entries (as --verify finds them), ONNX graphs whose source checkpoint no longer "
+                        "exists or has changed, compiled blobs no run can use, and temp files "
                         f"untouched for {STALE_TEMP_S / 60:.0f} minutes")
     p.add_argument("--all", action="store_true", help="remove everything in the cache folder")
     p.add_argument("--older-than", type=argparse_type(_days, "a number of days >= 0"), default=None, metavar="DAYS",
@@ -234,15 +295,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     folder = cache_dir()
-    entries = scan(folder)
+    entries = scan(folder, verify=args.verify or args.prune)
     print(f"cache folder: {folder} (set PSP_ENGINE_CACHE to use another)")
     if not entries:
         print("empty" if folder.is_dir() else "does not exist yet: nothing is cached")
         return 0
     print(format_table(entries))
     print(f"total {human(sum(e.size for e in entries))} in {len(entries)} entries")
+    damaged = [e for e in entries if e.damaged]
+    if args.verify:
+        if damaged:
+            print(f"{len(damaged)} damaged entries (no run uses them; a run rebuilds them, "
+                  "python -m engine.cache --prune removes them):")
+            print("\n".join(f"{e.name}: {e.damaged}" for e in damaged))
+        else:
+            print("verified: every graph, compiled blob and demo checkpoint matches its recorded sizes and digests")
     if not (args.prune or args.all or args.older_than is not None):
-        return 0
+        return 1 if damaged and args.verify else 0
     chosen = select(entries, args.prune, args.all, args.older_than)
     if not chosen:
         print("nothing to remove")

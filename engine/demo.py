@@ -8,7 +8,11 @@ download; its outputs are not faces.
 The file (about 1.2 GB) is made on first use and cached under `$PSP_ENGINE_CACHE`, else
 `~/.cache/psp-engine/`. It is written to a temp file in that folder and renamed into place, so a
 reader never sees a partial file; two processes building it at once both write complete,
-identical files and the last rename wins.
+identical files and the last rename wins. Its size and sha256 are recorded at the build in its
+sidecar (`demo_*.pt.json`, the one sidecar schema, kind "checkpoint"); every process checks them
+before first use (`reference.description.verify_artifact`: a stat once the digest of this file
+version is remembered) and rebuilds a damaged file (truncated, changed bytes, no sidecar) with a
+one-line note instead of loading it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Callable
 
 from reference import make_checkpoint, save_checkpoint
 from reference.child import call_in_child
+from reference.description import verify_artifact, write_sidecar
 from reference.files import cache_dir
 
 DEMO_CONFIG = "ffhq_encode"
@@ -28,7 +33,7 @@ WEIGHT_RULE_VERSION = "v1"  # in the file name: a new rule must not reuse an old
 REAL_CHECKPOINT_HINT = "--checkpoint psp_ffhq_encode.pt"
 # Measured on 2 cores (this project's CI machine): 13.5 s to generate the weights, 6.2 s to write
 # 1.20 GB; peak RSS of the build 2.4 GB (one copy of the weights plus torch), in a child process.
-DEMO_BUILD_ESTIMATE_S = 20
+DEMO_BUILD_ESTIMATE_S = 10
 
 DEMO_NOTICE = (
     "NOTE: no --checkpoint given, so this run uses the built-in DEMO checkpoint: the ffhq_encode pSp "
@@ -51,14 +56,19 @@ def demo_checkpoint_path(announce: Callable[[str], None] | None = None) -> Path:
             (tqdm; bytes of weights generated). None to stay silent.
 
     Returns:
-        `demo_path()`, built if it was missing.
+        `demo_path()`, built if it was missing or damaged (its size or sha256 differ from those its
+        sidecar recorded at the build: announced in one line, never loaded).
 
     Raises:
         OSError: the cache folder cannot be created or written.
     """
     path = demo_path()
     if path.is_file():
-        return path
+        problems = verify_artifact(path)
+        if not problems:
+            return path
+        if announce is not None:
+            announce(f"the cached demo checkpoint {path} is damaged ({', '.join(problems)}): not used, building it again")
     path.parent.mkdir(parents=True, exist_ok=True)
     if announce is None:
         call_in_child(_build_demo, (path, DEMO_CONFIG, DEMO_SEED), what="demo checkpoint build")
@@ -102,3 +112,5 @@ def _build_demo(path: Path, config: str, seed: int, notify: Callable[[tuple[str,
     ckpt = make_checkpoint(config, seed=seed, progress=progress)
     notify(("writing", sent[1], sent[1]))
     save_checkpoint(ckpt, path)  # temp file + os.replace
+    # its size and sha256 (1.5 s for 1.2 GB, pages still cached), checked before every later use
+    write_sidecar(path, None, "checkpoint", config=config, seed=seed, weight_rule=WEIGHT_RULE_VERSION)

@@ -43,6 +43,7 @@ process (`os._exit`), once per run.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -60,7 +61,8 @@ from .batch import (STAGES, Inverted, Recorder, RunOptions, Summary, _ms, _Ready
                     read_error, read_items, write_item)
 from .inputs import Job, file_ids
 from .manifest import InputStat, Manifest
-from .remote import RemoteFile, RemoteOutput, input_stat
+from .ray_local import join_ray, start_local_ray
+from .remote import RemoteFile, RemoteOutput, input_digest, input_stat
 
 FAULT_ENV = "PSP_ENGINE_FAULT_ONCE"
 
@@ -88,8 +90,10 @@ def connect(address: str, say: Callable[[str], None] = lambda msg: None) -> tupl
     """Connect this process to Ray (or reuse the Ray instance it already has).
 
     Args:
-        address: "local" starts a Ray instance with `len(os.sched_getaffinity(0))` CPUs; anything
-            else is passed to `ray.init(address=...)`.
+        address: "local" starts a Ray instance with `len(os.sched_getaffinity(0))` CPUs that only
+            this machine can reach (`engine.ray_local.start_local_ray`: every port on 127.0.0.1,
+            token authentication, its files in a private folder); anything else is passed to
+            `engine.ray_local.join_ray` (a cluster the user started: its binding and token are theirs).
         say: receives one-line notes.
 
     Returns:
@@ -97,7 +101,8 @@ def connect(address: str, say: Callable[[str], None] = lambda msg: None) -> tupl
         caller's), and the time it took (s).
 
     Raises:
-        UsageError: ray is not installed, or the cluster cannot be reached.
+        UsageError: ray is not installed, the cluster cannot be reached, or the local instance's
+            private folder is not this user's.
     """
     try:
         import ray
@@ -109,9 +114,11 @@ def connect(address: str, say: Callable[[str], None] = lambda msg: None) -> tupl
         return False, 0.0
     try:
         if address == "local":
-            ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
+            start_local_ray(len(os.sched_getaffinity(0)), log_to_driver=False)
         else:
-            ray.init(address=address, log_to_driver=False)
+            join_ray(address, log_to_driver=False)
+    except UsageError:
+        raise  # the local instance's private folder: the message names it and the fix
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UsageError(f"--ray {address}: cannot connect to the Ray cluster ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]}); start it with `ray start --head` or use --ray local") from None
@@ -149,14 +156,14 @@ def _job_row(job: Job, stat: InputStat) -> dict:
     """A job as plain columns; `root`, `rel`: a `RemoteFile`'s (both "" for a local file)."""
     root, rel = (job.source.root, job.source.rel) if isinstance(job.source, RemoteFile) else ("", "")
     return {"source": str(job.source), "root": root, "rel": rel, "base": str(job.base), "path": stat.path,
-            "size": stat.size, "mtime_ns": stat.mtime_ns}
+            "size": stat.size, "mtime_ns": stat.mtime_ns, "sha256": stat.sha256 or ""}
 
 
-_JOB_COLUMNS = ("source", "root", "rel", "base", "path", "size", "mtime_ns")
+_JOB_COLUMNS = ("source", "root", "rel", "base", "path", "size", "mtime_ns", "sha256")
 
 
 def _row_job(row) -> tuple[Job, InputStat]:
-    stat = InputStat(str(row["path"]), int(row["size"]), int(row["mtime_ns"]))
+    stat = InputStat(str(row["path"]), int(row["size"]), int(row["mtime_ns"]), str(row["sha256"]) or None)
     root = str(row["root"])
     source = RemoteFile(root, str(row["rel"]), stat.size, stat.mtime_ns) if root else Path(str(row["source"]))
     return Job(source, PurePosixPath(str(row["base"]))), stat
@@ -184,6 +191,8 @@ def read_stage(row: dict, label_nc: int, opts: RunOptions) -> list[dict]:
     t0 = time.perf_counter()
     try:
         data = job.source.read_bytes() if isinstance(job.source, RemoteFile) else None
+        if data is not None and not row["sha256"]:  # the manifest records it (engine.manifest, "Provenance")
+            row = {**row, "sha256": hashlib.sha256(data).hexdigest()}
         items = read_items(job, stat, label_nc, opts, t0, data=data)
     except Exception as e:  # noqa: BLE001 - a bad file is a failed row, never a failed job
         return [_item_row(row, "failed", read_error(job, e), read_ms=_ms(t0))]
@@ -228,11 +237,11 @@ class Invert:
         self._maybe_fail()
         opts = self.opts
         n = len(batch["source"])
-        out = {k: [] for k in ("source", "path", "size", "mtime_ns", "status", "error", "n_items", "outputs",
+        out = {k: [] for k in ("source", "path", "size", "mtime_ns", "sha256", "status", "error", "n_items", "outputs",
                                *(f"{s}_ms" for s in STAGES))}
 
         def emit(i: int, status: str, error: str = "", outputs: Sequence[str] = (), **ms: float) -> None:
-            for k in ("source", "path", "size", "mtime_ns", "n_items"):
+            for k in ("source", "path", "size", "mtime_ns", "sha256", "n_items"):
                 out[k].append(batch[k][i])
             out["status"].append(status)
             out["error"].append(error)
@@ -335,8 +344,8 @@ def run_distributed(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest
     prepare_run(eng, jobs, opts)
     opts = replace(opts, out_dir=Path(os.path.abspath(opts.out_dir)))
     t_start = time.perf_counter()
-    rec = Recorder(manifest, progress)
-    todo = rec.todo(jobs, stat_of=input_stat)
+    rec = Recorder(manifest, progress, opts)
+    todo = rec.todo(jobs, stat_of=input_stat, digest_of=input_digest)
     n_actors = cluster.num_actors or default_actors(cluster)
     if todo:
         ctx = ray.data.DataContext.get_current()
@@ -356,7 +365,7 @@ def run_distributed(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest
             batch_size=opts.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors),
             num_cpus=cluster.cpus_per_actor, num_gpus=cluster.gpus_per_actor or None)
         for row in ds.iter_rows():
-            stat = InputStat(str(row["path"]), int(row["size"]), int(row["mtime_ns"]))
+            stat = InputStat(str(row["path"]), int(row["size"]), int(row["mtime_ns"]), str(row["sha256"]) or None)
             source, status = str(row["source"]), str(row["status"])
             timings = {s: float(row[f"{s}_ms"]) for s in STAGES}
             if status == "ok":

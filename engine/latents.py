@@ -21,16 +21,16 @@ Conventions: `w` `[N, 512]`, `w_plus` `[N, n_styles, 512]`, float32; pictures ar
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from numpy.lib import format as npy_format
 from PIL import Image
 
 
@@ -42,6 +42,13 @@ if TYPE_CHECKING:  # engine.api imports this module lazily (Engine.mapping); no 
 Z_DIM = 512  # z and w width (StyleGAN2 style_dim)
 FINE_START = 8  # first "fine" style: official docs mix styles 8-17 at 1024 (8-13 at 256)
 JPEG_MAX_SIDE = 65535  # px, the JPEG format's limit on either side
+# Style mixes per input (engine.run --n-outputs). Each input's grid is one row of K + 2 pictures held
+# in memory: at 1024 px, 64 mixes are 198 MiB of uint8 and a row 67584 px wide, already past JPEG's
+# 65535 px side (so scaled down). More variety is better had from other --seed values in other runs.
+MAX_N_OUTPUTS = 64
+MAX_NPY_BYTES = 256 * 2**20  # bytes: the largest array a latent or direction .npy may declare
+MAX_LATENT_BATCH = 4096  # latents in one [B, n_styles, 512] file (4096 x 18 x 512 float32 = 144 MiB)
+MAX_STYLES = 64  # W+ styles a direction may have before the checkpoint is known (18 at 1024 px)
 
 
 class LatentFileError(PSPError, ValueError):
@@ -214,58 +221,116 @@ def mix(eng: "Engine", w_plus: torch.Tensor, z: np.ndarray | torch.Tensor, laten
 # Latent files, editing, interpolation
 
 
-def read_npy(path: str | os.PathLike, what: str = "latent") -> tuple[np.ndarray, str]:
-    """Read one numeric array from a `.npy` file, never unpickling.
+def read_npy(path: str | os.PathLike, what: str = "latent",
+             check_shape: Callable[[tuple[int, ...]], None] | None = None,
+             max_bytes: int = MAX_NPY_BYTES) -> tuple[np.ndarray, str]:
+    """Read one numeric array from a `.npy` file, never unpickling, checking its header first.
+
+    Source: the NPY format (`numpy.lib.format`: magic, version, header dict with "descr",
+    "fortran_order" and "shape"). The header is read with `read_magic` and
+    `read_array_header_1_0/2_0` and checked before any array is allocated: a real (float or
+    integer) dtype, the shape against `check_shape`, the declared size against `max_bytes` and
+    against the bytes the file holds. So a 1 KiB file declaring `(1000000, 14, 512)` is refused
+    naming the file, not read into a MemoryError.
 
     Args:
         path: the file.
         what: what the file is, for messages ("latent", "direction").
+        check_shape: raises `LatentFileError` for a declared shape the caller cannot use (called
+            before allocation); None: any shape.
+        max_bytes: the most array bytes accepted (default `MAX_NPY_BYTES`, 256 MiB).
 
     Returns:
         `(array, sha256)`: the array as stored (float or integer) and the hex SHA-256 of the file's bytes.
 
     Raises:
-        LatentFileError: missing or unreadable file, not a `.npy` (a `.npz` archive, a pickle),
-            an object or non-numeric array, or NaN/Inf values. The message starts with the path.
+        LatentFileError: missing or unreadable file, not a `.npy` (a `.npz` archive, a pickle), an
+            object, structured or non-numeric dtype, a shape `check_shape` refuses, a declared size
+            beyond `max_bytes` or other than the file holds, or NaN/Inf values. The message starts
+            with the path.
     """
     p = Path(path)
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as f:
+            head = f.read(6)
+            if head[:4] == b"PK\x03\x04":
+                raise LatentFileError(f"{p}: a .npz archive; save the {what} as one array with np.save (.npy)")
+            if head[:1] == b"\x80":  # a pickle protocol 2+ header (torch.save, pickle.dump)
+                raise LatentFileError(f"{p}: a Python pickle, which is never loaded; save a numeric array with "
+                                      "np.save(..., allow_pickle=False)")
+            if head != b"\x93NUMPY":
+                raise LatentFileError(f"{p}: not a .npy array file (no NPY header); save the {what} with np.save")
+            f.seek(0)
+            shape, fortran, dtype, offset = _npy_header(f, p, what)
+            file_size = os.fstat(f.fileno()).st_size
+            if check_shape is not None:
+                check_shape(shape)
+            declared = math.prod(shape) * dtype.itemsize
+            if declared > max_bytes:
+                raise LatentFileError(f"{p}: its header declares a {what} of shape {list(shape)} {dtype} "
+                                      f"({declared / 2**20:.0f} MiB), more than the {max_bytes / 2**20:.0f} MiB "
+                                      f"accepted; split it into smaller files")
+            if file_size - offset != declared:
+                raise LatentFileError(f"{p}: its header declares shape {list(shape)} {dtype} ({declared} bytes of data) "
+                                      f"but the file holds {file_size - offset}; the file is truncated or not a "
+                                      f"{what} saved with np.save")
+            f.seek(0)
+            data = f.read(offset + declared)
     except FileNotFoundError:
         raise LatentFileError(f"{p}: {what} file not found") from None
     except OSError as e:
         raise LatentFileError(f"{p}: cannot read the {what} file ({type(e).__name__}: {e})") from None
-    if data[:4] == b"PK\x03\x04":
-        raise LatentFileError(f"{p}: a .npz archive; save the {what} as one array with np.save (.npy)")
-    if data[:1] == b"\x80":  # a pickle protocol 2+ header (torch.save, pickle.dump)
-        raise LatentFileError(f"{p}: a Python pickle, which is never loaded; save a numeric array with "
-                              "np.save(..., allow_pickle=False)")
-    if data[:6] != b"\x93NUMPY":
-        raise LatentFileError(f"{p}: not a .npy array file (no NPY header); save the {what} with np.save")
-    try:
-        a = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise LatentFileError(f"{p}: holds pickled Python objects, which are never loaded; save a numeric "
-                                  f"array with np.save(..., allow_pickle=False)") from None
-        raise LatentFileError(f"{p}: not a .npy array file ({e})") from None
-    except (OSError, EOFError) as e:
-        raise LatentFileError(f"{p}: not a .npy array file ({type(e).__name__}: {e})") from None
-    if not isinstance(a, np.ndarray):  # pragma: no cover - np.load of bytes that are not npz/npy raises
-        raise LatentFileError(f"{p}: not a .npy array file")
-    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)) or a.dtype == np.bool_:
-        raise LatentFileError(f"{p}: {what} has dtype {a.dtype}; expected float32 (any real number type is accepted)")
+    a = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
+    a = a.reshape(shape[::-1]).transpose() if fortran else a.reshape(shape)
     if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
         raise LatentFileError(f"{p}: {what} holds NaN or Inf values")
-    return a, hashlib.sha256(data).hexdigest()
+    return a.copy(), hashlib.sha256(data).hexdigest()
+
+
+def _npy_header(f, p: Path, what: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """`(shape, fortran_order, dtype, data offset)` of an open `.npy` file, checked (see `read_npy`)."""
+    try:
+        version = npy_format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(f)
+        else:  # 3.0 only adds utf-8 field names, i.e. structured dtypes, which are refused anyway
+            raise ValueError(f"NPY format version {version[0]}.{version[1]} (a structured array)")
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise LatentFileError(f"{p}: holds pickled Python objects, which are never loaded; save a numeric "
+                                  f"array with np.save(..., allow_pickle=False)") from None
+        raise LatentFileError(f"{p}: not a .npy array file ({' '.join(str(e).split())[:200]})") from None
+    if dtype.hasobject:
+        raise LatentFileError(f"{p}: holds pickled Python objects, which are never loaded; save a numeric "
+                              f"array with np.save(..., allow_pickle=False)")
+    if dtype.kind not in "fiu" or dtype.fields is not None or dtype.subdtype is not None:
+        raise LatentFileError(f"{p}: {what} has dtype {dtype}; expected float32 (any real number type is accepted)")
+    return tuple(int(n) for n in shape), bool(fortran), dtype, f.tell()
+
+
+def _latent_shape(shape: tuple[int, ...], n_styles: int, path) -> None:
+    """Refuse a latent file's shape that `load_latents` cannot use (before it is allocated)."""
+    if shape in ((Z_DIM,), (1, Z_DIM), (n_styles, Z_DIM)):
+        return
+    if len(shape) == 3 and shape[1:] == (n_styles, Z_DIM) and 1 <= shape[0] <= MAX_LATENT_BATCH:
+        return
+    if len(shape) == 3 and shape[1:] == (n_styles, Z_DIM) and shape[0] > MAX_LATENT_BATCH:
+        raise LatentFileError(f"{path}: a batch of {shape[0]} latents; at most {MAX_LATENT_BATCH} per file are "
+                              "rendered; split it into smaller files")
+    raise LatentFileError(
+        f"{path}: latent of shape {list(shape)} does not fit this checkpoint ({n_styles} styles); expected "
+        f"[{n_styles}, 512] (W+), [B, {n_styles}, 512] (a batch) or [512] (w, repeated to every style)"
+    )
 
 
 def load_latents(path: str | os.PathLike, n_styles: int) -> tuple[np.ndarray, bool]:
     """Read saved latents for rendering (`engine.run --save-latents` writes `[n_styles, 512]`).
 
     Args:
-        path: a `.npy` of shape `[n_styles, 512]` (one W+), `[B, n_styles, 512]` (a batch), or
-            `[512]` / `[1, 512]` (one w, repeated to every style).
+        path: a `.npy` of shape `[n_styles, 512]` (one W+), `[B, n_styles, 512]` (a batch of at
+            most `MAX_LATENT_BATCH`), or `[512]` / `[1, 512]` (one w, repeated to every style).
         n_styles: the checkpoint's number of styles.
 
     Returns:
@@ -274,19 +339,33 @@ def load_latents(path: str | os.PathLike, n_styles: int) -> tuple[np.ndarray, bo
 
     Raises:
         LatentFileError: as `read_npy`, or a shape that fits none of the above (the message
-            names the file, its shape and the accepted shapes).
+            names the file, its shape and the accepted shapes), checked from the header before
+            the array is read.
     """
-    a, _ = read_npy(path, "latent")
-    shape = a.shape
-    if shape in ((Z_DIM,), (1, Z_DIM)):
+    a, _ = read_npy(path, "latent", check_shape=lambda shape: _latent_shape(shape, n_styles, path))
+    if a.shape in ((Z_DIM,), (1, Z_DIM)):
         return np.broadcast_to(a.reshape(1, 1, Z_DIM), (1, n_styles, Z_DIM)).astype(np.float32), False
-    if shape == (n_styles, Z_DIM):
+    if a.shape == (n_styles, Z_DIM):
         return a[None].astype(np.float32), False
-    if a.ndim == 3 and shape[1:] == (n_styles, Z_DIM) and shape[0] >= 1:
-        return a.astype(np.float32), True
+    return a.astype(np.float32), True
+
+
+def _direction_shape(shape: tuple[int, ...], n_styles: int | None, path) -> None:
+    """Refuse a direction file's shape that `load_direction` cannot use (before it is allocated);
+    `n_styles` None (not known yet): any `[512]`-wide shape of at most `MAX_STYLES` styles."""
+    if shape in ((Z_DIM,), (1, Z_DIM)):
+        return
+    if n_styles is None:
+        if len(shape) in (2, 3) and shape[-1] == Z_DIM and math.prod(shape[:-1]) <= MAX_STYLES:
+            return
+        raise LatentFileError(f"{path}: direction of shape {list(shape)} is neither a W direction ([512] or [1, 512]) "
+                              f"nor a W+ direction ([n_styles, 512], at most {MAX_STYLES} styles)")
+    if shape in ((n_styles, Z_DIM), (1, n_styles, Z_DIM)):
+        return
+    styles = n_styles
     raise LatentFileError(
-        f"{path}: latent of shape {list(shape)} does not fit this checkpoint ({n_styles} styles); expected "
-        f"[{n_styles}, 512] (W+), [B, {n_styles}, 512] (a batch) or [512] (w, repeated to every style)"
+        f"{path}: direction of shape {list(shape)} does not fit this checkpoint ({styles} styles); expected "
+        f"[512] or [1, 512] (a W direction, applied to every style) or [{styles}, 512] (a W+ direction)"
     )
 
 
@@ -303,23 +382,29 @@ def load_direction(path: str | os.PathLike, n_styles: int) -> np.ndarray:
 
     Raises:
         LatentFileError: as `read_npy`, or another shape (the message names the file, its shape
-            and the accepted shapes).
+            and the accepted shapes), checked from the header before the array is read.
     """
-    return _direction(read_npy(path, "direction")[0], n_styles, path)
+    return _direction(read_direction(path, n_styles)[0], n_styles, path)
+
+
+def read_direction(path: str | os.PathLike, n_styles: int | None = None) -> tuple[np.ndarray, str]:
+    """`read_npy` of a direction file, its shape checked from the header (`n_styles` None: before
+    the checkpoint is known, any W or W+ shape up to `MAX_STYLES` styles).
+
+    Raises:
+        LatentFileError: as `read_npy`, or a shape that is no direction.
+    """
+    return read_npy(path, "direction", check_shape=lambda shape: _direction_shape(shape, n_styles, path))
 
 
 def _direction(a: np.ndarray, n_styles: int, path: str | os.PathLike) -> np.ndarray:
     if a.size and float(np.abs(a).max()) > FLOAT32_MAX:
         raise LatentFileError(f"{path}: direction values up to {float(np.abs(a).max()):.3g} overflow float32 (the "
                               f"latents' type, at most {FLOAT32_MAX:.3g}); save a direction of ordinary magnitude")
+    _direction_shape(a.shape, n_styles, path)
     if a.shape in ((Z_DIM,), (1, Z_DIM)):
         return np.broadcast_to(a.reshape(1, Z_DIM), (n_styles, Z_DIM)).astype(np.float32)
-    if a.shape in ((n_styles, Z_DIM), (1, n_styles, Z_DIM)):
-        return a.reshape(n_styles, Z_DIM).astype(np.float32)
-    raise LatentFileError(
-        f"{path}: direction of shape {list(a.shape)} does not fit this checkpoint ({n_styles} styles); expected "
-        f"[512] or [1, 512] (a W direction, applied to every style) or [{n_styles}, 512] (a W+ direction)"
-    )
+    return a.reshape(n_styles, Z_DIM).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -377,7 +462,7 @@ def load_edit(edit: Edit, n_styles: int) -> Edit:
     Raises:
         LatentFileError: see `load_direction`; or strength x direction overflows float32.
     """
-    a, digest = read_npy(edit.path, "direction")
+    a, digest = read_direction(edit.path, n_styles)
     loaded = replace(edit, direction=_direction(a, n_styles, edit.path), sha256=digest)
     _edit_delta([loaded])
     return loaded

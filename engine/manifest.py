@@ -3,6 +3,8 @@
 Format (one object per line, UTF-8, keys sorted):
     input           absolute path of the input file (the key a rerun matches on)
     input_size      bytes, and `input_mtime_ns`: the input's stat when it was processed
+    input_sha256    hex SHA-256 of the input's bytes (null where it was not known: an input
+                    behind a URI that no stage hashed, or a record of an older version)
     status          "ok" | "failed" | "skipped"
     outputs         paths of the files written, relative to the output folder (POSIX "/")
     error           one-line reason for "failed", else null
@@ -22,9 +24,21 @@ folder is rerun. Compaction assumes one writer: the CLIs hold the folder's lock
 (`reference.files.folder_lock`) while the manifest is open.
 
 Resuming: an input is skipped when its latest record that is not "skipped" is "ok", has the
-current fingerprint, the input's size and mtime are unchanged, and all its outputs still exist.
-Looking only at the *latest* such record matters: a run with other options (another fingerprint)
+current fingerprint, the input's size and mtime are unchanged, all its outputs still exist, and
+each of them was last made from this input. Looking
+only at the *latest* such record matters: a run with other options (another fingerprint)
 overwrites the same output paths, so an older "ok" no longer describes the files on disk.
+
+Provenance: every output file belongs to the latest "ok" record that lists it (its *owner*). An
+input is the same input as an owner when it has the same path or the same digest (a moved or
+copied folder of the same files), and then reuses or redoes the owner's outputs. An input that
+would write an output owned by *another* input (another path, other content: `a/x.png` and then
+`b/x.png` into one folder) is a conflict (`Manifest.conflict`): the CLIs stop that input with a
+message naming both files unless `--overwrite` is given. A rerun never counts an input done whose
+outputs were last made from another input.
+
+Unreadable lines (torn, edited, or of the wrong types, e.g. an "input" that is a list) are skipped;
+their line numbers are in `Manifest.bad_lines`, for the CLIs' one warning.
 """
 
 from __future__ import annotations
@@ -35,8 +49,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+from reference.digests import file_sha256
 from reference.files import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -46,21 +61,26 @@ OUTPUT_FORMAT_VERSION = 1
 
 
 def checkpoint_identity(path: str | os.PathLike) -> dict:
-    """Identity of a checkpoint file: resolved path, size and mtime.
+    """Identity of a checkpoint file as the fingerprint records it: `reference.digests.checkpoint_identity`
+    (resolved path, size and sha256 of the contents), the one identity the ONNX graph cache keys on too.
 
-    Not a content hash on purpose: hashing a 1.2 GB checkpoint costs seconds on every run. A
-    checkpoint replaced in place changes its mtime; a copy at another path counts as another
-    checkpoint (a rerun redoes the work, which is safe).
+    A checkpoint replaced by another of the same size and mtime is another checkpoint; one only
+    touched is the same. The digest costs one read per file version (1.5 s for 1.2 GB), remembered
+    in the engine cache, so a rerun pays a stat. A copy at another path counts as another checkpoint
+    (a rerun redoes the work, which is safe).
 
     Args:
         path: the checkpoint file (must exist).
 
     Returns:
-        `{"path": str, "size": int, "mtime_ns": int}`.
+        `{"path": str, "size": int, "sha256": str}`.
+
+    Raises:
+        OSError: the file cannot be read.
     """
-    p = Path(path).resolve()
-    st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    from reference import digests
+
+    return digests.checkpoint_identity(path)
 
 
 def fingerprint(config: Mapping[str, Any]) -> str:
@@ -81,11 +101,12 @@ def fingerprint(config: Mapping[str, Any]) -> str:
 
 @dataclass
 class InputStat:
-    """What a record remembers of an input file to tell whether it changed."""
+    """What a record remembers of an input file to tell whether it changed, and whose it is."""
 
-    path: str  # absolute
-    size: int
+    path: str  # absolute (or, for an input behind a URI, the URI)
+    size: int  # bytes
     mtime_ns: int
+    sha256: str | None = None  # hex SHA-256 of the bytes; None until known (see `input_digest`)
 
     @classmethod
     def of(cls, path: str | os.PathLike) -> "InputStat":
@@ -96,6 +117,27 @@ class InputStat:
         except OSError:
             return cls(p, -1, -1)
         return cls(p, st.st_size, st.st_mtime_ns)
+
+
+def input_digest(source: object) -> str | None:
+    """The hex SHA-256 of a local input file's bytes (`reference.digests.file_sha256`, not added to
+    the checkpoint memo: inputs are many), or None for a file that cannot be read or an input that is
+    not a local path (an `engine.remote.RemoteFile`: `engine.remote.input_digest` reads those)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    try:
+        return file_sha256(source, remember=False)
+    except OSError:
+        return None
+
+
+def valid_record(rec: object) -> bool:
+    """Whether a parsed manifest line has the types a reader relies on: a dict whose "input" is a
+    string, "status" one of `STATUSES`, and "outputs" (if present) a list of strings."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("input"), str) or rec.get("status") not in STATUSES:
+        return False
+    outputs = rec.get("outputs", [])
+    return isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)
 
 
 class Manifest:
@@ -121,8 +163,9 @@ class Manifest:
         self.config = dict(config)
         self.fingerprint = fingerprint(self.config)
         self.run = dict(run or {})
-        self.n_unreadable = 0  # lines ignored on reading (torn or edited)
+        self.bad_lines: list[int] = []  # 1-based numbers of the lines ignored on reading (torn, edited, wrong types)
         self._latest: dict[str, dict] = {}  # input -> latest non-"skipped" record
+        self._owner: dict[str, dict] = {}  # output (relative, casefolded) -> the latest "ok" record listing it
         self._keep: list[int] = []  # indices into the file's lines that compaction keeps, in order
         self._n_lines = 0
         self._file = None
@@ -138,17 +181,40 @@ class Manifest:
                 self._n_lines = n + 1
                 try:
                     rec = json.loads(raw)
-                    key, status = rec["input"], rec["status"]
-                except (ValueError, KeyError, TypeError):
-                    self.n_unreadable += 1
+                except ValueError:
+                    rec = None
+                if not valid_record(rec):
+                    self.bad_lines.append(n + 1)
                     continue
+                key, status = rec["input"], rec["status"]
                 if status != "skipped":
-                    self._latest[key] = rec
+                    self._note(rec)
                     last[key] = n
                 elif rec.get("error"):  # a reason (no face): kept; a no-op skip is not worth a line
                     last_skip[key] = n
         keep = set(last.values()) | {n for key, n in last_skip.items() if n > last.get(key, -1)}
         self._keep = sorted(keep)
+
+    @property
+    def n_unreadable(self) -> int:
+        """Lines ignored on reading (`bad_lines`)."""
+        return len(self.bad_lines)
+
+    def unreadable_warning(self) -> str | None:
+        """One warning line naming the ignored lines (at most 10 numbers), or None when there are none."""
+        if not self.bad_lines:
+            return None
+        shown = ", ".join(map(str, self.bad_lines[:10])) + (", ..." if len(self.bad_lines) > 10 else "")
+        return (f"warning: ignored {len(self.bad_lines)} unreadable line(s) of {self.path} (line {shown}: not a "
+                "JSON record with a string \"input\", a known \"status\" and a list of \"outputs\"); their inputs "
+                "are redone, and this run drops those lines")
+
+    def _note(self, rec: dict) -> None:
+        """`rec` (not "skipped") becomes its input's latest record; an "ok" one owns its outputs."""
+        self._latest[rec["input"]] = rec
+        if rec["status"] == "ok":
+            for o in rec.get("outputs") or []:
+                self._owner[o.casefold()] = rec
 
     def __enter__(self) -> "Manifest":
         """Open for appending; compact first when the file holds lines no rerun needs (module docstring)."""
@@ -171,17 +237,80 @@ class Manifest:
             self._file.close()
             self._file = None
 
-    def done(self, stat: InputStat) -> dict | None:
-        """The record that makes `stat`'s input skippable, or None if it must be (re)done."""
+    def done(self, stat: InputStat, names: Sequence[str] = (),
+             digest_of: Callable[[InputStat], str | None] | None = None) -> dict | None:
+        """The record that makes `stat`'s input skippable, or None if it must be (re)done.
+
+        Args:
+            stat: the input; its `sha256` is filled in when a decision needed it (from its record
+                when size and mtime are unchanged, else from `digest_of`).
+            names: output names (relative POSIX) the input would write, main image first: an input
+                without a record of its own (a moved folder) is done when the owner of the first
+                of them that has one holds the same content (same digest).
+            digest_of: computes the input's digest when needed (default: none is computed, so an
+                input without a record of its own is never done).
+
+        Returns:
+            The "ok" record with the current fingerprint, same content, every output present and
+            each output last made from it; else None.
+        """
         rec = self._latest.get(stat.path)
-        if not rec or rec.get("status") != "ok" or rec.get("fingerprint") != self.fingerprint:
+        if rec is None:
+            rec = next((self._owner[n.casefold()] for n in names if n.casefold() in self._owner), None)
+            if rec is None or self._latest.get(rec["input"]) is not rec or not self._same_content(rec, stat, digest_of):
+                return None
+        elif not self._unchanged(rec, stat):
             return None
-        if rec.get("input_size") != stat.size or rec.get("input_mtime_ns") != stat.mtime_ns:
+        if rec.get("status") != "ok" or rec.get("fingerprint") != self.fingerprint:
             return None
         outputs = rec.get("outputs") or []
-        if not outputs or not all(self.exists(o) for o in outputs):
+        if not outputs or not all(self._owner.get(o.casefold()) is rec and self.exists(o) for o in outputs):
             return None
         return rec
+
+    def conflict(self, stat: InputStat, names: Sequence[str],
+                 digest_of: Callable[[InputStat], str | None] | None = None) -> str | None:
+        """Why writing `names` for `stat`'s input would replace another input's outputs, or None.
+
+        Args:
+            stat: the input (its `sha256` is filled in from `digest_of` when an owner is found).
+            names: output names (relative POSIX) the input would write.
+            digest_of: as in `done`.
+
+        Returns:
+            None when every name that exists is unowned, owned by this input's path, or owned by a
+            record of the same content; else one line naming the output, both inputs and the fixes.
+        """
+        for n in names:
+            owner = self._owner.get(n.casefold())
+            if owner is None or owner["input"] == stat.path or self._same_content(owner, stat, digest_of):
+                continue
+            if not self.exists(n):
+                continue  # removed since: nothing to replace
+            return (f"{stat.path}: its output {self.out_dir / n} was made from another input, {owner['input']} "
+                    "(other path and content; e.g. two folders holding an x.png run into one --output); not "
+                    "replaced. Use another --output folder, or pass --overwrite to replace it")
+        return None
+
+    @staticmethod
+    def _unchanged(rec: dict, stat: InputStat) -> bool:
+        """Whether `stat`'s input (same path) is as `rec` saw it: same size and mtime, as before digests
+        were recorded (a touched file is redone); its digest is then taken from `rec`."""
+        if rec.get("input_size") != stat.size or rec.get("input_mtime_ns") != stat.mtime_ns:
+            return False
+        if stat.sha256 is None:
+            stat.sha256 = rec.get("input_sha256")
+        return True
+
+    @staticmethod
+    def _same_content(rec: dict, stat: InputStat, digest_of) -> bool:
+        """Whether `rec` records the digest `stat`'s input has (computed with `digest_of` if needed)."""
+        known = rec.get("input_sha256")
+        if not isinstance(known, str):
+            return False
+        if stat.sha256 is None and digest_of is not None:
+            stat.sha256 = digest_of(stat)
+        return stat.sha256 == known
 
     def append(self, stat: InputStat, status: str, outputs: list[str | os.PathLike] = (),
                error: str | None = None, timings_ms: Mapping[str, float] | None = None) -> dict:
@@ -205,6 +334,7 @@ class Manifest:
             "input": stat.path,
             "input_size": stat.size,
             "input_mtime_ns": stat.mtime_ns,
+            "input_sha256": stat.sha256,
             "status": status,
             "outputs": [self._relative(o) for o in outputs],
             "error": " ".join(str(error).split()) if error is not None else None,
@@ -222,7 +352,7 @@ class Manifest:
         self._file.flush()
         os.fsync(self._file.fileno())
         if status != "skipped":
-            self._latest[stat.path] = rec
+            self._note(rec)
         return rec
 
     def _relative(self, p: str | os.PathLike) -> str:
@@ -234,7 +364,7 @@ class Manifest:
 
 
 def read_records(out_dir: str | os.PathLike) -> list[dict]:
-    """All parseable records of `out_dir/manifest.jsonl`, in file order (empty if none)."""
+    """All readable records of `out_dir/manifest.jsonl` (`valid_record`), in file order (empty if none)."""
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         return []
@@ -242,7 +372,9 @@ def read_records(out_dir: str | os.PathLike) -> list[dict]:
     with open(path, "rb") as f:
         for raw in f:
             try:
-                records.append(json.loads(raw))
+                rec = json.loads(raw)
             except ValueError:
                 continue
+            if valid_record(rec):
+                records.append(rec)
     return records

@@ -59,6 +59,7 @@ from reference.files import IMAGE_EXTENSIONS, TEMP_SUFFIX, atomic_write_bytes, c
 from . import inputs as local_inputs
 from .inputs import Job
 from .manifest import MANIFEST_NAME, InputStat
+from .manifest import input_digest as manifest_input_digest
 
 if TYPE_CHECKING:  # annotations only: pyarrow comes with Ray (the `serve` extra) and is imported when used
     import pyarrow.fs
@@ -247,6 +248,18 @@ Source = Path | RemoteFile
 def input_stat(source: Source) -> InputStat:
     """`InputStat` of an input: a `RemoteFile`'s from its listing, a local file's from `os.stat`."""
     return source.stat() if isinstance(source, RemoteFile) else InputStat.of(source)
+
+
+def input_digest(source: Source) -> str | None:
+    """The hex SHA-256 of an input's bytes: a `RemoteFile` is read for it (`read_bytes`; the run asks
+    only where a decision needs it: the manifest has another input's outputs under its names), a
+    local file as `engine.manifest.input_digest`; None when it cannot be read."""
+    if not isinstance(source, RemoteFile):
+        return manifest_input_digest(source)
+    try:
+        return hashlib.sha256(source.read_bytes()).hexdigest()
+    except InputImageError:
+        return None
 
 
 def _scan_order(rel: str) -> tuple:

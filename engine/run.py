@@ -68,6 +68,16 @@ def _resize_factor(text: str) -> int | str:
     return factor
 
 
+def _n_outputs(text: str) -> int:
+    """`--n-outputs` (argparse `type=`): an integer in [1, `engine.latents.MAX_N_OUTPUTS`]."""
+    value = _positive_int(text)
+    if value > lt.MAX_N_OUTPUTS:
+        raise argparse.ArgumentTypeError(
+            f"expected 1 to {lt.MAX_N_OUTPUTS} mixes per input, got {value} (each input's grid holds its mixes in one "
+            "row); for more, run again with another --seed")
+    return value
+
+
 def _seed(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**32:
@@ -118,14 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow full unpickling for OLD checkpoints that safe loading refuses; this runs "
                         "code from the file, so use it only for checkpoints you trust")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that the manifest says were made from ANOTHER input (e.g. a/x.png run "
+                        "into --output, then b/x.png into the same folder); without it such an input fails with a "
+                        "message naming both files and its outputs are kept. A moved folder of the same files is "
+                        "the same input and needs no --overwrite")
     p.add_argument("--max-pixels", type=_positive_int, default=MAX_PIXELS, metavar="N",
                    help=f"reject images with more pixels than this, before decoding (default {MAX_PIXELS:,})")
     mixing = p.add_argument_group(
         "style mixing (multi-modal synthesis, official scripts/style_mixing.py; deterministic: stored noise, seeded z)")
-    mixing.add_argument("--n-outputs", type=_positive_int, default=None, metavar="K",
+    mixing.add_argument("--n-outputs", type=_n_outputs, default=None, metavar="K",
                         help="also write K style-mixed outputs per input, <name>_mix0.png ... (and <name>_mix<k>.npy "
                              "with --save-latents), plus <name>_grid.jpg: the input, the inversion, then the K mixes. "
-                             "Output k of every input mixes in the same z_k")
+                             f"Output k of every input mixes in the same z_k. K is 1 to {lt.MAX_N_OUTPUTS}; mixes are "
+                             "written as they are rendered (--batch-size at a time)")
     mixing.add_argument("--latent-mask", default=None, metavar="SPEC",
                         help="styles taken from the random latent, e.g. 8-17 or 8,9,12-13 (default: the fine styles "
                              "8..n_styles-1, i.e. 8-13 at 256 px, 8-17 at 1024 as the official docs use)")
@@ -272,7 +288,7 @@ def check_edit_files(edits: list[lt.Edit]) -> None:
         LatentFileError: naming the file.
     """
     for e in edits:
-        lt.read_npy(e.path, "direction")
+        lt.read_direction(e.path)
 
 
 @dataclass(frozen=True)
@@ -339,12 +355,16 @@ def model_options(args: argparse.Namespace, opts: RunOptions, model, say=lambda 
 
 def all_done(jobs: list, opts: RunOptions, facts: ModelFacts, output: remote.RemoteOutput | None = None) -> bool:
     """Whether the manifest in `opts.out_dir` marks every job done with the fingerprint these options
-    and this model give (`Manifest.done`: same config, input unchanged, outputs present; with an
-    output URI, `opts.out_dir` is its staging folder and the outputs are looked for at the URI)."""
+    and this model give (`Manifest.done`: same config, input unchanged or moved, outputs present and
+    made from it; with an output URI, `opts.out_dir` is its staging folder and the outputs are looked
+    for at the URI)."""
     if not jobs or not (opts.out_dir / MANIFEST_NAME).is_file():
         return False
     manifest = Manifest(opts.out_dir, opts.config(facts), exists=output.exists if output is not None else None)
-    return all(manifest.done(remote.input_stat(job.source)) is not None for job in jobs)
+    if manifest.bad_lines:
+        return False  # the run warns once and drops them (compaction)
+    return all(manifest.done(remote.input_stat(job.source), opts.names(job),
+                             lambda _stat, source=job.source: remote.input_digest(source)) is not None for job in jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,7 +411,7 @@ def _run(args: argparse.Namespace) -> int:
     opts = RunOptions(out_dir=Path(args.output), batch_size=args.batch_size, resize_outputs=args.resize_outputs,
                       couple_outputs=args.couple_outputs, save_latents=args.save_latents,
                       max_pixels=args.max_pixels, align=args.align, largest_face=args.largest_face,
-                      save_aligned=args.save_aligned)
+                      save_aligned=args.save_aligned, overwrite=args.overwrite)
     opts = replace(opts, **mixing_options(args))
     if not args.align:
         given = [o for o, v in (("--largest-face", args.largest_face), ("--all-faces", args.all_faces),
@@ -471,8 +491,8 @@ def _invert(args: argparse.Namespace, opts: RunOptions, jobs: list, ray_start: t
             f"alpha {'replace' if opts.mix_alpha is None else opts.mix_alpha}, seed {opts.seed}")
     with Manifest(opts.out_dir, opts.config(eng), run_facts(eng),
                   exists=output.exists if output is not None else None) as manifest:
-        if manifest.n_unreadable:
-            say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")
+        if manifest.bad_lines:
+            say(manifest.unreadable_warning())
         with tqdm(total=len(jobs), unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
             if ray_start is None:
                 summary = run_jobs(eng, jobs, opts, manifest, progress=bar)
@@ -500,7 +520,8 @@ def finish(summary, out_dir: Path | str, eng: api.Engine) -> int:
     """The end of a batch CLI (engine.run, engine.synthesize): the summary, where the outputs are (a
     folder, or an output URI), the demo reminder; the exit code, 1 when some input failed, else 0."""
     say(summary.format())
-    say(f"ran backend {eng.backend}, precision {eng.precision} on {eng.device} ({eng.reason})")
+    if summary.ok or summary.failed:  # else nothing ran (everything skipped): no backend line to claim
+        say(f"ran backend {eng.backend}, precision {eng.precision} on {eng.device} ({eng.reason})")
     say(f"outputs in {out_dir} (manifest: {_manifest_path(out_dir)})")
     if eng.is_demo:
         say(f"reminder: these outputs come from the random-weight DEMO checkpoint; pass {demo.REAL_CHECKPOINT_HINT}")

@@ -20,7 +20,10 @@ Resuming: `manifest.jsonl` in the output folder, the format of `engine.manifest`
 whose latest record is "ok" with the same fingerprint (checkpoint, backend, --resize-outputs, the
 edits' file hashes and strengths), unchanged size and mtime, and all outputs present is skipped.
 An interpolation is recorded under the input key `"<A> -> <B> (N steps)"` (absolute paths) with
-the two files' summed size and latest mtime. A bad file is recorded "failed" and the rest go on.
+the two files' summed size and latest mtime. A bad file is recorded "failed" and the rest go on
+(a `.npy` header is checked before the array is allocated: `engine.latents.read_npy`). An output
+made from another latent file (other path and content) is not replaced without `--overwrite`
+(`engine.manifest`, "Provenance").
 
 Exit codes: 0 all ok or skipped; 1 at least one input failed (see the manifest); 2 usage or
 checkpoint error (one line on stderr, no traceback); 130 interrupted (rerun to resume).
@@ -29,6 +32,7 @@ checkpoint error (one line on stderr, no traceback); 130 interrupted (rerun to r
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -50,7 +54,7 @@ from reference.images import atomic_write_image, tensor_to_uint8
 
 from .batch import Progress, non_finite
 from .inputs import Job, file_ids, plan_jobs, unsafe_output
-from .manifest import MANIFEST_NAME, InputStat, Manifest, checkpoint_identity
+from .manifest import MANIFEST_NAME, InputStat, Manifest, checkpoint_identity, input_digest
 from .run import add_edit_argument, add_engine_arguments, claim_output_folder, finish, load_engine, run_facts
 
 STRIP_HEIGHT = 256  # px, the most an interpolation strip's frames are shown at
@@ -109,12 +113,13 @@ def interpolation_names(a: Path, b: Path, steps: int, out_dir: Path) -> tuple[li
 
 @dataclass
 class SynthOptions:
-    """Options of a synthesize run (all but batch_size are in the fingerprint)."""
+    """Options of a synthesize run (all but batch_size and overwrite are in the fingerprint)."""
 
     out_dir: Path
     batch_size: int = 1
     resize_outputs: bool = False
     edits: tuple[lt.Edit, ...] = ()  # loaded (engine.latents.load_edit)
+    overwrite: bool = False  # replace outputs made from another input (engine.manifest, "Provenance")
 
     def config(self, eng: api.Engine) -> dict:
         """The manifest config: what determines the output files (see `engine.manifest.fingerprint`)."""
@@ -150,8 +155,9 @@ class SynthSummary:
     def format(self) -> str:
         """Multi-line human summary."""
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
-        lines = [f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped; "
-                 f"{plural(self.images, 'image')} in {self.seconds:.1f} s = {rate:.2f} img/s"]
+        lines = [f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped"
+                 + (f"; {plural(self.images, 'image')} in {self.seconds:.1f} s = {rate:.2f} img/s"
+                    if self.ok or self.failed else "")]
         lines += [f"failed: {reason}" if reason.startswith(src) else f"failed: {src}: {reason}"
                   for src, reason in self.failures]
         return "\n".join(lines)
@@ -201,6 +207,8 @@ def run_latents(eng: api.Engine, jobs: Sequence[Job], opts: SynthOptions, manife
             progress.update(1)
 
     def fail(job: Job, stat: InputStat, reason: str, timings: dict) -> None:
+        if stat.sha256 is None:
+            stat.sha256 = input_digest(job.source)
         manifest.append(stat, "failed", error=reason, timings_ms=timings)
         summary.failed += 1
         summary.failures.append((str(job.source), reason))
@@ -237,6 +245,10 @@ def run_latents(eng: api.Engine, jobs: Sequence[Job], opts: SynthOptions, manife
             if clash is not None:
                 fail(job, stat, f"{job.source}: its output names collide with those of {clash}; rename one", timings)
                 continue
+            made = None if opts.overwrite else manifest.conflict(stat, _names(paths, opts), _digest_of(job.source))
+            if made is not None:
+                fail(job, stat, made, timings)
+                continue
             try:
                 for path, img in zip(paths, images):
                     atomic_write_image(path, img)
@@ -245,6 +257,8 @@ def run_latents(eng: api.Engine, jobs: Sequence[Job], opts: SynthOptions, manife
                 continue
             for p in paths:
                 claimed[str(p).casefold()] = str(job.source)
+            if stat.sha256 is None:
+                stat.sha256 = input_digest(job.source)
             manifest.append(stat, "ok", outputs=[Path(os.path.abspath(p)) for p in paths],
                             timings_ms={**timings, "write": _ms(t0)})
             summary.ok += 1
@@ -254,7 +268,7 @@ def run_latents(eng: api.Engine, jobs: Sequence[Job], opts: SynthOptions, manife
 
     for job in jobs:
         stat = InputStat.of(job.source)
-        done = manifest.done(stat)
+        done = manifest.done(stat, _names(image_names(job, opts.out_dir, None), opts), _digest_of(job.source))
         if done is not None:  # no record: a no-op rerun leaves the manifest as it was
             summary.skipped += 1
             for o in done["outputs"]:
@@ -293,13 +307,24 @@ def run_interpolation(eng: api.Engine, a: Path, b: Path, steps: int, opts: Synth
     sa, sb = InputStat.of(a), InputStat.of(b)
     stat = InputStat(f"{sa.path} -> {sb.path} ({steps} steps)", sa.size + sb.size if min(sa.size, sb.size) >= 0 else -1,
                      max(sa.mtime_ns, sb.mtime_ns) if min(sa.mtime_ns, sb.mtime_ns) >= 0 else -1)
-    if manifest.done(stat) is not None:
+    frames_paths, strip_path = interpolation_names(a, b, steps, opts.out_dir)
+    names = _names([*frames_paths, strip_path], opts)
+
+    def digest(_stat: InputStat) -> str | None:  # of the pair: the digests of A and B, in order
+        da, db = input_digest(a), input_digest(b)
+        return hashlib.sha256(f"{da}:{db}:{steps}".encode()).hexdigest() if da and db else None
+
+    if manifest.done(stat, names, digest) is not None:
         summary.skipped += 1
         summary.seconds += time.perf_counter() - t_start
         return summary
-    frames_paths, strip_path = interpolation_names(a, b, steps, opts.out_dir)
+    if stat.sha256 is None:
+        stat.sha256 = digest(stat)
     t0 = time.perf_counter()
     try:
+        made = None if opts.overwrite else manifest.conflict(stat, names, digest)
+        if made is not None:
+            raise lt.LatentFileError(made)
         ends = []
         for p in (a, b):
             w, _ = lt.load_latents(p, eng.n_styles)
@@ -346,6 +371,16 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _names(paths: Sequence[Path], opts: SynthOptions) -> list[str]:
+    """Output paths as the manifest names them: relative to the output folder, POSIX."""
+    return [Path(os.path.relpath(p, opts.out_dir)).as_posix() for p in paths]
+
+
+def _digest_of(source: Path):
+    """`Manifest.done`/`conflict`'s `digest_of` for a latent file: its content digest, computed once asked."""
+    return lambda _stat: input_digest(source)
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 
@@ -378,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
     p.add_argument("--resize-outputs", action="store_true",
                    help="average-pool outputs to 256x256 (official --resize_outputs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that the manifest says were made from ANOTHER latent file (another path "
+                        "and content, e.g. a/x.npy and then b/x.npy into one --output); without it such a file fails "
+                        "with a message naming both")
     add_edit_argument(p)
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow full unpickling for OLD checkpoints that safe loading refuses; this runs code from "
@@ -399,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    opts = SynthOptions(out_dir=Path(args.output), batch_size=args.batch_size, resize_outputs=args.resize_outputs)
+    opts = SynthOptions(out_dir=Path(args.output), batch_size=args.batch_size, resize_outputs=args.resize_outputs,
+                        overwrite=args.overwrite)
     summary = SynthSummary()
     if not args.latents and not args.interpolate:
         raise api.UsageError("nothing to render: give --latents FILE_OR_DIR ... and/or --interpolate A.npy B.npy")
@@ -409,7 +449,7 @@ def _run(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise api.UsageError(f"--interpolate {p}: no such file")
     for e in args.edit:
-        lt.read_npy(e.path, "direction")  # fail fast, before the checkpoint load
+        lt.read_direction(e.path)  # fail fast, before the checkpoint load
     with claim_output_folder(opts.out_dir):
         return _render_all(args, opts, jobs, ends, summary)
 
@@ -422,8 +462,8 @@ def _render_all(args: argparse.Namespace, opts: SynthOptions, jobs: list[Job], e
     eng = load_engine(args, f"{plural(len(jobs), 'latent file')}{' + 1 interpolation' if ends else ''} -> {opts.out_dir}")
     opts.edits = lt.load_edits(args.edit, eng.n_styles)
     with Manifest(opts.out_dir, opts.config(eng), run_facts(eng)) as manifest:
-        if manifest.n_unreadable:
-            say(f"warning: ignored {manifest.n_unreadable} unreadable line(s) in {manifest.path}")
+        if manifest.bad_lines:
+            say(manifest.unreadable_warning())
         with tqdm(total=len(jobs) + bool(ends), unit="file", file=sys.stderr, dynamic_ncols=True) as bar:
             run_latents(eng, jobs, opts, manifest, progress=bar, summary=summary)
             if ends:

@@ -14,29 +14,39 @@ per image) at no cost in speed (static weights: the per-image cost does not depe
 Precision: ONNX Runtime runs fp32. OpenVINO runs fp32 (`INFERENCE_PRECISION_HINT=f32`: pinned, since
 on CPUs with AVX512-BF16 or AMX the plugin would otherwise pick bf16 by itself) or bf16 where the
 CPU plugin reports BF16 among its capabilities (the same fp32 graphs, compiled with the bf16 hint).
-Compiled OpenVINO models are cached in `<cache>/ov_cache/`, so a second process starts fast.
+Compiled OpenVINO models are cached in `<cache>/ov_cache/<graph>/`, so a second process starts fast.
+
+Integrity: the graphs' files and OpenVINO's blobs are checked against the sizes and sha256 recorded
+in their sidecars before a process first uses them (`graph_problems`, `compiled_problems`); a damaged
+one is announced in one line and rebuilt, never used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
+import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from reference.description import ModelDescription, read_sidecar
+from reference.description import ModelDescription, read_sidecar, sidecar_path, verify_artifact, write_sidecar
+from reference.digests import checkpoint_identity
 from reference.errors import UsageError
 from reference.platform import mapped_files, page_out
 
-EXPORT_VERSION = "3"  # part of the cache key: bump when the exported graphs or their sidecars change
+EXPORT_VERSION = "4"  # part of the cache key: bump when the exported graphs or their sidecars change (4: file digests)
 PARTS = ("encoder", "generator")
+COMPILED_DIR = "ov_cache"  # under the engine cache: OpenVINO's compiled blobs, one folder per graph
+COMPILED_KIND = "openvino-cache"  # the sidecar kind of such a folder
 Runner = Callable[[np.ndarray], np.ndarray]
 
 
@@ -59,11 +69,29 @@ def physical_cores() -> int:
 
 
 def cache_paths(checkpoint: Path, cache: Path) -> dict[str, Path]:
-    """Where the `encoder` and `generator` graphs of `checkpoint` are cached (keyed by the checkpoint's
-    resolved path, size and mtime, and the export version)."""
-    st = checkpoint.stat()
-    key = hashlib.sha256(f"{checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}|{EXPORT_VERSION}".encode()).hexdigest()[:16]
+    """Where the `encoder` and `generator` graphs of `checkpoint` are cached: keyed by the
+    checkpoint's identity (`reference.digests.checkpoint_identity`: resolved path, size and sha256,
+    the identity the run manifest fingerprints too) and the export version.
+
+    Raises:
+        OSError: the checkpoint cannot be read.
+    """
+    ident = checkpoint_identity(checkpoint)
+    key = hashlib.sha256(f"{ident['path']}|{ident['size']}|{ident['sha256']}|{EXPORT_VERSION}".encode()).hexdigest()[:16]
     return {part: cache / f"{checkpoint.stem}-{key}.{part}.onnx" for part in PARTS}
+
+
+def graph_problems(paths: dict[str, Path]) -> dict[str, list[str]]:
+    """Per part, what is wrong with its cached graph against its sidecar's sizes and digests
+    (`reference.description.verify_artifact`); {} when every part is as exported. A part whose
+    graph does not exist yet reads `["missing"]`."""
+    problems = {part: ["missing"] if not p.is_file() else verify_artifact(p) for part, p in paths.items()}
+    return {part: probs for part, probs in problems.items() if probs}
+
+
+def _unwritable(folder: Path, why: str) -> UsageError:
+    return UsageError(f"the engine cache {folder} is not writable and {why}; set PSP_ENGINE_CACHE to a writable "
+                      "folder (or run once as a user who can write it)")
 
 
 @dataclass(frozen=True)
@@ -86,14 +114,18 @@ class ReferenceLoader:
 
 
 def export_parts(load_reference: Callable[[], object], checkpoint: Path, paths: dict[str, Path],
-                 on_loaded: Callable[[], None] = lambda: None) -> list[str]:
+                 on_loaded: Callable[[], None] = lambda: None,
+                 say: Callable[[str], None] = lambda line: None) -> list[str]:
     """Load the reference, build the engine formulation and export each part to its path.
 
     Args:
         on_loaded: called once the checkpoint has loaded (a bad one fails before it).
+        say: called as each part starts (`"  encoder: exporting <N> MiB of weights to <file> ..."`:
+            its weights' size, about that of its `.onnx.data`) and as it ends (the returned line), so
+            that a user sees which graph the seconds of its export go to while they pass.
 
     Returns:
-        One line per part (name, size of its weights, seconds).
+        One line per part (name, size of its weights in MiB, seconds).
     """
     from .engine_model import EnginePSP
     from .onnx import export_onnx
@@ -106,19 +138,24 @@ def export_parts(load_reference: Callable[[], object], checkpoint: Path, paths: 
     for part, path in paths.items():
         module = model.encoder if part == "encoder" else model.synthesis
         mib = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())) / 2**20
+        say(f"  {part}: exporting {mib:,.0f} MiB of weights to {path.name} ...")
         t1 = time.perf_counter()
         export_onnx(model, path, part=part, checkpoint=checkpoint)
         lines.append(f"  {part}: {path.name}, {mib:,.0f} MiB, {time.perf_counter() - t1:.1f} s")
+        say(lines[-1])
     return lines
 
 
 def _export_worker(load_reference: ReferenceLoader, checkpoint: Path, paths: dict[str, Path],
-                   notify: Callable[[str], None]) -> list[str]:
+                   notify: Callable[[tuple[str, str]], None]) -> list[str]:
     """`export_parts` in the child process of `cached_graphs` (`reference.child.call_in_child`): the
     torch memory of the load and the export (2.7 GB at its peak for a 1024 px model) ends with the
     child instead of staying in this process, which next compiles the graphs (OpenVINO: 3.9 GiB
-    working set for that model). Sends "loaded" once the checkpoint has loaded."""
-    return export_parts(load_reference, checkpoint, paths, lambda: notify("loaded"))
+    working set for that model). Sends `("loaded", "")` once the checkpoint has loaded, then
+    `("line", text)` as each part starts and ends (`export_parts`' `say`), which the parent prints
+    as they arrive."""
+    return export_parts(load_reference, checkpoint, paths, lambda: notify(("loaded", "")),
+                        lambda line: notify(("line", line)))
 
 
 def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache: Path,
@@ -126,14 +163,14 @@ def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache:
     """The fp32 `encoder` and `generator` ONNX graphs of `checkpoint` in `cache`, exported first if missing.
 
     Args:
-        checkpoint: the pSp checkpoint file (the cache key: resolved path, size, mtime, export version).
+        checkpoint: the pSp checkpoint file (the cache key: `cache_paths`).
         load_reference: returns the loaded `reference.PSP`; called only when the graphs must be
             exported, so a cached run never holds the torch weights (peak memory). A
             `ReferenceLoader` is called in a child process (`_export_worker`), any other callable
             in this one.
         cache: the folder of the cached graphs.
-        announce: receives one line once the checkpoint has loaded (before the export) and one per
-            exported part (what, how big, how long).
+        announce: receives one line once the checkpoint has loaded (before the export), and per part
+            one as its export starts (which, how big) and one as it ends (how long), as they happen.
 
     Returns:
         `{"encoder": path, "generator": path}` (each with its weights `<path>.data` and its sidecar
@@ -143,32 +180,50 @@ def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache:
     lock file (`<name>.lock` beside the graphs, `filelock.FileLock`), the other process announces
     that it waits, then finds the graphs cached.
 
+    Every use checks the graphs against the sizes and digests their sidecars recorded at the export
+    (`graph_problems`; the digests are remembered per file version, `reference.digests`, so only the
+    first use after a change reads the files). A damaged part (truncated, changed bytes, missing
+    weights or sidecar) is never used: it is announced in one line, removed and exported again.
+
     Raises:
         CheckpointError: a bad checkpoint (from the load).
+        UsageError: graphs must be exported and the cache folder is not writable.
     """
-    from reference.description import sidecar_path
-
     paths = cache_paths(checkpoint, cache)
-    if all(p.is_file() and sidecar_path(p).is_file() for p in paths.values()):
+    if not graph_problems(paths):  # as exported: a stat per file once this version's digests are known
         return paths
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
-    cache.mkdir(parents=True, exist_ok=True)
-    # Two processes that need the same graphs at once (two runs, two test workers): one exports, the
-    # other waits for it and then finds them cached (`filelock`: an OS lock, freed if its holder dies).
-    from filelock import Timeout
-
-    lock = FileLock(paths["encoder"].with_name(paths["encoder"].name.split(".", 1)[0] + ".lock"))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if announce is not None:
-            announce(f"another process is exporting {checkpoint.name} to {cache}; waiting for it")
-        lock.acquire()
+        cache.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache, os.W_OK):
+            raise PermissionError(f"no write permission on {cache}")
+        # Two processes that need the same graphs at once (two runs, two test workers): one exports, the
+        # other waits for it and then finds them cached (`filelock`: an OS lock, freed if its holder dies).
+        lock = FileLock(paths["encoder"].with_name(paths["encoder"].name.split(".", 1)[0] + ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if announce is not None:
+                announce(f"another process is exporting {checkpoint.name} to {cache}; waiting for it")
+            lock.acquire()
+    except OSError as e:
+        raise _unwritable(cache, f"the ONNX graphs of {checkpoint.name} must be exported into it ({e})") from None
     try:
-        if all(p.is_file() and sidecar_path(p).is_file() for p in paths.values()):
+        problems = graph_problems(paths)
+        if not problems:
             return paths
-        return _export_graphs(checkpoint, load_reference, paths, announce)
+        damaged = {part: probs for part, probs in problems.items() if probs != ["missing"]}
+        if damaged:  # never used: removed, then exported again
+            if announce is not None:
+                announce("damaged cached graph " + "; ".join(f"{paths[part].name} ({', '.join(probs)})"
+                                                             for part, probs in damaged.items())
+                         + ": not used, exporting it again")
+            for part in damaged:
+                for f in (paths[part], paths[part].with_name(paths[part].name + ".data"), sidecar_path(paths[part])):
+                    f.unlink(missing_ok=True)
+        _export_graphs(checkpoint, load_reference, {part: paths[part] for part in problems}, announce)
+        return paths
     finally:
         lock.release()
 
@@ -176,7 +231,7 @@ def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache:
 def _export_graphs(checkpoint: Path, load_reference: Callable[[], object], paths: dict[str, Path],
                    announce: Callable[[str], None] | None) -> dict[str, Path]:
     """The export of `cached_graphs` (under its lock)."""
-    cache = paths["encoder"].parent
+    cache = next(iter(paths.values())).parent  # paths: the parts to export (all, or the damaged ones)
     say = announce or (lambda msg: None)
     t0 = time.perf_counter()
     def loaded() -> None:  # after the load: a bad checkpoint fails before anything is announced
@@ -186,13 +241,17 @@ def _export_graphs(checkpoint: Path, load_reference: Callable[[], object], paths
     if isinstance(load_reference, ReferenceLoader):
         from reference.child import call_in_child
 
-        lines = call_in_child(_export_worker, (load_reference, checkpoint, paths), lambda message: loaded(),
-                              what="ONNX export process")
+        def progress(message: tuple[str, str]) -> None:  # `_export_worker`'s messages, as they arrive
+            kind, line = message
+            if kind == "loaded":
+                loaded()
+            else:
+                say(line)
+
+        call_in_child(_export_worker, (load_reference, checkpoint, paths), progress, what="ONNX export process")
     else:
-        lines = export_parts(load_reference, checkpoint, paths, loaded)
+        export_parts(load_reference, checkpoint, paths, loaded, say)
         gc.collect()
-    for line in lines:
-        say(line)
     say(f"exported in {time.perf_counter() - t0:.1f} s (python -m engine.cache lists and removes cache entries)")
     return paths
 
@@ -202,9 +261,10 @@ def _export_graphs(checkpoint: Path, load_reference: Callable[[], object], paths
 
 
 def ort_runner(onnx_path: Path, input_name: str, output_name: str, precision: str, cache: Path,
-               threads: int | None = None) -> Runner:
+               threads: int | None = None, announce: Callable[[str], None] | None = None) -> Runner:
     """An ONNX Runtime CPU session of `onnx_path` as a callable (all graph optimisations, `threads`
-    intra-op threads, default `physical_cores()`, no inter-op parallelism: the graph is a chain). fp32 only."""
+    intra-op threads, default `physical_cores()`, no inter-op parallelism: the graph is a chain). fp32
+    only. `announce` is unused (the runtimes' common signature: ONNX Runtime keeps no compiled cache)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -224,10 +284,94 @@ def openvino_has_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+def compiled_cache_dir(onnx_path: Path, cache: Path) -> Path:
+    """The folder of OpenVINO's compiled blobs of one cached graph: `<cache>/ov_cache/<graph name
+    without .onnx>` (OpenVINO's `CACHE_DIR` for that graph only, so its blobs can be told apart)."""
+    return cache / COMPILED_DIR / onnx_path.name.removesuffix(".onnx")
+
+
+def compiled_problems(folder: Path, onnx_path: Path) -> list[str]:
+    """What is wrong with a compiled-model cache folder (`compiled_cache_dir`): its blobs against the
+    sizes and digests its sidecar (`<folder>.json`, kind "openvino-cache") recorded after the compile
+    that wrote them, an unrecorded file, or blobs compiled from other graph files than the ones now
+    cached (the `graph_files` it records against the graph's sidecar). [] for an empty folder.
+
+    OpenVINO has no check of its own: a blob with changed bytes loads and computes wrong images.
+    """
+    if not folder.is_dir() or not any(p.is_file() for p in folder.iterdir()):
+        return []
+    problems = verify_artifact(folder)
+    if not problems and _recorded(folder, "graph_files") != _recorded(onnx_path, "files"):
+        problems.append(f"compiled from other graph files than {onnx_path.name}")
+    return problems
+
+
+def _recorded(artifact: Path, key: str) -> object:
+    """`files` (top level) or an `artifact` field of `artifact`'s sidecar; None when unreadable or absent."""
+    try:
+        meta = json.loads(sidecar_path(artifact).read_text())
+        return meta.get(key) if key == "files" else meta["artifact"].get(key)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None
+
+
+_warned_unwritable: set[str] = set()  # compiled-model caches this process has warned about
+
+
+@contextlib.contextmanager
+def compiled_model_cache(onnx_path: Path, cache: Path, announce: Callable[[str], None] | None) -> Iterator[Path | None]:
+    """OpenVINO's `CACHE_DIR` for compiling `onnx_path`, checked: for the block, the folder
+    (`compiled_cache_dir`) with only blobs that match their recorded digests, or None where it
+    cannot be written (a read-only cache: the block compiles without a compiled-model cache; one
+    warning per process).
+
+    Damaged or unrecorded blobs (`compiled_problems`) are announced in one line and removed before
+    the block, so OpenVINO never loads them; after it, blobs the compile wrote are recorded in the
+    folder's sidecar. The block holds a lock (`<folder>.lock`, `filelock`): a second process
+    compiling the same graph waits, then loads the recorded blob.
+    """
+    from filelock import FileLock
+
+    folder = compiled_cache_dir(onnx_path, cache)
+    lock = FileLock(folder.with_name(folder.name + ".lock"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"no write permission on {folder}")
+        lock.acquire()
+    except OSError as e:
+        root = str(folder.parent)
+        if announce is not None and root not in _warned_unwritable:
+            announce(f"warning: the compiled-model cache {root} cannot be written ({e}); OpenVINO compiles the graphs "
+                     "in every process instead (a slower start). Set PSP_ENGINE_CACHE to a writable folder to cache them")
+        _warned_unwritable.add(root)
+        folder = None
+    if folder is None:
+        yield None
+        return
+    try:
+        problems = compiled_problems(folder, onnx_path)
+        if problems:
+            if announce is not None:
+                announce(f"damaged compiled-model cache {folder} ({', '.join(problems)}): not used, compiling again")
+            for p in folder.iterdir():
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        listing = lambda: sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())  # noqa: E731
+        before = listing()
+        yield folder
+        if listing() != before or problems:  # the compile wrote a blob: record what it wrote
+            write_sidecar(folder, None, COMPILED_KIND, graph=onnx_path.name, graph_files=_recorded(onnx_path, "files"))
+    finally:
+        lock.release()
+
+
 def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precision: str, cache: Path,
-                    threads: int | None = None, release_pages: bool = True) -> Runner:
+                    threads: int | None = None, release_pages: bool = True,
+                    announce: Callable[[str], None] | None = None) -> Runner:
     """An OpenVINO CPU compiled model of `onnx_path` as a callable: latency hint (one stream, `threads`
-    threads on one request, default `physical_cores()`), precision hint f32 or bf16, compiled blobs cached under `<cache>/ov_cache`.
+    threads on one request, default `physical_cores()`), precision hint f32 or bf16, compiled blobs
+    cached under `<cache>/ov_cache/<graph>` and checked before use (`compiled_model_cache`; a
+    cache that cannot be written: compiled every time, with one warning to `announce`).
     After the first call, the pages of the weight files the compile mapped are given back
     (`reference.platform.page_out`): results are unchanged, the resident set is ~1 GiB smaller for
     the 1024 px model (`release_pages=False` keeps them: `benchmarks/openvino_memory.py` compares).
@@ -243,13 +387,15 @@ def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precisio
 
         raise UsageError(f"backend 'openvino' cannot run bf16 on this CPU ({cpu_model()}: OpenVINO reports no BF16 "
                          "capability; it needs AVX512-BF16 or AMX); use --precision fp32")
-    core.set_property({"CACHE_DIR": str(cache / "ov_cache")})
     mapped_before = mapped_files()
-    compiled = core.compile_model(str(onnx_path), "CPU", {
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": int(threads or physical_cores()),
-        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-    })
+    with compiled_model_cache(Path(onnx_path), cache, announce) as cache_dir:
+        if cache_dir is not None:
+            core.set_property({"CACHE_DIR": str(cache_dir)})
+        compiled = core.compile_model(str(onnx_path), "CPU", {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": int(threads or physical_cores()),
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        })
     # the weight files the compile mapped (the graph's .onnx.data, or its compiled blob in the cache)
     weight_files = mapped_files() - mapped_before
     request = compiled.create_infer_request()
@@ -287,6 +433,8 @@ class GraphPSP(nn.Module):
         precision: "fp32", or "bf16" (openvino on a CPU with bf16 units).
         cache: the engine cache (OpenVINO's compiled-model cache lives under it).
         threads: intra-op threads (default: the CPUs available to this process).
+        announce: receives one-line notes of the compile (a damaged compiled-model cache not used, a
+            cache that cannot be written).
 
     Attributes:
         description: the model description (precision and backend set).
@@ -297,13 +445,14 @@ class GraphPSP(nn.Module):
     """
 
     def __init__(self, encoder_onnx: Path, generator_onnx: Path, runtime: str, precision: str, cache: Path,
-                 threads: int | None = None):
+                 threads: int | None = None, announce: Callable[[str], None] | None = None):
         super().__init__()
         compile_graph, self.max_encoder_batch, self.max_generator_batch = RUNTIMES[runtime]
         description, _ = read_sidecar(generator_onnx, "onnx")
         self.description: ModelDescription = description.replace(precision=precision, backend=runtime)
-        self.encoder = compile_graph(Path(encoder_onnx), "x", "w_plus", precision, cache, threads)
-        self.generator = compile_graph(Path(generator_onnx), "w_plus", "img", precision, cache, threads)
+        self.encoder = compile_graph(Path(encoder_onnx), "x", "w_plus", precision, cache, threads, announce=announce)
+        self.generator = compile_graph(Path(generator_onnx), "w_plus", "img", precision, cache, threads,
+                                       announce=announce)
 
     @staticmethod
     def _chunks(run: Runner, a: torch.Tensor, n: int) -> torch.Tensor:
@@ -326,4 +475,4 @@ def load_graph_backend(runtime: str, checkpoint: Path, load_reference: Callable[
     """`GraphPSP` of `checkpoint` on `runtime`: the cached graphs, exported first if missing
     (`load_reference` is called only then)."""
     paths = cached_graphs(checkpoint, load_reference, cache / "onnx", announce)
-    return GraphPSP(paths["encoder"], paths["generator"], runtime, precision, cache, threads)
+    return GraphPSP(paths["encoder"], paths["generator"], runtime, precision, cache, threads, announce)

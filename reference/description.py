@@ -7,7 +7,12 @@ every exported artifact: `<artifact>.json` beside `model.onnx`, `model.plan`, `m
 
     {"format": "psp-engine/sidecar", "version": 2,
      "model": ModelDescription fields (sizes, n_styles, opts, checkpoint, precision, latent_avg ...),
-     "artifact": {"kind": "onnx" | "tensorrt-plan" | "aoti-package", "part": ..., "inputs": ..., ...}}
+     "artifact": {"kind": "onnx" | "tensorrt-plan" | "aoti-package" | "openvino-cache" | "checkpoint",
+                  "part": ..., "inputs": ..., ...},
+     "files": {"<artifact name>": {"size": bytes, "sha256": hex}, "<artifact name>.data": ...}}
+
+`files` (`reference.digests.file_records`) records the artifact and its companion files as written,
+so that a cache can check them before use (`verify_artifact`); sidecars written before it have none.
 
 Source: the attributes the official pSp code reads from a checkpoint's `opts`
 (eladrich/pixel2style2pixel `models/psp.py`, `options/test_options.py`); `n_styles` as official
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .digests import file_records, verify_records
 from .errors import CheckpointError
 from .files import write_json
 
@@ -39,6 +45,7 @@ PREPROCESSING = {
                      "one-hot to label_nc channels", "NCHW"],
 }
 POSTPROCESSING = "img is unclamped; display as clamp((img + 1) / 2, 0, 1) * 255 truncated to uint8"
+COMPANION_SUFFIXES = (".data",)  # files written beside an artifact and read with it (ONNX external data `m.onnx.data`)
 
 
 def _json_opts(opts: Mapping[str, Any]) -> dict:
@@ -158,23 +165,70 @@ def sidecar_path(artifact: str | os.PathLike) -> Path:
     return artifact.with_name(artifact.name + ".json")
 
 
-def write_sidecar(artifact: str | os.PathLike, description: ModelDescription, kind: str,
+def artifact_files(artifact: str | os.PathLike) -> list[Path]:
+    """The files an artifact consists of: itself (a file, or every file in it when it is a folder,
+    such as a compiled-model cache) and its companions that exist (`<artifact>.data`)."""
+    artifact = Path(artifact)
+    if artifact.is_dir():
+        return sorted(p for p in artifact.iterdir() if p.is_file())
+    return [artifact] + [c for c in (artifact.with_name(artifact.name + s) for s in COMPANION_SUFFIXES) if c.is_file()]
+
+
+def write_sidecar(artifact: str | os.PathLike, description: ModelDescription | None, kind: str,
                   **artifact_info: Any) -> Path:
-    """Write the one sidecar schema beside `artifact` (atomically).
+    """Write the one sidecar schema beside `artifact` (atomically), with the size and sha256 of
+    every file of the artifact (`artifact_files`) as they are now.
 
     Args:
-        artifact: the exported file.
-        description: the model it holds (its `precision` is the artifact's).
-        kind: "onnx", "tensorrt-plan" or "aoti-package".
+        artifact: the exported file (or folder: its files are recorded, by name).
+        description: the model it holds (its `precision` is the artifact's); None for a checkpoint,
+            whose own opts describe it (its sidecar records only its files; `read_sidecar` refuses it).
+        kind: "onnx", "tensorrt-plan", "aoti-package", "openvino-cache" or "checkpoint".
         artifact_info: kind-specific facts (part, IO names/shapes/dtypes, opset, profiles, GPU ...).
 
     Returns:
         The sidecar path.
+
+    Raises:
+        OSError: a file cannot be read or the sidecar written.
     """
+    files = artifact_files(artifact)
     return write_json(sidecar_path(artifact), {
-        "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "model": description.to_json(),
-        "artifact": {"kind": kind, **artifact_info},
+        "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION,
+        "model": None if description is None else description.to_json(),
+        "artifact": {"kind": kind, **artifact_info}, "files": file_records(files),
     })
+
+
+def verify_artifact(artifact: str | os.PathLike) -> list[str]:
+    """What is wrong with `artifact` against the sizes and digests its sidecar records (`files`).
+
+    Sizes cost a stat; digests a read of each file per file version (`reference.digests.file_sha256`
+    remembers them), so a cache entry is checked on every use at the cost of a stat once verified.
+    A folder artifact also fails on files in it that the sidecar does not record.
+
+    Returns:
+        One phrase per problem (a missing or unreadable sidecar, one without records, a missing,
+        truncated or changed file, an unrecorded file); empty when the artifact is as written.
+    """
+    artifact = Path(artifact)
+    path = sidecar_path(artifact)
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        return [f"{path.name}: missing"]
+    except (OSError, ValueError) as e:
+        return [f"{path.name}: unreadable ({e})"]
+    records = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(records, dict) or not records:
+        return [f"{path.name}: records no sizes and digests (written by an older version)"]
+    folder = artifact if artifact.is_dir() else artifact.parent
+    problems = verify_records(folder, records)
+    if artifact.is_dir():
+        problems += [f"{p.name}: not recorded" for p in artifact_files(artifact) if p.name not in records]
+    elif artifact.name not in records:
+        problems.append(f"{artifact.name}: not recorded")
+    return problems
 
 
 def read_sidecar(artifact: str | os.PathLike, kind: str | None = None) -> tuple[ModelDescription, dict]:

@@ -123,6 +123,32 @@ def session_file(name: str, build) -> Path:
     return path
 
 
+# The two kinds of CPU this project's machines alternate between, as `reference.platform` reads them
+# (model name, flags): tests of what `auto` picks fake one of these (`fake_cpu`) instead of depending
+# on the CPU that runs them.
+CPUS = {
+    "zen3": ("AMD EPYC 7B13 (faked by the tests)", frozenset({"avx", "avx2", "fma", "f16c"})),
+    "xeon_amx": ("Intel(R) Xeon(R) Platinum 8480+ (faked by the tests)",
+                 frozenset({"avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                            "amx_tile", "amx_bf16", "amx_int8"})),
+}
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """`fake_cpu("zen3")` / `fake_cpu("xeon_amx")`: make this test's process read that CPU's model name
+    and flags (`CPUS`). Patches the one reader, `reference.platform._cpuinfo`, so every caller
+    (`cpu_flags`, `bf16_units`, `cpu_summary`, `export.backends.auto_precision`) sees the fake."""
+    import reference.platform as rp
+
+    def fake(kind: str) -> tuple[str, frozenset[str]]:
+        model, flags = CPUS[kind]
+        monkeypatch.setattr(rp, "_cpuinfo", lambda: (model, flags))
+        return model, flags
+
+    return fake
+
+
 def shared_dir() -> Path:
     """The shared test-data folder: `$PSP_SHARED` if set, else `<repo>/../shared`."""
     env = os.environ.get("PSP_SHARED")

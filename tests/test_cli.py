@@ -150,7 +150,9 @@ def test_rerun_with_nothing_to_do_does_not_load(tmp_path, shared, small_w, capsy
     monkeypatch.setattr(api, "load", _no_load)
     capsys.readouterr()
     assert run.main(argv) == 0
-    assert "the model was not loaded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the model was not loaded" in err and "0 ok, 0 failed, 1 skipped\n" in err
+    assert "img/s" not in err and "ran backend" not in err, "nothing ran: no rate, no backend claimed"
     for changed in (["--seed", "1"], ["--latent-mask", "4-7"], ["--backend", "engine"], ["--resize-outputs"]):
         with pytest.raises(AssertionError, match="api.load was called"):
             run.main(argv + changed)
@@ -344,7 +346,9 @@ def test_help(capsys):
 
 
 def test_load_and_invert(ffhq256_checkpoint, golden):
-    eng = engine.load(ffhq256_checkpoint)
+    """The Python API against the official outputs at atol 1e-4: fp32 asked for (auto is bf16 on a
+    CPU with bf16 units)."""
+    eng = engine.load(ffhq256_checkpoint, precision="fp32")
     assert (eng.input_nc, eng.label_nc, eng.output_size, eng.n_styles) == (3, 0, 256, 14)
     assert eng.checkpoint == Path(ffhq256_checkpoint) and not eng.is_demo
     x = (torch.from_numpy(golden["inputs_rgb256_uint8"][:1]).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
@@ -354,6 +358,19 @@ def test_load_and_invert(ffhq256_checkpoint, golden):
     torch.testing.assert_close(img, torch.from_numpy(golden["images_resize_false"][:1]), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match=r"\[B, 3, 256, 256\]"):
         eng.invert(torch.zeros(1, 1, 256, 256))
+
+
+def test_read_inputs_turns_image_files_into_the_official_encoder_input(ffhq256_checkpoint, golden, shared, tmp_path):
+    """`Engine.read_inputs(paths)` (the README's Python example): golden input 0 is
+    `data/faces/aligned/psp_input_img.jpg` resized by the official transform; the tensor is that,
+    exactly, and a missing file is named."""
+    eng = engine.load(ffhq256_checkpoint, backend="reference", precision="fp32")
+    x = eng.read_inputs([shared / "data" / "faces" / "aligned" / "psp_input_img.jpg"])
+    expected = (torch.from_numpy(golden["inputs_rgb256_uint8"][:1]).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    assert x.shape == (1, 3, 256, 256) and x.dtype == torch.float32
+    assert torch.equal(x, expected)
+    with pytest.raises(engine.InputImageError, match="nope.png"):
+        eng.read_inputs([tmp_path / "nope.png"])
 
 
 def test_load_option_errors():

@@ -27,20 +27,42 @@ CPU = torch.device("cpu")
 # Resolution
 
 
-@pytest.mark.parametrize("units,expected", [((), "fp32"), (("amx_bf16",), "bf16"), (("avx512_bf16",), "bf16")])
-def test_auto_precision_follows_the_cpu_flags(monkeypatch, units, expected):
-    monkeypatch.setattr(backends, "bf16_units", lambda: units)
+@pytest.mark.parametrize("cpu,expected", [("zen3", "fp32"), ("xeon_amx", "bf16")])
+def test_auto_precision_follows_the_cpu_flags(fake_cpu, cpu, expected):
+    """Both kinds of CPU this project runs on, faked through the one reader of the flags
+    (`reference.platform._cpuinfo`), whatever CPU runs the test."""
+    model, _ = fake_cpu(cpu)
     backend, precision, why = resolve("auto", CPU, "auto")
     assert precision == expected
-    assert ("no bf16 units" in why) == (expected == "fp32")
+    assert ("no bf16 units" in why) == (expected == "fp32") and model in why
     assert backend in backends.AUTO_ORDER[("cpu", expected)]
     # an explicit backend that has no bf16 gets fp32 even on a bf16 CPU
     assert resolve("onnxruntime", CPU, "auto")[1] == "fp32"
     assert resolve("reference", CPU, "auto")[1] == "fp32"
+    assert resolve("openvino", CPU, "auto")[1] == expected
+    assert ("bf16 units: none" in cpu_summary()) == (expected == "fp32")
 
 
-def test_auto_backend_is_the_first_installed_of_the_order(monkeypatch):
-    monkeypatch.setattr(backends, "bf16_units", lambda: ())
+def test_avx512_bf16_alone_counts_as_bf16_units(fake_cpu, monkeypatch):
+    """AMD Zen 4 and Intel Cooper Lake have AVX512-BF16 without AMX: bf16 is native there too."""
+    import reference.platform as rp
+
+    monkeypatch.setattr(rp, "_cpuinfo", lambda: ("AMD EPYC 9B14", frozenset({"avx2", "avx512f", "avx512_bf16"})))
+    assert rp.bf16_units() == ("avx512_bf16",)
+    assert resolve("auto", CPU, "auto")[1] == "bf16"
+
+
+@pytest.mark.parametrize("cpu,expected", [("zen3", "fp32"), ("xeon_amx", "bf16")])
+def test_engine_load_resolves_auto_once_from_the_flags(fake_cpu, small_w, cpu, expected):
+    """`engine.load(..., precision="auto")` (the default) carries the faked CPU's choice into the
+    Engine and its description (the engine backend: no export, no run)."""
+    fake_cpu(cpu)
+    eng = engine.load(small_w, backend="engine")
+    assert eng.precision == expected
+
+
+def test_auto_backend_is_the_first_installed_of_the_order(fake_cpu):
+    fake_cpu("zen3")
     installed = [n for n in backends.AUTO_ORDER[("cpu", "fp32")] if BACKENDS[n].installed()]
     assert resolve("auto", CPU, "fp32")[0] == installed[0]
 

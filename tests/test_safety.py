@@ -663,3 +663,171 @@ def test_call_in_child_relays_messages_result_and_errors():
         call_in_child(_child_fails, ("unpicklable",))
     with pytest.raises(RuntimeError, match=r"the test step died \(exit code 3; out of memory\?\); rerun the command"):
         call_in_child(_child_fails, ("die",), what="test step")
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. An output is tied to the input it was made from; 6. bounds on every size a file declares
+
+
+def _run_argv(src: Path, out: Path, ckpt: Path, *extra) -> list:
+    return ["--input", src, "--output", out, "--checkpoint", ckpt, "--backend", "reference", "--precision", "fp32",
+            *extra]
+
+
+@pytest.mark.slow
+def test_another_folders_input_does_not_replace_an_output(tmp_path, small_w):
+    """a/x.png into out/, then b/x.png (other content) into out/: b stops naming both files (a real
+    `python -m engine.run` process, exit 1) and out/x.png stays a's; --overwrite replaces it, and a
+    rerun of a/ is then not "done" (its output was made from b) until it is redone."""
+    a, b, out = draw_png(tmp_path / "a" / "x.png", 40), draw_png(tmp_path / "b" / "x.png", 200), tmp_path / "out"
+    assert call(run.main, _run_argv(a.parent, out, small_w))[0] == 0
+    made_from_a = (out / "x.png").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "engine.run", *map(str, _run_argv(b.parent, out, small_w))],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    failed = [ln for ln in proc.stderr.splitlines() if ln.startswith("failed:")]
+    assert len(failed) == 1 and str(b) in failed[0] and str(a) in failed[0] and "--overwrite" in failed[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (out / "x.png").read_bytes() == made_from_a
+    rc, err = call(run.main, _run_argv(a.parent, out, small_w))
+    assert rc == 0 and "nothing to do" in err, err
+
+    assert call(run.main, _run_argv(b.parent, out, small_w, "--overwrite"))[0] == 0
+    assert (out / "x.png").read_bytes() != made_from_a
+    rc, err = call(run.main, _run_argv(a.parent, out, small_w))
+    assert rc == 1 and "nothing to do" not in err and f"made from another input, {b}" in err, err
+    rc, err = call(run.main, _run_argv(a.parent, out, small_w, "--overwrite"))
+    assert rc == 0 and "1 ok" in err, err
+    assert (out / "x.png").read_bytes() == made_from_a
+    records = {(Path(r["input"]).parent.name, r["status"]) for r in read_records(out)}
+    assert ("a", "ok") in records and all(isinstance(r["input_sha256"], str) for r in read_records(out))
+
+
+def test_a_moved_folder_is_the_same_input(tmp_path, small_w, monkeypatch):
+    """The same files under another path are the same inputs (same digests): nothing to do, the model
+    not loaded; a file of it changed afterwards is another input's content: a conflict."""
+    src = tmp_path / "a"
+    for i, v in enumerate((40, 120)):
+        draw_png(src / f"{i}.png", v)
+    out = tmp_path / "out"
+    assert call(run.main, _run_argv(src, out, small_w))[0] == 0
+    moved = tmp_path / "moved"
+    src.rename(moved)
+    from engine import api
+
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("api.load was called"))
+    rc, err = call(run.main, _run_argv(moved, out, small_w))
+    assert rc == 0 and "nothing to do" in err, err
+
+
+def test_inputs_matched_by_path_content_and_owner(tmp_path, stand_in):
+    """`Manifest.done`/`conflict` on the stand-in run loop: same content elsewhere is done, other
+    content elsewhere conflicts (recorded failed, nothing written), `overwrite` replaces."""
+    a, b = draw_png(tmp_path / "a" / "x.png", 40), draw_png(tmp_path / "b" / "x.png", 200)
+    copy = tmp_path / "c" / "x.png"
+    copy.parent.mkdir()
+    copy.write_bytes(a.read_bytes())
+    opts = RunOptions(out_dir=tmp_path / "out")
+
+    def run_one(src: Path, **kw) -> Summary:
+        o = RunOptions(out_dir=opts.out_dir, **kw)
+        with Manifest(o.out_dir, o.config(stand_in)) as m:
+            return run_jobs(stand_in, plan_jobs([src]), o, m)
+
+    assert run_one(a).ok == 1
+    before = (opts.out_dir / "x.png").read_bytes()
+    assert run_one(copy).skipped == 1, "a copy of a's bytes is a's input"
+    s = run_one(b)
+    assert (s.failed, s.ok) == (1, 0) and str(a) in s.failures[0][1]
+    assert (opts.out_dir / "x.png").read_bytes() == before
+    assert run_one(b, overwrite=True).ok == 1 and (opts.out_dir / "x.png").read_bytes() != before
+    assert run_one(copy).failed == 1, "a's content, but the output is now b's"
+
+
+def _huge_npy(path: Path, shape: tuple) -> Path:
+    """A ~1 KiB .npy whose header declares `shape` float32 (the data is not there)."""
+    from numpy.lib import format as npy_format
+
+    with open(path, "wb") as f:
+        npy_format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        f.write(b"\0" * 1000)
+    return path
+
+
+def test_declared_npy_sizes_are_checked_before_allocation(tmp_path, small_w):
+    """.npy headers declaring (1000000, 14, 512), (1000000, 8, 512) or (1000, 8, 512) in a 1 KiB file: engine.synthesize
+    fails each file with its reason and renders the next (exit 1); engine.run --edit refuses the
+    direction before loading (exit 2, one line); no MemoryError anywhere."""
+    lat = tmp_path / "lat"
+    lat.mkdir()
+    _huge_npy(lat / "a_wrong_shape.npy", (1000000, 14, 512))
+    _huge_npy(lat / "b_too_many.npy", (1000000, N_STYLES, 512))
+    _huge_npy(lat / "c_missing_data.npy", (1000, N_STYLES, 512))
+    np.save(lat / "d_fine.npy", np.zeros((N_STYLES, 512), np.float32))
+    rc, err = call(synthesize.main, ["--latents", lat, "--output", tmp_path / "out", "--checkpoint", small_w,
+                                     "--backend", "reference", "--precision", "fp32"])
+    assert rc == 1 and "MemoryError" not in err and "Traceback" not in err, err
+    assert (tmp_path / "out" / "d_fine.png").is_file() and "1 ok, 3 failed" in err
+    failures = {Path(r["input"]).stem: r["error"] for r in read_records(tmp_path / "out") if r["status"] == "failed"}
+    assert "does not fit this checkpoint (8 styles)" in failures["a_wrong_shape"]
+    assert f"a batch of 1000000 latents; at most {lt.MAX_LATENT_BATCH}" in failures["b_too_many"]
+    assert "declares shape [1000, 8, 512]" in failures["c_missing_data"]
+    assert "but the file holds 1000;" in failures["c_missing_data"]
+
+    rc, err = call(run.main, ["--input", draw_png(tmp_path / "in" / "x.png"), "--output", tmp_path / "o2",
+                              "--checkpoint", small_w, "--edit", _huge_npy(tmp_path / "d.npy", (1000000, 512))])
+    assert rc == 2 and "MemoryError" not in err and "Traceback" not in err
+    assert str(tmp_path / "d.npy") in error_line(err) and "is neither a W direction" in error_line(err)
+    with pytest.raises(lt.LatentFileError, match="MiB accepted"):
+        lt.read_npy(_huge_npy(tmp_path / "big.npy", (300, 2**20)))
+
+
+@pytest.mark.parametrize("k", [lt.MAX_N_OUTPUTS + 1, 100000])
+def test_n_outputs_is_bounded(tmp_path, k, capsys):
+    assert run.main(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--n-outputs", str(k)]) == 2
+    assert f"--n-outputs: expected 1 to {lt.MAX_N_OUTPUTS} mixes per input, got {k}" in capsys.readouterr().err
+
+
+class MixingStandIn(StandIn):
+    """`StandIn` whose mapping gives finite mixes; records, per synthesize call, the mix files on disk."""
+
+    def __init__(self, checkpoint: Path, out_dir: Path):
+        super().__init__(checkpoint)
+        self.out_dir, self.seen = out_dir, []
+
+    def mapping(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(z, 0.1)
+
+    def synthesize(self, w_plus: torch.Tensor, resize: bool = False) -> torch.Tensor:
+        self.seen.append(sorted(p.name for p in self.out_dir.glob("*_mix*.png")))
+        return super().synthesize(w_plus, resize)
+
+
+def test_mixes_are_written_as_they_are_made(tmp_path, stand_in):
+    """With --n-outputs K and batch size 1, mix k is on disk before mix k+1 is rendered (a run holds
+    one chunk of renders, not every mix)."""
+    out = tmp_path / "out"
+    eng = MixingStandIn(stand_in.checkpoint, out)
+    opts = RunOptions(out_dir=out, n_outputs=3, latent_mask=(6, 7))
+    with Manifest(out, opts.config(eng)) as m:
+        summary = run_jobs(eng, plan_jobs([draw_png(tmp_path / "in" / "g.png", 128)]), opts, m)
+    assert summary.ok == 1
+    assert eng.seen == [[], [], ["g_mix0.png"], ["g_mix0.png", "g_mix1.png"]], eng.seen  # inversion, then mix 0, 1, 2
+    assert {p.name for p in out.iterdir()} >= {"g.png", "g_mix2.png", "g_grid.jpg"}
+
+
+def test_malformed_manifest_lines_are_warned_and_skipped(tmp_path, small_w):
+    """A line whose "input" is a list, one that is not JSON: one warning with their line numbers, the
+    rerun works (and compacts them away), the next rerun has nothing to do and no warning."""
+    src, out = draw_png(tmp_path / "in" / "x.png").parent, tmp_path / "out"
+    assert call(run.main, _run_argv(src, out, small_w))[0] == 0
+    with open(out / MANIFEST_NAME, "ab") as f:
+        f.write(b'{"input": ["a", "b"], "status": "ok", "outputs": []}\nnot json at all\n'
+                b'{"input": "/x.png", "status": "ok", "outputs": "x.png"}\n')
+    rc, err = call(run.main, _run_argv(src, out, small_w))
+    assert rc == 0 and "Traceback" not in err, err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning: ignored")]
+    assert len(warnings) == 1 and "3 unreadable line(s)" in warnings[0] and "line 2, 3, 4" in warnings[0], err
+    assert "1 skipped" in err and len(read_records(out)) == 1
+    rc, err = call(run.main, _run_argv(src, out, small_w))
+    assert rc == 0 and "nothing to do" in err and "warning" not in err, err

@@ -13,11 +13,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import math
 import os
 import pickle
+import shutil
+import signal
 import socket
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,13 +80,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+READYZ: list[dict] = []  # the /readyz answers `wait_ready` saw while the module's app started
+
+
 @pytest.fixture(scope="module")
 def url(checkpoint):
-    """The app (engine backend, fp32, 1 replica) on a free local port: its base URL; the app and the
-    module's Ray instance (`_ray_cluster.local_ray`) are shut down when the module ends."""
+    """The app (engine backend, fp32, 1 replica) on a free local port, once its model is ready: its
+    base URL; the app and the module's Ray instance (`_ray_cluster.local_ray`) are shut down when the
+    module ends."""
     from ray import serve
 
-    from engine.serve import ServeOptions, start
+    from engine.serve import ServeOptions, start, wait_ready
 
     with local_ray():
         port = free_port()
@@ -87,7 +98,9 @@ def url(checkpoint):
                             edit_dir=str(checkpoint.parent / "edits"), **LIMITS)
         t0 = time.perf_counter()
         start(opts, host="127.0.0.1", port=port)
-        print(f"service started in {time.perf_counter() - t0:.1f} s on port {port}")
+        t1 = time.perf_counter()
+        READYZ.extend(wait_ready(f"http://127.0.0.1:{port}", timeout_s=300, poll_s=0.05))
+        print(f"service deployed in {t1 - t0:.1f} s, ready {time.perf_counter() - t1:.1f} s later, on port {port}")
         try:
             yield f"http://127.0.0.1:{port}"
         finally:
@@ -114,9 +127,163 @@ def stats(url: str) -> dict:
     return httpx.get(f"{url}/v1/stats").json()
 
 
+# ------------------------------------------------------------------------------------------------
+# `python -m engine.serve` as a user runs it: a real subprocess, no --checkpoint (the demo), no
+# --edit-dir. Run first, alone (its own Ray instance, shut down by Ctrl-C before the module's app starts).
+
+CLI_TIMEOUT_S = 5.0  # --request-timeout of the CLI's service: its proxy gives up 5 s later (408)
+
+
+class _Lines:
+    """The lines of a pipe, read by a thread (a test waits for one with a deadline)."""
+
+    def __init__(self, pipe):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe):
+        for line in pipe:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, n: int, timeout_s: float) -> list[str]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.lines) < n and time.monotonic() < deadline and self.thread.is_alive():
+            time.sleep(0.1)
+        return self.lines
+
+
+@pytest.fixture(scope="class")
+def cli(checkpoint, tmp_path_factory):
+    """`python -m engine.serve --port P --backend engine --precision fp32 --max-ongoing 1 ...` with no
+    --checkpoint: the demo. The demo file is the 32 px checkpoint under the demo's name in a fresh
+    `PSP_ENGINE_CACHE` (hard link plus its sidecar: engine.demo would build the 1.2 GB model otherwise)."""
+    from engine import demo
+    from reference.description import write_sidecar
+
+    # A short path of its own: under pytest's deep tmp path, Ray's sockets would not fit and
+    # engine.ray_local would fall back to the /tmp folder that every other local Ray instance shares.
+    cache = Path(tempfile.mkdtemp(prefix="psp-serve-"))
+    env = {**os.environ, "PSP_ENGINE_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    old = os.environ.get("PSP_ENGINE_CACHE")
+    os.environ["PSP_ENGINE_CACHE"] = str(cache)
+    try:
+        demo_file = demo.demo_path()
+        os.link(checkpoint, demo_file)
+        write_sidecar(demo_file, None, "checkpoint")
+    finally:
+        if old is None:
+            os.environ.pop("PSP_ENGINE_CACHE")
+        else:
+            os.environ["PSP_ENGINE_CACHE"] = old
+    port = free_port()
+    cmd = [sys.executable, "-m", "engine.serve", "--port", str(port), "--backend", "engine", "--precision", "fp32",
+           "--request-timeout", str(CLI_TIMEOUT_S), "--max-ongoing", "1", "--max-queued", "32"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = _Lines(proc.stdout), _Lines(proc.stderr)
+    first = out.wait_for(1, 300)
+    print(f"\nCLI: first stdout line after {time.perf_counter() - t0:.1f} s")
+    try:
+        yield {"proc": proc, "out": out, "err": err, "url": f"http://127.0.0.1:{port}", "demo": demo_file, "first": first}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+class TestCLI:
+    def test_first_line_says_where_it_serves_the_demo(self, cli):
+        lines = cli["out"].lines
+        assert lines, "no stdout line; stderr:\n" + "\n".join(cli["err"].lines)
+        assert lines[0] == f"serving {cli['demo']} on {cli['url']}/ (Ctrl-C to stop)", lines
+        info = httpx.get(f"{cli['url']}/v1/info").json()
+        assert info["is_demo"] is True and info["checkpoint"] == cli["demo"].name and info["edits"] == {}
+        assert httpx.get(f"{cli['url']}/readyz").status_code == 200
+        err = "\n".join(cli["err"].lines)
+        assert "DEMO checkpoint" in err and "replica: " in err and "ready in" in err, err  # progress on stderr
+
+    def test_page_empty_state_without_edits(self, cli, browser):
+        """Before an upload: a hint what to do, no image (no broken placeholders), no Edit section; the
+        page says how to get edit sliders (--edit-dir)."""
+        page = browser.new_page(viewport={"width": 1100, "height": 720})
+        page.goto(cli["url"] + "/")
+        page.wait_for_function("document.querySelector('#model').textContent.includes('DEMO')")
+        assert page.is_visible("#empty") and "Invert" in page.inner_text("#empty")
+        assert page.is_visible("#no-edits") and "--edit-dir" in page.inner_text("#no-edits")
+        assert not page.is_visible("#editing") and not page.is_visible("#results")
+        assert page.eval_on_selector_all("img", "imgs => imgs.filter(i => i.offsetParent !== null).length") == 0
+        page.close()
+
+    def test_overload_answers_504_json_before_ray_408(self, cli, face):
+        """24 concurrent inverts on one running slot: each is answered 200, or 504 JSON + Retry-After once
+        it waited CLI_TIMEOUT_S in the replica (or 503 + Retry-After when Serve's router sheds load);
+        never Ray's 408 (its proxy limit is 5 s later)."""
+        n = 24
+
+        def one(_):
+            t0 = time.perf_counter()
+            r = httpx.post(f"{cli['url']}/v1/invert", files={"image": (FACE, face)}, timeout=120)
+            return r, time.perf_counter() - t0
+
+        with ThreadPoolExecutor(n) as pool:
+            results = list(pool.map(one, range(n)))
+        codes = sorted(r.status_code for r, _ in results)
+        lat = sorted(t for _, t in results)
+        print(f"\nCLI load: {n} concurrent inverts, 1 running slot: {codes.count(200)} x 200, {codes.count(504)} x 504, "
+              f"{codes.count(503)} x 503, p50 {statistics.median(lat):.2f} s, p99 {lat[-1]:.2f} s")
+        assert set(codes) <= {200, 503, 504} and 504 in codes, codes
+        for r, t in results:
+            if r.status_code in (503, 504):
+                assert r.headers["retry-after"] == "1", (r.status_code, r.headers, r.text)
+            if r.status_code == 504:
+                assert f"limit of {CLI_TIMEOUT_S:g} s" in r.json()["error"] and t < CLI_TIMEOUT_S + 4, (t, r.text)
+
+    def test_ctrl_c_stops_with_a_last_line_and_no_ray_logs(self, cli):
+        proc = cli["proc"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0
+        cli["out"].thread.join(10)
+        cli["err"].thread.join(10)
+        lines, err = cli["out"].lines, cli["err"].lines
+        assert lines == [lines[0], f"stopped: {cli['url']}/ no longer serves"], lines
+        noise = [line for line in err if "pid=" in line or "INFO" in line or "WARNING" in line or "(raylet)" in line]
+        assert not noise, noise
+
+
+def test_options_resolve_the_demo_as_engine_run(tmp_path, monkeypatch, checkpoint):
+    """No --checkpoint parses (as engine.run) and resolves to engine.demo's file, is_demo; the demo's
+    file given by path is the demo too; another file is not."""
+    from engine import demo
+    from engine.serve import ServeOptions, build_parser, resolve_checkpoint
+    from reference.description import write_sidecar
+
+    assert build_parser().parse_args([]).checkpoint is None
+    monkeypatch.setenv("PSP_ENGINE_CACHE", str(tmp_path))
+    os.link(checkpoint, demo.demo_path())
+    write_sidecar(demo.demo_path(), None, "checkpoint")
+    opts = resolve_checkpoint(ServeOptions())
+    assert (opts.checkpoint, opts.is_demo) == (str(demo.demo_path()), True)
+    assert resolve_checkpoint(ServeOptions(str(demo.demo_path()))).is_demo
+    other = tmp_path / "other.pt"  # (the module's checkpoint is now the demo's file: a hard link)
+    other.write_bytes(b"not read here")
+    assert not resolve_checkpoint(ServeOptions(str(other))).is_demo
+
+
 def test_health_and_info(url):
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/readyz").json() == {"status": "ready"}
+    for path in ("/", "/healthz", "/readyz"):
+        r = httpx.head(f"{url}{path}")
+        assert r.status_code == 200 and r.content == b"", (path, r.status_code)
     info = httpx.get(f"{url}/v1/info").json()
+    assert info["is_demo"] is False and info["checkpoint"] == f"ffhq_encode_{SIZE}_seed0.pt"
     assert (info["output_size"], info["n_styles"], info["backend"], info["precision"]) == (SIZE, 8, "engine", "fp32")
     assert sorted(info["edits"]) == ["dir_a", "dir_b"] and info["edits"]["dir_b"]["shape"] == [8, 512]
     assert info["limits"]["max_upload_bytes"] == LIMITS["max_upload_bytes"]
@@ -200,6 +367,10 @@ def test_invert_errors(url, kwargs, status, words):
     ({"json": {"w_plus": [[0.0] * 512, [1.0]]}}, 422, "nested list of numbers"),
     ({"json": {"latent": 1}}, 422, "w_plus"),
     ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ({"content": b'{"w_plus": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "headers": {"content-type": "application/json"}},
+     400, "nested 100001 levels deep"),
+    ({"content": b"[" * 100_000, "headers": {"content-type": "application/json"}}, 400, "levels deep"),
+    ({"json": {"w_plus": [[[[[[[[[0.0]]]]]]]]]}}, 400, "at most 8"),
     ({"files": {"latent": ("p.npy", pickle.dumps({"a": 1}))}}, 400, "'p.npy'"),
     ({"content": b"x", "headers": {"content-type": "text/plain"}}, 415, "application/json"),
 ])
@@ -209,15 +380,99 @@ def test_synthesize_errors(url, kwargs, status, words):
     assert words.lower() in r.json()["error"].lower(), r.json()
 
 
-def test_request_timeout_answers_504():
-    """The per-request limit, on the replica's own wrapper (a request slower than the limit is cut)."""
-    from engine.serve import ApiError, PSPService, ServeOptions
+def test_readyz_is_503_until_the_model_is_warm():
+    """What `wait_ready` saw while the module's app started: 503 answers naming the stage (loading,
+    then warming up), then ready; /healthz meanwhile is the next test's (it answers while loading)."""
+    assert READYZ and READYZ[-1] == {"status": "ready"}
+    early = READYZ[:-1]
+    assert early and all(a.get("status") in ("loading", "starting") for a in early), READYZ[:3]
+    assert any("loading" in str(a.get("stage")) or "warming up" in str(a.get("stage")) for a in early), early[:3]
 
-    replica = PSPService.func_or_class.__new__(PSPService.func_or_class)
-    replica.opts = ServeOptions("", request_timeout_s=0.05)
-    with pytest.raises(ApiError) as e:
-        asyncio.run(replica._timed(asyncio.sleep(5)))
-    assert e.value.status == 504 and "0.05 s" in str(e.value)
+
+async def _slow_app(scope, receive, send):
+    """An ASGI app that reads the body and answers 200 after `x-sleep` seconds."""
+    while (await receive()).get("more_body"):
+        pass
+    await asyncio.sleep(float(dict(scope["headers"]).get(b"x-sleep", b"0")))
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_gate_504_counts_the_queue_wait():
+    """The time limit runs from arrival, queue included: with one running slot, a request that waits
+    0.3 s for it and then runs 0.3 s passes the 0.5 s limit: 504 JSON + Retry-After (no Ray here:
+    `Gate` around a plain ASGI app)."""
+    from engine.serve import Gate, ServeOptions
+
+    Gate.opts = ServeOptions(request_timeout_s=0.5, max_ongoing_requests=1, max_queued_requests=4, retry_after_s=1.0)
+    gate = Gate(_slow_app)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://t") as c:
+            return await asyncio.gather(*(c.post("/v1/synthesize", content=b"{}", headers={"x-sleep": "0.3"})
+                                          for _ in range(2)))
+
+    try:
+        first, second = asyncio.run(go())
+    finally:
+        Gate.opts = ServeOptions()
+    assert first.status_code == 200
+    assert second.status_code == 504 and second.headers["retry-after"] == "1"
+    assert "limit of 0.5 s (queue wait included)" in second.json()["error"]
+
+
+def test_gate_413_for_a_chunked_body_whatever_the_route_made_of_it():
+    """A chunked body (no Content-Length) over the limit is 413, also when the route caught the cut
+    body and answered something else (the multipart parser's 400 before)."""
+    from engine.serve import Gate, ServeOptions
+
+    async def eats_errors(scope, receive, send):
+        try:
+            while (await receive()).get("more_body"):
+                pass
+            status = 200
+        except Exception:  # noqa: BLE001 - as a parser that turns any error into 400
+            status = 400
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    Gate.opts = ServeOptions(max_upload_bytes=1000)
+
+    async def chunks():
+        for _ in range(10):
+            yield b"y" * 500
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=Gate(eats_errors)), base_url="http://t") as c:
+            return await c.post("/v1/invert", content=chunks())
+
+    try:
+        r = asyncio.run(go())
+    finally:
+        Gate.opts = ServeOptions()
+    assert r.status_code == 413 and "1,000 bytes" in r.json()["error"]
+
+
+def test_chunked_oversize_upload_answers_413(url):
+    """Through Serve's proxy: 1 MB sent chunked (no Content-Length) to both model routes -> 413 JSON."""
+    def chunks():
+        for _ in range(16):
+            yield b"z" * 65536
+
+    def multipart():  # a well-formed start: the parser reads on until the limit cuts the body
+        yield (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\n'
+               b"Content-Type: image/jpeg\r\n\r\n")
+        yield from chunks()
+
+    def json_body():
+        yield b'{"w_plus": ['
+        yield from (b"0.0, " * 13107 for _ in range(16))
+
+    for path, ctype, body in (("/v1/invert", "multipart/form-data; boundary=xyz", multipart),
+                              ("/v1/synthesize", "application/json", json_body)):
+        r = httpx.post(f"{url}{path}", content=body(), headers={"content-type": ctype}, timeout=60)
+        assert r.status_code == 413, (path, r.status_code, r.text)
+        assert "400,000 bytes" in r.json()["error"]
 
 
 def _synth(url: str, w_plus, n: int) -> list[tuple[int, float, dict]]:
@@ -273,6 +528,37 @@ def test_load(url, inverted, face):
     assert enc_batches < 8
 
 
+def _metrics(url: str) -> dict:
+    """GET /metrics parsed (prometheus_client's parser): {(name, labels as sorted tuple): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.headers
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_metrics_count_requests_latency_batches_and_queue(url, inverted):
+    """Prometheus /metrics (this replica's): 3 synthesize requests and 1 bad one move the counters."""
+    before = _metrics(url)
+    for _ in range(3):
+        assert httpx.post(f"{url}/v1/synthesize", json={"w_plus": inverted["w_plus"]}, timeout=60).status_code == 200
+    assert httpx.post(f"{url}/v1/synthesize", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+    after = _metrics(url)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert delta("psp_request_total", route="/v1/synthesize", status="200") == 3
+    assert delta("psp_request_total", route="/v1/synthesize", status="400") == 1
+    assert delta("psp_request_duration_seconds_count", route="/v1/synthesize") == 4
+    assert delta("psp_request_duration_seconds_bucket", route="/v1/synthesize", le="+Inf") == 4
+    assert delta("psp_batch_size_sum", stage="synthesize") == 3 and delta("psp_batch_size_count", stage="synthesize") >= 1
+    assert after[("psp_queue_depth", ())] == 0 and after[("psp_request_in_progress", ())] == 0
+    assert after[("psp_model_ready", ())] == 1
+
+
 # ------------------------------------------------------------------------------------------------
 # The web page in headless Chromium
 
@@ -304,6 +590,10 @@ def test_page_inverts_mixes_and_edits(url, browser, shared, tmp_path):
     page.goto(url + "/")
     page.wait_for_selector("#sliders input[data-edit='dir_a']")
     assert "32 px, 8 styles" in page.inner_text("#model")
+    # before an upload: the hint, no image placeholder, no Edit section yet, no "no edits" note
+    assert page.is_visible("#empty") and not page.is_visible("#no-edits")
+    assert not page.is_visible("#results") and not page.is_visible("#editing")
+    assert page.eval_on_selector_all("img", "imgs => imgs.filter(i => i.offsetParent !== null).length") == 0
 
     page.set_input_files("#image", str(shared / "data" / "faces" / "aligned" / "psp_input_img.jpg"))
     page.fill("#n_outputs", "3")
@@ -313,6 +603,7 @@ def test_page_inverts_mixes_and_edits(url, browser, shared, tmp_path):
     for sel in ("#input", "#inversion", "#mixes img.mix >> nth=2"):
         assert page.eval_on_selector(sel, "img => img.complete && img.naturalWidth > 0"), sel
     assert page.eval_on_selector("#inversion", "img => img.naturalWidth") == 32
+    assert not page.is_visible("#empty") and page.is_visible("#editing")
     before = page.get_attribute("#edited", "src")
 
     page.fill("#edit-dir_a", "3")  # a range input: sets the value and fires `input`

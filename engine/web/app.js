@@ -16,8 +16,15 @@ async function errorText(resp) {
 }
 
 async function loadInfo() {
-  const resp = await fetch("/v1/info");
+  let resp = await fetch("/v1/info");
+  while (resp.status === 503) {  // the model is still loading: say so and ask again
+    status(`the model is loading: ${await errorText(resp)}`);
+    await new Promise((r) => setTimeout(r, 1000 * Number(resp.headers.get("Retry-After") || 1)));
+    resp = await fetch("/v1/info");
+  }
+  if (!resp.ok) { status(`cannot read /v1/info: error ${resp.status}: ${await errorText(resp)}`, true); return; }
   info = await resp.json();
+  status("");
   $("model").textContent = `${info.checkpoint}: ${info.output_size} px, ${info.n_styles} styles, ` +
     `backend ${info.backend} (${info.precision}, ${info.device})` + (info.is_demo ? " — DEMO weights" : "");
   const n = info.n_styles;
@@ -25,6 +32,7 @@ async function loadInfo() {
                                                      : `${Math.floor(n / 2)}-${n - 1}`;
   const sliders = $("sliders");
   sliders.textContent = "";
+  $("no-edits").hidden = Object.keys(info.edits).length > 0;
   for (const name of Object.keys(info.edits)) {
     const label = document.createElement("label");
     label.textContent = name;
@@ -53,7 +61,8 @@ function rangeText(indices) {
 async function invert(event) {
   event.preventDefault();
   const file = $("image").files[0];
-  if (!file) return;
+  if (!file) { status("choose a photo first", true); return; }
+  if (!info) { status("the model is still loading; try again in a few seconds", true); return; }
   const body = new FormData();
   body.append("image", file);
   body.append("n_outputs", $("n_outputs").value || "0");
@@ -83,6 +92,7 @@ async function invert(event) {
     });
     wPlus = out.w_plus;
     $("results").hidden = false;
+    $("empty").hidden = true;
     $("editing").hidden = Object.keys(info.edits).length === 0;
     $("edited").src = $("inversion").src;
     document.querySelectorAll("#sliders input").forEach((s) => { s.value = "0"; s.nextSibling.textContent = "0"; });
