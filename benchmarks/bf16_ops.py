@@ -1,6 +1,6 @@
 """Does bf16 pay on this CPU? The generator's and encoder's op shapes in fp32 and bf16, side by side.
 
-Run: `python benchmarks/bf16_ops.py [--repeats 3]`
+Run (from the repository root): `python -m benchmarks.bf16_ops [--repeats 3]`
 
 Each op runs in fp32 and in bf16 in this process (warm-up apart, median of `--repeats`), and the
 ratio bf16/fp32 is printed with the CPU model and its flags. On CPUs with bf16 units (AMX-BF16,
@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # (name, inputs factory, op): shapes of the 1024 generator / IR-SE50 encoder, batch 2
 OPS = {

@@ -1,6 +1,6 @@
 """CPU engines side by side: the official formulation (`reference`) against each backend x precision.
 
-Run: `python benchmarks/cpu_engines.py [--sizes 256,1024] [--batches 1,4,8] [--repeats 2] [--precisions fp32,bf16] [--json out.json]`
+Run (from the repository root): `python -m benchmarks.cpu_engines [--sizes 256,1024] [--batches 1,4,8] [--repeats 2] [--precisions fp32,bf16] [--json out.json]`
 
 Variants are `backend:precision` for every CPU row of the backend registry (`export.backends`) in
 the asked precisions; bf16 variants run only where the CPU has bf16 units (AMX-BF16 or
@@ -30,8 +30,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 CONFIG = {256: "ffhq_encode_256", 1024: "ffhq_encode"}
 
@@ -187,7 +185,8 @@ def main() -> int:
         del engines
         if args.rss_batch:
             for v in names:
-                out = subprocess.run([sys.executable, __file__, "--rss-child", v, str(size), str(args.rss_batch)],
+                out = subprocess.run([sys.executable, "-m", "benchmarks.cpu_engines", "--rss-child", v, str(size),
+                                      str(args.rss_batch)],
                                      capture_output=True, text=True, check=True)
                 rss = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
                 print(f"[{size}px b{args.rss_batch}] {v:17s} peak RSS {rss:.0f} MiB")

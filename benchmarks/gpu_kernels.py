@@ -1,39 +1,41 @@
 """GPU benchmark of the Triton kernels against the reference ops and the official formulation.
 
-    python benchmarks/gpu_kernels.py [--batch 1,8] [--ops bias_act,upfirdn2d,styled_conv2d,to_rgb]
+    python -m benchmarks.gpu_kernels [--batch 1,8] [--ops bias_act,upfirdn2d,modulated_conv2d,styled_conv2d,to_rgb]
                                      [--output-size 1024] [--cudagraph] [--json results.json]
 
-For every op at the shapes of the 1024 generator (rosinality layout, channel_multiplier 2), batch
-1 and 8, fp16 activations, three implementations timed in the same process on the same inputs:
+For every op of the op table (`kernels.ops.OPS`) at the shapes of the 1024 generator (rosinality
+layout, channel_multiplier 2), batch 1 and 8, fp16 activations, three implementations timed in the
+same process on the same inputs:
 
   * `triton`   - the op with `impl="triton"` (kernels/); precomputable operands (packed weight,
                  `weight_sq`) prepared once, as the generator caches them;
   * `ref`      - the same op with `impl="ref"` (reference/ ops, torch eager), fp16;
-  * `official` - torch eager of the official formulation: rosinality `StyledConv` / `ToRGB`
-                 modules (grouped modulated conv, `fused_modconv=True`), rosinality
-                 `upfirdn2d_native` and `fused_leaky_relu` (its CPU/native path), fp16.
+  * `official` - torch eager of the official formulation: rosinality `ModulatedConv2d` /
+                 `StyledConv` / `ToRGB` modules (grouped modulated conv, `fused_modconv=True`),
+                 rosinality `upfirdn2d_native` and `fused_leaky_relu` (its CPU/native path), fp16.
 
-Timing: `triton.testing.do_bench` (L2 flushed between runs; median of the timed runs, warm-up
-excluded) or, with `--cudagraph`, `do_bench_cudagraph` (launch overhead removed: what a
-CUDA-graphed generator would see). The first call of each implementation (Triton's JIT compile,
-cuDNN autotuning) is timed apart and reported as `first_ms`. Printed: median ms, TFLOP/s and GB/s
-(compulsory bytes: inputs read once, output written once), speed-up of triton over ref and over
-official, and the worst element of |triton - official| as a sanity check.
+Each op's cases and inputs are its benchmark module, named after it: `benchmarks/kernel_ops/<op>.py`
+(the table's `benchmark`); this file times them. Timing: `triton.testing.do_bench` (L2 flushed
+between runs; median of the timed runs, warm-up excluded) or, with `--cudagraph`,
+`do_bench_cudagraph` (launch overhead removed: what a CUDA-graphed generator would see). The first
+call of each implementation (Triton's JIT compile, cuDNN autotuning) is timed apart and reported as
+`first_ms`. Printed: median ms, TFLOP/s and GB/s (compulsory bytes: inputs read once, output written
+once), speed-up of triton over ref and over official, and the worst element of |triton - official|
+as a sanity check.
 
 Without a CUDA device the script prints one line saying so and exits with code 0: there is nothing
 to measure and no number is invented. The compiled code can still be analysed without a GPU:
 `python -m kernels.inspect`. The case list and the argument building are plain torch and are
 importable (`build_cases`, `make_impls`); tests/test_inspect.py runs them on the CPU.
 
-Source: house style (shared/docs/STYLE.md: honest timing, ratios measured in the same process);
-rosinality stylegan2-pytorch `op/upfirdn2d.py::upfirdn2d_native`, `op/fused_act.py` and
-`model.py` (`StyledConv`, `ToRGB`) for the official formulation.
+Source: house style (shared/docs/STYLE.md: honest timing, ratios measured in the same process;
+one benchmark per op, Liger-Kernel's layout); rosinality stylegan2-pytorch for the official
+formulation (`benchmarks.kernel_ops.common`).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import sys
 import time
@@ -42,119 +44,32 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.kernel_ops.common import Case
+from kernels.ops import NAMES, op, resolve
+from reference.cli import ArgumentParser, int_at_least, run_cli
+from reference.errors import UsageError
+from reference.files import write_json
 
-from reference.cli import ArgumentParser, int_at_least, run_cli  # noqa: E402
-from reference.errors import UsageError  # noqa: E402
-from reference.files import write_json  # noqa: E402
-from reference.ops import setup_filter  # noqa: E402
-from reference.stylegan2 import StyledConv, ToRGB, channels_for  # noqa: E402
-
-OPS = ("bias_act", "upfirdn2d", "styled_conv2d", "to_rgb")
+OPS = NAMES  # every op of the table, in its order
 IMPLS = ("triton", "ref", "official")
 NO_CUDA = (
     "no CUDA device: this benchmark needs a GPU; see `python -m kernels.inspect` for the compiled-code analysis"
 )
-BLUR = (1, 3, 3, 1)
-RGB_PAD = (2, 1, 2, 1)  # rosinality Upsample(factor=2), 4 taps
-NOISE_STRENGTH = 0.1  # NoiseInjection.weight is 0 at init; a trained value, so the noise path does work
 
 
-# ----------------------------------------------------------------------------------------------
-# the official formulation (rosinality stylegan2-pytorch), verbatim where it is torch code
-
-
-def upfirdn2d_native(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int, pad: Sequence[int]) -> torch.Tensor:
-    """rosinality `op/upfirdn2d.py::upfirdn2d_native` (what the official code runs without its CUDA op).
-
-    Args:
-        x: `[N, C, H, W]`.
-        kernel: `[kh, kw]` filter (flipped: a true convolution).
-        up, down: factors, both axes.
-        pad: `(x0, x1, y0, y1)` as rosinality's `pad=(pad_x0, pad_x1)` with `pad_y = pad_x` expanded.
-
-    Returns:
-        `[N, C, OH, OW]`.
-    """
-    pad_x0, pad_x1, pad_y0, pad_y1 = pad
-    _, channel, in_h, in_w = x.shape
-    x = x.reshape(-1, in_h, in_w, 1)
-    _, in_h, in_w, minor = x.shape
-    kernel_h, kernel_w = kernel.shape
-    out = x.view(-1, in_h, 1, in_w, 1, minor)
-    out = F.pad(out, [0, 0, 0, up - 1, 0, 0, 0, up - 1])
-    out = out.view(-1, in_h * up, in_w * up, minor)
-    out = F.pad(out, [0, 0, max(pad_x0, 0), max(pad_x1, 0), max(pad_y0, 0), max(pad_y1, 0)])
-    out = out[:, max(-pad_y0, 0) : out.shape[1] - max(-pad_y1, 0), max(-pad_x0, 0) : out.shape[2] - max(-pad_x1, 0), :]
-    out = out.permute(0, 3, 1, 2)
-    out = out.reshape([-1, 1, in_h * up + pad_y0 + pad_y1, in_w * up + pad_x0 + pad_x1])
-    w = torch.flip(kernel, [0, 1]).view(1, 1, kernel_h, kernel_w).to(out.dtype)
-    out = F.conv2d(out, w)
-    out = out.reshape(-1, minor, in_h * up + pad_y0 + pad_y1 - kernel_h + 1, in_w * up + pad_x0 + pad_x1 - kernel_w + 1)
-    out = out.permute(0, 2, 3, 1)
-    out = out[:, ::down, ::down, :]
-    out_h = (in_h * up + pad_y0 + pad_y1 - kernel_h) // down + 1
-    out_w = (in_w * up + pad_x0 + pad_x1 - kernel_w) // down + 1
-    return out.reshape(-1, channel, out_h, out_w)
-
-
-def fused_leaky_relu_native(x: torch.Tensor, bias: torch.Tensor, negative_slope: float = 0.2,
-                            scale: float = 2**0.5) -> torch.Tensor:
-    """rosinality `op/fused_act.py::fused_leaky_relu`, its non-CUDA branch."""
-    rest_dim = [1] * (x.ndim - bias.ndim - 1)
-    return F.leaky_relu(x + bias.view(1, bias.shape[0], *rest_dim).to(x.dtype), negative_slope=negative_slope) * scale
+def benchmark(name: str):
+    """The benchmark module of op `name` (the op table's `benchmark`: `cases`, `impls`)."""
+    return resolve(op(name).benchmark)
 
 
 # ----------------------------------------------------------------------------------------------
 # the cases
 
 
-@dataclass(frozen=True)
-class Case:
-    """One op at one layer shape.
-
-    Attributes:
-        op: one of `OPS`.
-        layer: the generator layer(s) it stands for.
-        batch: N.
-        c_in, c_out: channels (equal for elementwise ops).
-        res: output resolution (pixels per side).
-        up: 2 for the upsampling conv / the skip upsample, else 1.
-        skip: ToRGB with the previous level's image.
-        used: False for shapes the Triton generator does not run standalone (bias_act and the
-            blur are fused into the modulated-conv kernel), benchmarked against the official path.
-        flops: floating-point operations per call (multiply-add = 2; the modulated convs count
-            the GEMM the Triton kernel runs, as `kernels.modulated_conv2d.aot_specs`).
-        nbytes: compulsory fp16 DRAM traffic per call (inputs once, output once, fp32 extras).
-    """
-
-    op: str
-    layer: str
-    batch: int
-    c_in: int
-    c_out: int
-    res: int
-    up: int = 1
-    skip: bool = False
-    used: bool = True
-    flops: float = 0.0
-    nbytes: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return f"{self.op}[{self.layer}] b{self.batch}"
-
-
-def _levels(output_size: int) -> list[int]:
-    return [2**i for i in range(3, int(math.log2(output_size)) + 1)]
-
-
 def build_cases(output_size: int = 1024, batches: Sequence[int] = (1, 8), ops: Sequence[str] = OPS) -> list[Case]:
-    """Every (op, layer shape, batch) of a generator of `output_size`, in forward order per op.
+    """Every (op, layer shape, batch) of a generator of `output_size`: per batch, per op in table order,
+    the op benchmark's `cases` (forward order).
 
     Raises:
         UsageError (a ValueError): an unknown op or an output size that is not a power of two in [8, 1024].
@@ -164,142 +79,25 @@ def build_cases(output_size: int = 1024, batches: Sequence[int] = (1, 8), ops: S
     bad = set(ops) - set(OPS)
     if bad:
         raise UsageError(f"unknown ops {sorted(bad)}; choose from {OPS}")
-    ch = channels_for
-    cases: list[Case] = []
-    for n in batches:
-        if "bias_act" in ops:
-            for r in [4] + _levels(output_size):
-                c, e = ch(r), n * ch(r) * r * r
-                cases.append(Case("bias_act", f"FusedLeakyReLU {c}x{r}px", n, c, c, r, used=False,
-                                  flops=3.0 * e, nbytes=4.0 * e + 4.0 * c))
-        if "upfirdn2d" in ops:
-            for r in _levels(output_size):
-                cases.append(Case("upfirdn2d", f"ToRGB skip Upsample {r // 2}->{r}px", n, 3, 3, r, up=2,
-                                  used=False, flops=n * 3 * r * r * 9.0, nbytes=2.0 * n * 3 * (r * r // 4 + r * r)))
-            for r in _levels(output_size):
-                c = ch(r)
-                cases.append(Case("upfirdn2d", f"Blur after the up conv {c}x{r + 1}->{r}px", n, c, c, r, used=False,
-                                  flops=n * c * r * r * 33.0, nbytes=2.0 * n * c * ((r + 1) ** 2 + r * r)))
-        if "styled_conv2d" in ops:
-            convs = [("conv1", ch(4), ch(4), 4, 1)]
-            for i, r in enumerate(_levels(output_size)):
-                convs.append((f"convs.{2 * i} up", ch(r // 2), ch(r), r, 2))
-                convs.append((f"convs.{2 * i + 1}", ch(r), ch(r), r, 1))
-            for name, ci, co, r, up in convs:
-                phases = 4 if up == 2 else 1
-                nb = 2.0 * (n * ci * (r // up) ** 2 + phases * 9 * ci * co + n * co * r * r + r * r)
-                nb += 4.0 * n * (ci + 2 * co)  # styles, output scale, bias (fp32)
-                cases.append(Case("styled_conv2d", f"{name} {ci}->{co} {r}px", n, ci, co, r, up=up,
-                                  flops=2.0 * n * r * r * co * ci * 9, nbytes=nb))
-        if "to_rgb" in ops:
-            for r in [4] + _levels(output_size):
-                c, skip = ch(r), r > 4
-                nb = 2.0 * (n * c * r * r + 3 * c + n * 3 * r * r + (n * 3 * r * r // 4 if skip else 0)) + 4.0 * n * c
-                cases.append(Case("to_rgb", f"{'to_rgb1' if r == 4 else 'to_rgbs'} {c}->3 {r}px", n, c, 3, r,
-                                  skip=skip, flops=2.0 * n * r * r * 3 * c, nbytes=nb))
-    return cases
-
-
-# ----------------------------------------------------------------------------------------------
-# inputs and the three implementations of a case
+    return [c for n in batches for name in OPS if name in ops for c in benchmark(name).cases(output_size, n)]
 
 
 def make_impls(case: Case, device: str | torch.device = "cuda", dtype: torch.dtype = torch.float16,
                seed: int = 0, impls: Sequence[str] = IMPLS) -> dict[str, Callable[[], torch.Tensor]]:
-    """Inputs of `case` on `device` in `dtype` and one zero-argument callable per implementation.
+    """Inputs of `case` on `device` in `dtype` and one zero-argument callable per implementation in `impls`
+    (the op benchmark's `impls`).
 
     All implementations see the same inputs and weights (activations channels_last for the
     modulated convs, the layout the Triton kernel is fastest in; NCHW for the elementwise ops).
-    The `official` StyledConv / ToRGB are rosinality modules in `dtype`; the Triton and ref ops
-    get the same effective weight, styles (`module.conv.modulation(w)`), bias and noise.
+    The `official` modules are rosinality modules in `dtype`; the Triton and ref ops get the same
+    effective weight, styles (`module.conv.modulation(w)`), bias and noise.
+
+    Raises:
+        ValueError: `case.op` is not in the op table.
     """
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    n, r = case.batch, case.res
-    fns: dict[str, Callable[[], torch.Tensor]] = {}
-    to = dict(device=device, dtype=dtype)
-
-    if case.op == "bias_act":
-        from kernels.bias_act import bias_act
-
-        x, b = rnd(n, case.c_in, r, r).to(**to), rnd(case.c_in).to(device)
-        fns["triton"] = lambda: bias_act(x, b, impl="triton")
-        fns["ref"] = lambda: bias_act(x, b, impl="ref")
-        fns["official"] = lambda: fused_leaky_relu_native(x, b)
-
-    elif case.op == "upfirdn2d":
-        from kernels.upfirdn2d import upfirdn2d
-
-        fir = setup_filter(BLUR, gain=4).to(device)
-        if case.up == 2:  # ToRGB skip: Upsample(factor=2)
-            x, pad = rnd(n, 3, r // 2, r // 2).to(**to), RGB_PAD
-            fns["triton"] = lambda: upfirdn2d(x, fir, up=2, padding=pad, impl="triton")
-            fns["ref"] = lambda: upfirdn2d(x, fir, up=2, padding=pad, impl="ref")
-            fns["official"] = lambda: upfirdn2d_native(x, fir, 2, 1, pad)
-        else:  # Blur(pad=(1, 1)) after the transposed conv
-            x, pad = rnd(n, case.c_in, r + 1, r + 1).to(**to), (1, 1, 1, 1)
-            fns["triton"] = lambda: upfirdn2d(x, fir, padding=pad, impl="triton")
-            fns["ref"] = lambda: upfirdn2d(x, fir, padding=pad, impl="ref")
-            fns["official"] = lambda: upfirdn2d_native(x, fir, 1, 1, pad)
-
-    elif case.op == "styled_conv2d":
-        from kernels import modulated_conv2d as mc
-
-        torch.manual_seed(seed)
-        layer = StyledConv(case.c_in, case.c_out, 3, upsample=case.up == 2)
-        with torch.no_grad():
-            layer.noise.weight.fill_(NOISE_STRENGTH)
-            layer.activate.bias.copy_(0.1 * rnd(case.c_out))
-        layer = layer.to(device).eval()
-        w = rnd(n, 512).to(device)
-        x = rnd(n, case.c_in, r // case.up, r // case.up).to(**to).contiguous(memory_format=torch.channels_last)
-        noise = rnd(1, 1, r, r).to(**to)
-        with torch.no_grad():
-            styles = layer.conv.modulation(w).float()  # [N, C_in]
-            weight = (layer.conv.scale * layer.conv.weight[0]).to(dtype)  # [O, I, 3, 3]
-            wsq = mc.weight_sq(layer.conv.scale * layer.conv.weight[0])
-        fir = layer.conv.blur.kernel.clone() if case.up == 2 else None
-        strength = layer.noise.weight.detach().float().clone()  # clones: the module goes to `dtype` below
-        bias = layer.activate.bias.detach().float().clone()
-        args = (x, weight, styles, noise, strength, bias, True, case.up, fir, None)
-        if "triton" in impls:
-            packed = mc.pack_weight(layer.conv.scale * layer.conv.weight[0].detach(), case.up, fir, dtype)
-            fns["triton"] = lambda: mc.styled_conv2d(*args, "triton", wsq=wsq, packed_weight=packed)
-        # the reference mixes dtypes badly (fp16 x with fp32 styles fails in F.conv2d): styles in `dtype`
-        # and a tensor noise_strength promotes its output to fp32: strength in `dtype` too
-        ref_args = (x, weight, styles.to(dtype), noise, strength.to(dtype), bias, True, case.up, fir, None)
-        fns["ref"] = lambda: mc.styled_conv2d(*ref_args, "ref")
-        official = layer.to(dtype)
-        w16 = w.to(dtype)
-        fns["official"] = lambda: official(x, w16, noise)
-
-    elif case.op == "to_rgb":
-        from kernels import modulated_conv2d as mc
-
-        torch.manual_seed(seed)
-        layer = ToRGB(case.c_in, upsample=case.skip)
-        with torch.no_grad():
-            layer.bias.copy_(0.1 * rnd(1, 3, 1, 1))
-        layer = layer.to(device).eval()
-        w = rnd(n, 512).to(device)
-        x = rnd(n, case.c_in, r, r).to(**to).contiguous(memory_format=torch.channels_last)
-        skip = rnd(n, 3, r // 2, r // 2).to(**to) if case.skip else None
-        with torch.no_grad():
-            styles = layer.conv.modulation(w).float()
-            weight = (layer.conv.scale * layer.conv.weight[0]).to(dtype)  # [3, C_in, 1, 1]
-        fir = layer.upsample.kernel.clone() if case.skip else None
-        bias = layer.bias.detach().float().clone()
-        if "triton" in impls:
-            packed = mc.pack_weight(layer.conv.scale * layer.conv.weight[0].detach(), 1, None, dtype)
-            fns["triton"] = lambda: mc.to_rgb(x, weight, styles, bias, skip, fir, "triton", packed_weight=packed)
-        styles_ref = styles.to(dtype)  # see styled_conv2d above
-        fns["ref"] = lambda: mc.to_rgb(x, weight, styles_ref, bias, skip, fir, "ref")
-        official = layer.to(dtype)
-        w16 = w.to(dtype)
-        fns["official"] = lambda: official(x, w16, skip)
-
-    else:
+    if case.op not in OPS:
         raise ValueError(f"unknown op {case.op!r}")
+    fns = benchmark(case.op).impls(case, device, dtype, seed, impls)
     return {k: fns[k] for k in impls if k in fns}
 
 
@@ -397,7 +195,7 @@ def _csv_ints(text: str) -> list[int]:
 
 def build_parser() -> ArgumentParser:
     """The CLI's argument parser."""
-    p = ArgumentParser(prog="python benchmarks/gpu_kernels.py", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog="python -m benchmarks.gpu_kernels", description=__doc__.splitlines()[0],
                        epilog="Exit codes: 0 measured (or no CUDA: nothing measured, one line printed), 1 an "
                               "implementation failed, 2 usage error (one line), 130 interrupted.")
     p.add_argument("--batch", type=_csv_ints, default=[1, 8], help="batch sizes (default 1,8)")

@@ -9,15 +9,15 @@ On one CUDA GPU (made for a lent H200: minutes, not hours), in at most `--budget
 1. `environment`: GPU name, memory, compute capability, driver, CUDA, torch, triton and Python
    versions, and the two ceilings measured on this GPU: device-to-device copy bandwidth (GB/s,
    bytes read + written) and the bf16 / fp16 matmul rate (TFLOP/s, 8192^3 on random data).
-2. `kernel_parity`: the kernel tests marked `gpu` (tests/test_bias_act.py, test_upfirdn2d.py,
-   test_modulated_conv2d.py: the same functions the CPU suite runs in Triton's interpreter; fp32,
-   fp16, bf16, odd shapes), run by pytest in a subprocess with this module as a plugin (`-p
-   benchmarks.gpu_suite`), which (a) poisons every fresh output: `torch.empty`, `torch.empty_like`
-   and `torch.empty_strided` return NaN-filled floating tensors during each test, so an element a
-   kernel does not write fails the test's NaN check, whatever the caching allocator hands out;
-   (b) draws fresh random inputs: `torch.Generator().manual_seed(s)` and `torch.manual_seed(s)`
-   mix in the run's `--seed`, recorded so a failure can be rerun; (c) writes one JSON line per
-   test. A kernel that kills the process leaves the lines written so far.
+2. `kernel_parity`: the kernel tests marked `gpu` (the op table's test files, `kernels.ops`:
+   tests/test_bias_act.py, test_upfirdn2d.py, test_modulated_conv2d.py: the same functions the CPU
+   suite runs in Triton's interpreter; fp32, fp16, bf16, odd shapes), run by pytest in a subprocess
+   with this module as a plugin (`-p benchmarks.gpu_suite`), which (a) poisons every fresh output:
+   `torch.empty`, `torch.empty_like` and `torch.empty_strided` return NaN-filled floating tensors
+   during each test, so an element a kernel does not write fails the test's NaN check, whatever
+   the caching allocator hands out; (b) draws fresh random inputs: `torch.Generator().manual_seed(s)`
+   and `torch.manual_seed(s)` mix in the run's `--seed`, recorded so a failure can be rerun;
+   (c) writes one JSON line per test. A kernel that kills the process leaves the lines written so far.
 3. `e2e_parity`: every CUDA row of the backend registry (`export.backends.BACKENDS`) x each of
    its precisions, loaded through `engine.load` and run through `Engine.invert`, against the fp32
    reference backend (TF32 off) on the same inputs: the golden inputs (`--golden`, or
@@ -33,7 +33,8 @@ On one CUDA GPU (made for a lent H200: minutes, not hours), in at most `--budget
    (`torch.cuda.max_memory_allocated`), and for the rows whose model is torch modules on one device
    (engine, triton) the same forward captured as a fixed-batch CUDA graph (`torch.cuda.CUDAGraph`)
    and replayed: its time, whether it paid (>= 3 % faster), or why capture failed.
-   `kernel_speed`: per op and layer shape of the 1024 generator, `benchmarks.gpu_kernels.run_case`
+   `kernel_speed`: per op of the op table and layer shape of the 1024 generator (the ops the
+   Triton generator calls first), `benchmarks.gpu_kernels.run_case`
    (triton vs ref vs the official formulation, `triton.testing.do_bench` medians) against the
    roofline of `kernels.inspect` (`PEAKS`, datasheet) and against the ceilings measured in step 1.
 
@@ -82,11 +83,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from kernels.ops import OPS, kernel_test_files
 from reference.cli import ArgumentParser, run_cli, say
 from reference.files import write_json
 
 REPO = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ("tests/test_bias_act.py", "tests/test_upfirdn2d.py", "tests/test_modulated_conv2d.py")
+KERNEL_TESTS = kernel_test_files()  # the op table's test files (kernels/ops.py)
 GOLDEN_NAME = "public_ffhq_encode_256_seed0.npz"
 GOLDEN_CONFIG = "ffhq_encode_256"  # the golden vectors' checkpoint: make_checkpoint(GOLDEN_CONFIG, 0)
 CONFIG_FOR_SIZE = {256: "ffhq_encode_256", 1024: "ffhq_encode"}
@@ -139,12 +141,13 @@ class Plan:
     budget_s: float
 
 
-ALL_OPS = ("styled_conv2d", "to_rgb", "upfirdn2d", "bias_act")  # the generator's own kernels first
+GENERATOR_OPS = tuple(o.name for o in OPS if o.generator)  # the ops the Triton generator calls itself
+ALL_OPS = GENERATOR_OPS + tuple(o.name for o in OPS if not o.generator)  # the generator's own kernels first
 PLANS = {
     "full": Plan("cuda", (256, 1024), 2, ("fp32", "bf16", "fp16"), 1024, (1, 8, 32), 3, 10, True, None, None,
                  1024, (1, 8), ALL_OPS, None, 450.0),
     "quick": Plan("cuda", (256, 1024), 1, ("fp32", "bf16", "fp16"), 1024, (1, 8), 2, 5, True, 6, None,
-                  1024, (8,), ("styled_conv2d", "to_rgb"), None, 240.0),
+                  1024, (8,), GENERATOR_OPS, None, 240.0),
     "dry-run": Plan("dry-run", (32,), 1, ("fp32",), 32, (1,), 0, 0, False, 1, "matches_reference",
                     8, (1,), ALL_OPS, 1, 900.0),
 }
@@ -908,7 +911,8 @@ def _run(args) -> int:
         print(NO_CUDA, flush=True)
         return 0
     if args.dry_run:
-        if any(m == "kernels" or m.startswith("kernels.") for m in sys.modules) and \
+        # the op table (kernels.ops, imported above) is strings only; any other kernels module fixes the switch
+        if any(m.startswith("kernels.") and m != "kernels.ops" for m in sys.modules) and \
                 os.environ.get("TRITON_INTERPRET") != "1":
             from reference.errors import UsageError
 

@@ -1,6 +1,6 @@
 """ONNX export of a pSp part: the TorchScript exporter against the torch.export-based one, side by side.
 
-Run: `python benchmarks/onnx_export.py [--checkpoint C] [--part encoder] [--rounds 1]`
+Run (from the repository root): `python -m benchmarks.onnx_export [--checkpoint C] [--part encoder] [--rounds 1]`
 
 What `export.onnx` used until 2026-12-01 (`torch.onnx.export(..., dynamo=False)`: one protobuf holding
 every weight, serialized, then copied into Python bytes) against what it uses now (`dynamo=True`,
@@ -25,10 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _children import medians, print_header, run_child  # noqa: E402
+from benchmarks._children import medians, print_header, run_child
 
 VARIANTS = ("torchscript", "dynamo")
 
@@ -87,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="onnx_export_") as tmp:
         for _ in range(args.rounds):
             for variant in VARIANTS:
-                row = run_child([__file__, "--child", variant, "--checkpoint", ckpt, "--part", args.part, "--out", tmp])
+                row = run_child(["-m", "benchmarks.onnx_export", "--child", variant, "--checkpoint", ckpt, "--part", args.part, "--out", tmp])
                 if row is None:
                     return 1
                 rows.append(row)

@@ -1,6 +1,6 @@
 """OpenVINO's resident memory with and without giving back the pages of its mapped weight files.
 
-Run: `python benchmarks/openvino_memory.py [--checkpoint C] [--images 4] [--rounds 1]`
+Run (from the repository root): `python -m benchmarks.openvino_memory [--checkpoint C] [--images 4] [--rounds 1]`
 
 `export.graph.openvino_runner` compiles a cached ONNX graph; the CPU plugin maps the weight file
 (the graph's `.onnx.data`, or its compiled blob in the cache) and, on the first inference, reorders
@@ -28,10 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _children import medians, print_header, run_child  # noqa: E402
+from benchmarks._children import medians, print_header, run_child
 
 VARIANTS = {"pages kept": False, "pages given back": True}
 
@@ -86,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for _ in range(args.rounds):
         for name, release in VARIANTS.items():
-            row = run_child([__file__, "--child", str(int(release)), "--checkpoint", ckpt, "--images", str(args.images)])
+            row = run_child(["-m", "benchmarks.openvino_memory", "--child", str(int(release)), "--checkpoint", ckpt, "--images", str(args.images)])
             if row is None:
                 return 1
             rows.append({**row, "variant": name})

@@ -1,6 +1,6 @@
 """Which layers should stay fp32 in bf16/fp16: the error of each choice, measured side by side.
 
-Run: `python benchmarks/precision_choices.py [--size 1024] [--precision bf16] [--batch 2] [--json out.json]`
+Run (from the repository root): `python -m benchmarks.precision_choices [--size 1024] [--precision bf16] [--batch 2] [--json out.json]`
 
 Every choice is the engine formulation with its precision emulated (`export.engine_model.emulate_rounding`:
 weights and layer activations rounded, fp32 arithmetic in between), on the same random inputs,
@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from reference.cli import ArgumentParser, int_at_least, run_cli  # noqa: E402
-from reference.files import write_json  # noqa: E402
+from reference.cli import ArgumentParser, int_at_least, run_cli
+from reference.files import write_json
 
 CHOICES = {
     "all layers": lambda name, mod, size: False,
@@ -44,7 +40,7 @@ def _resolution(name: str, size: int) -> int:
 
 def build_parser() -> ArgumentParser:
     """The CLI's argument parser."""
-    p = ArgumentParser(prog="python benchmarks/precision_choices.py", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m benchmarks.precision_choices", description=__doc__.split("\n\n")[0],
                        epilog="Exit codes: 0 measured, 2 usage or checkpoint error (one line), 130 interrupted.")
     p.add_argument("--size", type=int, default=1024, choices=[256, 1024])
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16"])

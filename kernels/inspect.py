@@ -2,8 +2,8 @@
 
     python -m kernels.inspect [--json] [--arch 80,90] [--output-size 1024] [--jobs N]
 
-For each `KernelSpec` of `kernels.bias_act`, `kernels.upfirdn2d` and `kernels.modulated_conv2d`
-(`aot_specs(output_size)`) and each target: registers per thread, spilled bytes, shared memory per
+For each `KernelSpec` of the kernels modules of the op table (`kernels.ops.spec_modules()`: their
+`aot_specs(output_size)`) and each target: registers per thread, spilled bytes, shared memory per
 block, whether tensor-core MMA instructions (HMMA on sm_80, HGMMA/HMMA on sm_90) appear in the
 SASS, and the roofline time of one call from the spec's FLOPs and compulsory bytes. No kernel runs:
 compilation needs no GPU (Triton's `triton.compile(ASTSource(...), target=GPUTarget(...))`, ptxas,
@@ -60,10 +60,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from kernels._triton import KernelSpec, interpret_mode, jit_function
+from kernels.ops import spec_modules
 from reference.cli import ArgumentParser, run_cli, say
 from reference.errors import PSPError
 
-SPEC_MODULES = ("kernels.bias_act", "kernels.upfirdn2d", "kernels.modulated_conv2d")
+SPEC_MODULES = spec_modules()  # the op table's kernels modules (kernels/ops.py)
 DEFAULT_ARCHS = (80, 90)
 REPO = Path(__file__).resolve().parent.parent
 
@@ -744,7 +745,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output-size", type=int, default=1024, help="generator resolution for aot_specs (default 1024)")
     p.add_argument("--jobs", type=int, default=None, help="compile worker processes (default min(4, CPUs))")
     p.add_argument("--source", action="append", default=None,
-                   help="spec source instead of the three kernel modules: pkg.module[:func] or file.py:func "
+                   help="spec source instead of the op table's kernel modules: pkg.module[:func] or file.py:func "
                    "(repeatable)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "i/n": compile shard i of n
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)

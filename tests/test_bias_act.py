@@ -7,6 +7,7 @@ NCHW / NHWC / channels_last, fp32/fp16/bf16, lrelu/linear, gain, clamp.
 
 from __future__ import annotations
 
+import zlib
 
 import pytest
 import torch
@@ -15,10 +16,12 @@ pytest.importorskip("triton")
 
 from kernels import bias_act as ba  # noqa: E402
 from kernels._triton import interpret_mode, jit_function  # noqa: E402
+from kernels.ops import op  # noqa: E402
 from triton_trace import trace_for, traces
 from export.compare import assert_close  # noqa: E402
 
 DEVICE = "cpu" if interpret_mode() else "cuda"
+TOL_KEY = op("bias_act").tolerance  # the op table's key of export.compare.TOL
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 13, 7, 7), (3, 5, 13, 7), (8, 37, 3, 5)]  # the last spans 5 programs of 1024
 ACTS = {
@@ -56,12 +59,12 @@ def _make(shape, layout, dtype, seed):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_matches_reference(dtype, shape, layout, act):
-    x, b, dim = _make(shape, layout, dtype, seed=hash((shape, layout, act)) % 2**31)
+    x, b, dim = _make(shape, layout, dtype, seed=zlib.crc32(repr((shape, layout, act)).encode()))
     kw = ACTS[act]
     out = ba.bias_act(x, b, dim=dim, impl="triton", **kw)
     ref = ba.bias_act(x.float(), b.float(), dim=dim, impl="ref", **kw)  # fp32 reference, same values
     assert out.dtype == dtype and out.stride() == x.stride()
-    assert_close(out, ref, "bias_act_triton", str(dtype).split(".")[-1])
+    assert_close(out, ref, TOL_KEY, str(dtype).split(".")[-1])
     if "clamp" in kw:
         assert float(out.float().abs().max()) <= kw["clamp"]
 
@@ -72,11 +75,11 @@ def test_no_bias_negative_dim_and_2d(dtype):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 7, 5, 11, generator=g).to(dtype).to(DEVICE)
     out = ba.bias_act(x, None, dim=-1, impl="triton")
-    assert_close(out, ba.bias_act(x.float(), None, dim=-1), "bias_act_triton", str(dtype).split(".")[-1])
+    assert_close(out, ba.bias_act(x.float(), None, dim=-1), TOL_KEY, str(dtype).split(".")[-1])
     # [N, C] as the mapping network's EqualLinear(activation="fused_lrelu") uses it
     z = torch.randn(8, 37, generator=g).to(dtype).to(DEVICE)
     bz = torch.randn(37, generator=g).to(DEVICE)
-    assert_close(ba.bias_act(z, bz, impl="triton"), ba.bias_act(z.float(), bz), "bias_act_triton",
+    assert_close(ba.bias_act(z, bz, impl="triton"), ba.bias_act(z.float(), bz), TOL_KEY,
                  str(dtype).split(".")[-1])  # fmt: skip
 
 

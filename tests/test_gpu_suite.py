@@ -87,9 +87,10 @@ def test_dry_run_runs_every_section_and_passes(dry_run):
     assert set(speed["fastest"]) == {"fp32"}
     assert speed["placement"]["triton fp32"]["devices"] == ["cpu"]
 
-    ks = sections["kernel_speed"]["data"]
-    assert {(r["op"], r["impl"]) for r in ks["rows"]} == {
-        (op, impl) for op in ("bias_act", "upfirdn2d", "styled_conv2d", "to_rgb") for impl in ("triton", "ref")}
+    from kernels.ops import NAMES
+
+    ks = sections["kernel_speed"]["data"]  # one case per op of the op table
+    assert {(r["op"], r["impl"]) for r in ks["rows"]} == {(op, impl) for op in NAMES for impl in ("triton", "ref")}
     assert all(r["median_ms"] > 0 and r["roofline_ms"] > 0 and r["error"] is None for r in ks["rows"])
 
     md = (out / "results.md").read_text()
@@ -135,3 +136,16 @@ def test_kernel_subset_spreads_over_parametrisations(suite):
     kept, dropped = suite._kernel_selection(items, 3)
     assert [i.name for i in kept] == ["test_a[0]", "test_a[2]", "test_a[4]", "test_b"]
     assert len(dropped) == 3
+
+
+def test_plans_time_the_op_table(suite):
+    """The kernel tests and the timed ops come from the op table (kernels/ops.py): every op in the full
+    and dry-run plans, the generator's own first; the quick plan times the generator's ops only."""
+    from kernels.ops import NAMES, kernel_test_files
+
+    assert suite.KERNEL_TESTS == kernel_test_files()
+    assert all((REPO / t).is_file() for t in suite.KERNEL_TESTS)
+    for mode in ("full", "dry-run"):
+        assert sorted(suite.PLANS[mode].kernel_ops) == sorted(NAMES), mode
+        assert suite.PLANS[mode].kernel_ops[:2] == suite.GENERATOR_OPS == ("styled_conv2d", "to_rgb")
+    assert suite.PLANS["quick"].kernel_ops == suite.GENERATOR_OPS

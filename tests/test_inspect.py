@@ -17,7 +17,6 @@ import io
 import json
 import os
 import struct
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -396,24 +395,25 @@ def test_real_roofline_total(real_reports):
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmarks/gpu_kernels.py: its CPU side (case list, argument building, the official formulation)
+# benchmarks.gpu_kernels and the per-op benchmarks (benchmarks/kernel_ops): their CPU side (case list,
+# argument building, the official formulation)
 
 
 @pytest.fixture(scope="module")
 def gpu_bench():
-    import importlib.util
+    """`benchmarks.gpu_kernels`, imported as `python -m benchmarks.gpu_kernels` runs it (the repository root
+    on the path, no path edits in the benchmark)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(REPO))
+        import benchmarks.gpu_kernels as gk
 
-    spec = importlib.util.spec_from_file_location("_gpu_kernels_bench", REPO / "benchmarks" / "gpu_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+        yield gk
 
 
 def test_bench_cases(gpu_bench):
     cases = gpu_bench.build_cases(1024, (1, 8))
-    per_batch = {"bias_act": 9, "upfirdn2d": 16, "styled_conv2d": 17, "to_rgb": 9}
+    per_batch = {"bias_act": 9, "upfirdn2d": 16, "modulated_conv2d": 17, "styled_conv2d": 17, "to_rgb": 9}
+    assert set(per_batch) == set(gpu_bench.OPS)  # every op of the table has its benchmark cases
     for op, n in per_batch.items():
         assert sum(c.op == op for c in cases) == 2 * n, op
     assert len({c.name for c in cases}) == len(cases)
@@ -448,6 +448,8 @@ def test_bench_triton_args_in_interpreter(gpu_bench):
     cases = [c for c in cases if c not in blur] + [Case("upfirdn2d", "Blur after the up conv 16x9->8px", 2, 16, 16, 8,
                                                         used=False)]
     cases += [Case("styled_conv2d", "small up", 2, 32, 16, 8, up=2), Case("styled_conv2d", "small", 2, 16, 16, 8)]
+    cases += [Case("modulated_conv2d", "small up", 2, 32, 16, 8, up=2, used=False),
+              Case("modulated_conv2d", "small", 2, 16, 16, 8, used=False)]
     for case in cases:
         fns = gpu_bench.make_impls(case, "cpu", torch.float32, impls=("triton", "official"))
         with torch.inference_mode():

@@ -18,10 +18,13 @@ triton = pytest.importorskip("triton")
 
 from kernels import modulated_conv2d as mc  # noqa: E402
 from kernels._triton import interpret_mode, jit_function  # noqa: E402
+from kernels.ops import op  # noqa: E402
 from reference import ops as ref_ops  # noqa: E402
 from export.compare import assert_close  # noqa: E402
 
 DEVICE = "cpu" if interpret_mode() else "cuda"
+# the op table's keys of export.compare.TOL (three ops of one kernel)
+MODCONV_TOL, STYLED_TOL, RGB_TOL = (op(name).tolerance for name in ("modulated_conv2d", "styled_conv2d", "to_rgb"))
 BLUR = ref_ops.setup_filter([1, 3, 3, 1], gain=4)  # the stored blur.kernel / upsample.kernel
 _CONV_CONFIG = mc.conv_config
 
@@ -97,7 +100,7 @@ def test_styled_conv2d_matches_reference(dtype, n, c_in, c_out, size, up, demod,
         **dict(args, fir=_dev(fir)),
     )
     assert out.dtype == dtype and out.shape == (n, c_out, s_out, s_out)
-    assert_close(out.cpu(), ref, "styled_conv2d_triton", str(dtype).removeprefix("torch."))
+    assert_close(out.cpu(), ref, STYLED_TOL, str(dtype).removeprefix("torch."))
     if clamp is not None:
         assert float(out.abs().max()) <= float(torch.tensor(clamp).to(dtype))  # the clamp, rounded once
 
@@ -123,7 +126,7 @@ def test_modulated_conv2d_matches_reference(dtype, n, c_in, c_out, size, k, up, 
     args_dev = dict(args, fir=_dev(args["fir"]))
     out = mc.modulated_conv2d(xd, _dev(p["weight"]), _dev(p["styles"]), impl="triton", **args_dev)
     assert out.dtype == dtype
-    assert_close(out.cpu(), ref, "modulated_conv2d_triton", str(dtype).removeprefix("torch."))
+    assert_close(out.cpu(), ref, MODCONV_TOL, str(dtype).removeprefix("torch."))
 
 
 RGB_CASES = [
@@ -146,7 +149,7 @@ def test_to_rgb_matches_reference(dtype, n, c_in, size, skip, fir):
     ref = mc.to_rgb(x32, p["weight"], p["styles"], bias, None if skip_t is None else skip_t.float(), f, impl="ref")
     out = mc.to_rgb(xd, _dev(p["weight"]), _dev(p["styles"]), _dev(bias), _dev(skip_t), _dev(f), impl="triton")
     assert out.dtype == dtype and out.shape == (n, 3, size, size)
-    assert_close(out.cpu(), ref, "to_rgb_triton", str(dtype).removeprefix("torch."))
+    assert_close(out.cpu(), ref, RGB_TOL, str(dtype).removeprefix("torch."))
 
 
 @pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
@@ -161,7 +164,7 @@ def test_generator_block_configs(monkeypatch):
         ref = mc.styled_conv2d(p["x"], p["weight"], p["styles"], nz, 0.5, p["bias"], up=up, fir=BLUR, impl="ref")
         out = mc.styled_conv2d(_dev(p["x"]), _dev(p["weight"]), _dev(p["styles"]), _dev(nz), 0.5, _dev(p["bias"]),
                                up=up, fir=_dev(BLUR), impl="triton")
-        assert_close(out.cpu(), ref, "styled_conv2d_triton", "float32")
+        assert_close(out.cpu(), ref, STYLED_TOL, "float32")
 
 
 @pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
@@ -171,7 +174,7 @@ def test_several_channel_blocks(monkeypatch):
     p = _layer(3, 20, 24, 7, seed=5)
     ref = mc.styled_conv2d(p["x"], p["weight"], p["styles"], bias=p["bias"], impl="ref")
     out = mc.styled_conv2d(_dev(p["x"]), _dev(p["weight"]), _dev(p["styles"]), bias=_dev(p["bias"]), impl="triton")
-    assert_close(out.cpu(), ref, "styled_conv2d_triton", "float32")
+    assert_close(out.cpu(), ref, STYLED_TOL, "float32")
 
 
 @pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
@@ -187,12 +190,12 @@ def test_layouts_channels_last_and_strided(up):
     xcl = _dev(x16).contiguous(memory_format=torch.channels_last)
     out = mc.styled_conv2d(xcl, *args, up=up, fir=_dev(BLUR), impl="triton")
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert_close(out.cpu(), ref, "styled_conv2d_triton", "float16")
+    assert_close(out.cpu(), ref, STYLED_TOL, "float16")
     big = torch.zeros(2, 32, 11, 12, dtype=torch.float16)
     big[:, :, 1:10, 2:11] = x16
     view = _dev(big)[:, :, 1:10, 2:11]  # not contiguous, offset storage
     out = mc.styled_conv2d(view, *args, up=up, fir=_dev(BLUR), impl="triton")
-    assert_close(out.cpu(), ref, "styled_conv2d_triton", "float16")
+    assert_close(out.cpu(), ref, STYLED_TOL, "float16")
 
 
 @pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
@@ -223,7 +226,7 @@ def test_bfloat16_matches_reference():  # pragma: no cover - needs a GPU
     out = mc.styled_conv2d(
         xd, _dev(p["weight"]), _dev(p["styles"]), bias=_dev(p["bias"]), up=2, fir=_dev(BLUR), impl="triton"
     )
-    assert_close(out.cpu(), ref, "styled_conv2d_triton", "bfloat16")
+    assert_close(out.cpu(), ref, STYLED_TOL, "bfloat16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +246,7 @@ def test_fp16_demodulation_extreme_styles_stay_finite(style_scale):
         ref = ref_ops.modulated_conv2d(x16.double(), p["weight"].double(), styles.double(), up=up, fir=BLUR.double())
         out = mc.modulated_conv2d(_dev(x16), _dev(p["weight"]), _dev(styles), up=up, fir=_dev(BLUR), impl="triton")
         assert torch.isfinite(out).all()
-        assert_close(out.cpu(), ref, "modulated_conv2d_triton", "float16")
+        assert_close(out.cpu(), ref, MODCONV_TOL, "float16")
 
 
 @pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
@@ -257,7 +260,7 @@ def test_fp16_to_rgb_large_styles_stay_finite():
     ref = mc.to_rgb(x16.double(), weight.double(), styles.double(), bias.double(), impl="ref")
     out = mc.to_rgb(_dev(x16), _dev(weight), _dev(styles), _dev(bias), impl="triton")
     assert torch.isfinite(out).all()
-    assert_close(out.cpu(), ref, "to_rgb_triton", "float16")
+    assert_close(out.cpu(), ref, RGB_TOL, "float16")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ two StyleGAN2 uses); strided inputs.
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -18,11 +19,13 @@ pytest.importorskip("triton")
 
 from kernels import upfirdn2d as ud  # noqa: E402
 from kernels._triton import interpret_mode, jit_function  # noqa: E402
+from kernels.ops import op  # noqa: E402
 from reference.ops import setup_filter  # noqa: E402
 from triton_trace import trace_for, traces
 from export.compare import assert_close  # noqa: E402
 
 DEVICE = "cpu" if interpret_mode() else "cuda"
+TOL_KEY = op("upfirdn2d").tolerance  # the op table's key of export.compare.TOL
 FILTERS = {
     "blur4": setup_filter([1, 3, 3, 1], gain=4),  # 2-D, symmetric (StyleGAN2's)
     "asym3x5": torch.rand(3, 5, generator=torch.Generator().manual_seed(7)) + 0.1,  # 2-D: the flip matters
@@ -58,12 +61,12 @@ def _x(shape, dtype, seed):
 @pytest.mark.parametrize("up, down, pad, fname, shape, gain", _cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_matches_reference(dtype, up, down, pad, fname, shape, gain):
-    x = _x(shape, dtype, seed=hash((up, down, str(pad), fname)) % 2**31)
+    x = _x(shape, dtype, seed=zlib.crc32(repr((up, down, str(pad), fname)).encode()))
     fir = FILTERS[fname].to(DEVICE)
     out = ud.upfirdn2d(x, fir, up, down, pad, gain, impl="triton")
     ref = ud.upfirdn2d(x.float(), fir, up, down, pad, gain, impl="ref")  # fp32 reference, same values
     assert out.dtype == dtype and out.is_contiguous()
-    assert_close(out, ref, "upfirdn2d_triton", str(dtype).split(".")[-1])
+    assert_close(out, ref, TOL_KEY, str(dtype).split(".")[-1])
 
 
 # the two StyleGAN2 uses: Blur after the transposed conv, ToRGB skip Upsample
@@ -75,13 +78,13 @@ USES = {"blur": dict(up=1, padding=(1, 1, 1, 1)), "skip_upsample": dict(up=2, pa
 @pytest.mark.parametrize("use", list(USES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 def test_stylegan2_uses(dtype, use, shape):
-    x = _x(shape, dtype, seed=hash((use, shape)) % 2**31)
+    x = _x(shape, dtype, seed=zlib.crc32(repr((use, shape)).encode()))
     fir = FILTERS["blur4"].to(DEVICE)
     out = ud.upfirdn2d(x, fir, impl="triton", **USES[use])
     ref = ud.upfirdn2d(x.float(), fir, **USES[use])
     n, c, h, w = shape
     assert out.shape == ((n, c, h - 1, w - 1) if use == "blur" else (n, c, 2 * h, 2 * w))
-    assert_close(out, ref, "upfirdn2d_triton", str(dtype).split(".")[-1])
+    assert_close(out, ref, TOL_KEY, str(dtype).split(".")[-1])
 
 
 @pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
@@ -91,7 +94,7 @@ def test_strided_input(layout):
     x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x[:, 1:4, ::2, 1::2]
     fir = FILTERS["asym3x5"].to(DEVICE)
     out = ud.upfirdn2d(x, fir, up=2, down=1, padding=(2, 1, 3, 0), impl="triton")
-    assert_close(out, ud.upfirdn2d(x.contiguous(), fir, up=2, down=1, padding=(2, 1, 3, 0)), "upfirdn2d_triton")
+    assert_close(out, ud.upfirdn2d(x.contiguous(), fir, up=2, down=1, padding=(2, 1, 3, 0)), TOL_KEY)
 
 
 @pytest.mark.gpu  # run on CUDA by python -m benchmarks.gpu_suite
