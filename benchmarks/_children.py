@@ -25,9 +25,9 @@ def medians(rows: list[dict], variant: str, keys: tuple[str, ...]) -> dict[str, 
 
 
 def print_header(what: str, columns: list[str]) -> None:
-    """The CPU model and flags (`reference.platform.cpu_summary`), a line saying what ran, and a
+    """The CPU model and flags (`reference.plumbing.platform.cpu_summary`), a line saying what ran, and a
     Markdown table header with `columns`."""
-    from reference.platform import cpu_summary
+    from reference.plumbing.platform import cpu_summary
 
     print(f"CPU: {cpu_summary()}")
     print(f"{what}\n")

@@ -5,7 +5,7 @@ Run (from the repository root): `python -m benchmarks.bf16_ops [--repeats 3]`
 Each op runs in fp32 and in bf16 in this process (warm-up apart, median of `--repeats`), and the
 ratio bf16/fp32 is printed with the CPU model and its flags. On CPUs with bf16 units (AMX-BF16,
 AVX512-BF16) bf16 is several times faster; without them torch emulates it through fp32 and it is
-slower: this is why `--precision auto` picks bf16 only where `reference.platform.bf16_units()` finds
+slower: this is why `--precision auto` picks bf16 only where `reference.plumbing.platform.bf16_units()` finds
 them.
 """
 
@@ -32,7 +32,7 @@ OPS = {
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.cpu_engines import time_stage
-    from reference.platform import cpu_summary
+    from reference.plumbing.platform import cpu_summary
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)

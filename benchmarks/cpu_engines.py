@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from reference.description import ENCODER_SIZE
+
 
 CONFIG = {256: "ffhq_encode_256", 1024: "ffhq_encode"}
 
@@ -37,7 +39,7 @@ CONFIG = {256: "ffhq_encode_256", 1024: "ffhq_encode"}
 def checkpoint_for(size: int) -> Path:
     """The rule checkpoint of `size`, cached as a file (ONNX export caches key on the file)."""
     from engine.demo import demo_checkpoint_path
-    from reference.files import cache_dir
+    from reference.plumbing.files import cache_dir
     from reference import make_checkpoint, save_checkpoint
 
     if size == 1024:
@@ -52,14 +54,14 @@ def variants(precisions: list[str], backends: list[str] | None = None) -> tuple[
     """`backend:precision` variants of the registry's CPU rows whose package is installed (the
     reference first), and notes on what was left out and why."""
     from export.backends import BACKENDS
-    from reference.platform import bf16_units
+    from reference.plumbing.platform import bf16_units
 
     out, notes = [], []
     for b in BACKENDS.values():
         if backends is not None and b.name not in backends:
             continue
-        if b.name in ("triton", "tensorrt") or "cpu" not in b.precisions:
-            continue  # GPU backends (triton runs on a CPU only in the interpreter)
+        if "cpu" not in b.precisions or "cpu" in b.emulated_on:
+            continue  # GPU backends, and those a CPU runs only emulated (triton: in the interpreter)
         if not b.installed():
             notes.append(f"{b.name}: not installed ({b.package})")
             continue
@@ -81,7 +83,9 @@ def load(variant: str, size: int):
 
 
 def inputs(batch: int) -> torch.Tensor:
-    return torch.rand(batch, 3, 256, 256, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+    """RGB encoder inputs `[batch, 3, 256, 256]` float32 in [-1, 1], seeded by the batch size."""
+    s = ENCODER_SIZE
+    return torch.rand(batch, 3, s, s, generator=torch.Generator().manual_seed(batch)) * 2 - 1
 
 
 def count_flops(eng, batch: int = 1) -> dict[str, float]:
@@ -142,7 +146,7 @@ def main() -> int:
         rss_child(args.rss_child[0], int(args.rss_child[1]), int(args.rss_child[2]))
         return 0
     torch.set_grad_enabled(False)
-    from reference.platform import cpu_summary
+    from reference.plumbing.platform import cpu_summary
 
     names, notes = variants(args.precisions.split(","), args.backends.split(",") if args.backends else None)
     results = [{"cpu": cpu_summary(), "torch": torch.__version__, "threads": torch.get_num_threads(), "notes": notes}]

@@ -78,9 +78,9 @@ def service(ckpt: Path, backend: str, clients: list[int], requests: int, shared:
     import ray
     from ray import serve
 
-    from engine.serve import ServeOptions, start
+    from engine.serve.app import ServeOptions, start
 
-    from engine.ray_local import start_local_ray
+    from engine.cluster.ray_local import start_local_ray
 
     cpus = len(os.sched_getaffinity(0))
     start_local_ray(cpus, log_to_driver=False)  # loopback only, token auth, files in a private folder

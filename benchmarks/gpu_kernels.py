@@ -47,9 +47,9 @@ import torch
 
 from benchmarks.kernel_ops.common import Case
 from kernels.ops import NAMES, op, resolve
-from reference.cli import ArgumentParser, int_at_least, run_cli
-from reference.errors import UsageError
-from reference.files import write_json
+from reference.plumbing.cli import ArgumentParser, int_at_least, run_cli
+from reference.plumbing.errors import UsageError
+from reference.plumbing.files import write_json
 
 OPS = NAMES  # every op of the table, in its order
 IMPLS = ("triton", "ref", "official")

@@ -84,8 +84,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from kernels.ops import OPS, kernel_test_files
-from reference.cli import ArgumentParser, run_cli, say
-from reference.files import write_json
+from reference.plumbing.cli import ArgumentParser, run_cli, say
+from reference.plumbing.files import write_json
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = kernel_test_files()  # the op table's test files (kernels/ops.py)
@@ -268,7 +268,7 @@ def environment(plan: Plan, device: torch.device) -> dict[str, Any]:
     """Versions, the device, and the two ceilings (copy GB/s, bf16/fp16 matmul TFLOP/s)."""
     import triton
 
-    from reference.platform import cpu_summary
+    from reference.plumbing.platform import cpu_summary
 
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                            "triton": triton.__version__, "cpu": cpu_summary(), "device_type": device.type}
@@ -530,14 +530,13 @@ def load_row(path: Path, backend: str, precision: str, device: torch.device):
     """The `Engine` of one registry row: `engine.load` on CUDA; in a dry run the CUDA row's own
     loader on the CPU (`resolve` would refuse a CUDA-only precision there)."""
     import engine
-    from engine.api import Engine
-    from export.backends import BACKENDS, LoadRequest
-    from reference.files import cache_dir
+    from engine.api import Engine, LoadPlan
+    from export.backends import Choice, load_model
 
     if device.type == "cuda":
         return engine.load(path, backend=backend, device=str(device), precision=precision)
-    model = BACKENDS[backend].load(LoadRequest(path, device, precision, False, cache_dir()))
-    return Engine(model, path, backend, device, False, precision, "dry-run: the CUDA row's loader on the CPU")
+    choice = Choice(backend, precision, "dry-run: the CUDA row's loader on the CPU")
+    return Engine(load_model(choice, path, device), LoadPlan(path, device, choice))
 
 
 def where_tensors_live(eng) -> dict[str, Any]:
@@ -594,7 +593,7 @@ def time_row(eng, plan: Plan, device: torch.device, size: int, seed: int, budget
         if budget.left() < 20:
             row["skipped"] = "time budget spent"
             continue
-        x = (torch.rand(batch, eng.input_nc, 256, 256, generator=torch.Generator().manual_seed(seed + batch)) * 2
+        x = (torch.rand(batch, eng.input_nc, eng.encoder_size, eng.encoder_size, generator=torch.Generator().manual_seed(seed + batch)) * 2
              - 1).to(device)
         reuse = plan.warmup == 0 and plan.reps == 0 and batch in (first_calls or {})
         if reuse:
@@ -641,6 +640,7 @@ def end_to_end(plan: Plan, device: torch.device, seed: int, golden_path: Path | 
     """Parity (section e2e_parity) and speed (section e2e_speed) of every CUDA row, one load per row and size."""
     import numpy as np
 
+    from export.backends import BASELINE
     from export.parity import golden_inputs
 
     rows = registry_rows(plan)
@@ -649,7 +649,7 @@ def end_to_end(plan: Plan, device: torch.device, seed: int, golden_path: Path | 
     speed: dict[str, Any] = {"rows": [], "size": plan.speed_size, "batches": list(plan.speed_batches),
                              "timing": "cuda-events" if device.type == "cuda" else "cpu-interpreter: not GPU figures",
                              "placement": {}}
-    run = sorted((r for r in rows if not r["skip"]), key=lambda r: r["backend"] != "reference")  # baseline first
+    run = sorted((r for r in rows if not r["skip"]), key=lambda r: r["backend"] != BASELINE)  # baseline first
     golden = None
     if golden_path is not None and plan.mode == "dry-run":
         parity["golden"] = (f"dry-run: skipped ({golden_path} needs the 256 px checkpoint, minutes per image in "
@@ -697,7 +697,7 @@ def end_to_end(plan: Plan, device: torch.device, seed: int, golden_path: Path | 
                     parity["rows"].append(dict(e2, error=_error(e), passed=False))
                     continue
                 label = f"{r['backend']}:{r['precision']}"
-                if r["backend"] == "reference":
+                if r["backend"] == BASELINE:
                     refs[name] = (w_plus, img)
                     e2["baseline"] = True
                 elif name in refs:
@@ -903,7 +903,7 @@ def _run(args) -> int:
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = set(sections) - set(SECTIONS)
     if bad:
-        from reference.errors import UsageError
+        from reference.plumbing.errors import UsageError
 
         raise UsageError(f"unknown sections {sorted(bad)}; choose from {','.join(SECTIONS)}")
     cuda = torch.cuda.is_available()
@@ -914,7 +914,7 @@ def _run(args) -> int:
         # the op table (kernels.ops, imported above) is strings only; any other kernels module fixes the switch
         if any(m.startswith("kernels.") and m != "kernels.ops" for m in sys.modules) and \
                 os.environ.get("TRITON_INTERPRET") != "1":
-            from reference.errors import UsageError
+            from reference.plumbing.errors import UsageError
 
             raise UsageError("--dry-run sets TRITON_INTERPRET=1 before kernels is imported: run it as a fresh process")
         os.environ["TRITON_INTERPRET"] = "1"

@@ -39,7 +39,7 @@ def child(variant: str, checkpoint: str, part: str, out: Path) -> dict:
     """One export in this process; its figures."""
     import torch
 
-    from export.engine_model import EnginePSP
+    from export.backends.engine_model import EnginePSP
     from export.onnx import IO_NAMES, _Part, example_input, export_onnx
     from reference import load_psp
 

@@ -2,10 +2,10 @@
 
 Run (from the repository root): `python -m benchmarks.openvino_memory [--checkpoint C] [--images 4] [--rounds 1]`
 
-`export.graph.openvino_runner` compiles a cached ONNX graph; the CPU plugin maps the weight file
+`export.backends.graph.openvino_runner` compiles a cached ONNX graph; the CPU plugin maps the weight file
 (the graph's `.onnx.data`, or its compiled blob in the cache) and, on the first inference, reorders
 the weights into buffers of its own, while the mapped pages stay resident. Since 2026-12-01 the
-runner gives them back after its first call (`reference.platform.page_out`); `release_pages=False`
+runner gives them back after its first call (`reference.plumbing.platform.page_out`); `release_pages=False`
 keeps them (before). Peak memory is per process, so each variant runs in a child process of its own
 (alternating, `--rounds` times each): the child compiles the encoder and the generator of the
 checkpoint's cached graphs (OpenVINO fp32, the compiled-model cache warm, as in every run after the
@@ -42,8 +42,8 @@ def child(release: bool, checkpoint: str, images: int) -> dict:
     """Compile both parts, invert `images` inputs; this process's figures."""
     import numpy as np
 
-    from export.graph import ReferenceLoader, cached_graphs, openvino_runner
-    from reference.files import cache_dir
+    from export.backends.graph import ReferenceLoader, cached_graphs, openvino_runner
+    from reference.plumbing.files import cache_dir
 
     cache = cache_dir()
     paths = cached_graphs(Path(checkpoint), ReferenceLoader(Path(checkpoint)), cache / "onnx")

@@ -2,7 +2,7 @@
 
 Run (from the repository root): `python -m benchmarks.precision_choices [--size 1024] [--precision bf16] [--batch 2] [--json out.json]`
 
-Every choice is the engine formulation with its precision emulated (`export.engine_model.emulate_rounding`:
+Every choice is the engine formulation with its precision emulated (`export.backends.engine_model.emulate_rounding`:
 weights and layer activations rounded, fp32 arithmetic in between), on the same random inputs,
 against the fp32 reference: relative error of w_plus and img, and the share of uint8 pixels more
 than 2 levels off. Emulation measures error on any CPU; speed needs bf16 units, so on a CPU
@@ -17,8 +17,8 @@ import sys
 
 import torch
 
-from reference.cli import ArgumentParser, int_at_least, run_cli
-from reference.files import write_json
+from reference.plumbing.cli import ArgumentParser, int_at_least, run_cli
+from reference.plumbing.files import write_json
 
 CHOICES = {
     "all layers": lambda name, mod, size: False,
@@ -52,9 +52,9 @@ def build_parser() -> ArgumentParser:
 def _body(args: argparse.Namespace) -> int:
     from benchmarks.cpu_engines import checkpoint_for, inputs
     from export.compare import compare, parity_tolerance
-    from export.engine_model import EnginePSP, emulate_rounding
+    from export.backends.engine_model import EnginePSP, emulate_rounding
     from reference import load_psp
-    from reference.platform import cpu_summary
+    from reference.plumbing.platform import cpu_summary
 
     torch.set_grad_enabled(False)
     print(f"CPU: {cpu_summary()}")

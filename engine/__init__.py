@@ -7,7 +7,7 @@
 CLI: `python -m engine.run --input photos/ --output out/` (see `engine/run.py`).
 """
 
-from reference.errors import CheckpointError, InputImageError, PSPError
+from reference.plumbing.errors import CheckpointError, InputImageError, PSPError
 
 from .api import BACKENDS, Engine, UsageError, load
 

@@ -38,8 +38,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from reference.cli import ArgumentParser, int_at_least, run_cli, say
-from reference.errors import InputImageError, PSPError, UsageError
+from reference.plumbing.cli import ArgumentParser, int_at_least, run_cli, say
+from reference.plumbing.errors import InputImageError, PSPError, UsageError
 from reference.images import MAX_PIXELS, atomic_write_image, read_image
 
 from .inputs import find_inputs, plan_jobs

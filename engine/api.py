@@ -3,28 +3,30 @@
 Source: Richardson et al., "Encoding in Style" (CVPR 2021), Sec. 3: `pSp(x) = G(E(x) + w_avg)`;
 inference as official `scripts/inference.py` (`randomize_noise=False`, `resize_outputs` default
 False). The backends are the rows of `export.backends.BACKENDS` (each returns a model with `encode`,
-`synthesize` at full resolution and a `description`); the `Engine` checks inputs, applies the
-official 256 resize once for all of them, and records which backend and precision run and why.
+`synthesize` at full resolution and a `description`: `export.backends.BackendModel`); the `Engine`
+checks inputs, applies the official 256 resize once for all of them, and reads every fact of the
+model (sizes, n_styles, backend, precision) from that description. The backend and precision are
+resolved once per load (`plan_load`: the registry's `resolve`), before anything is loaded.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from reference.errors import CheckpointError, UsageError
-from reference.files import cache_dir
+from reference.plumbing.errors import CheckpointError, UsageError
+from reference.plumbing.files import cache_dir
+from reference.description import ModelDescription
 from reference.images import MAX_PIXELS, read_input, to_input_tensor
 from reference.psp import face_pool, load_mapping
 
-from export.backends import BACKENDS, LoadRequest, resolve
+from export.backends import BACKENDS, Choice, load_model, resolve
 
 from . import demo
-
-ENCODER_SIZE = 256  # px, side of the encoder input
 
 
 DEVICES = ("cpu", "cuda")
@@ -59,41 +61,109 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-class Engine:
-    """A loaded pSp model ready for inference. Build with `engine.load`.
+@dataclass(frozen=True)
+class LoadPlan:
+    """What a load will load and run, resolved once (`plan_load`) before anything is loaded.
 
     Attributes:
-        model: the backend model (see `export.backends`).
-        description: its `reference.description.ModelDescription`.
-        checkpoint: `Path` of the checkpoint file (TensorRT: the plans' stem).
-        is_demo: True for the built-in random-weight demo checkpoint.
-        backend, precision: what runs ("engine", "bf16", ...); reason: why (auto's choice, or asked for).
-        device: `torch.device`.
+        checkpoint: `Path` of the checkpoint file (TensorRT: the plans' stem; the demo: its cache
+            path, built by `load_planned` when missing).
+        device: the `torch.device`.
+        choice: the registry's `export.backends.Choice` (backend, precision, reason).
+        is_demo: the built-in random-weight demo checkpoint.
+        trust_pickle: full unpickling allowed (see `engine.load`).
+    """
+
+    checkpoint: Path
+    device: torch.device
+    choice: Choice
+    is_demo: bool = False
+    trust_pickle: bool = False
+
+
+class Facts:
+    """A model's facts, read from its `description` and the `LoadPlan` that loads it, never copied:
+    what run options and manifests depend on. The base of `Engine`; `engine.run` builds one from a
+    checkpoint's opts to check its manifest without loading the model.
+
+    Args:
+        description: the `reference.description.ModelDescription` (its backend and precision are
+            those that run).
+        plan: the `LoadPlan`.
+
+    Attributes (read-only):
+        backend, precision: what runs ("engine", "bf16", ...), from the description; reason: why
+            (auto's choice, or asked for), from the plan's `Choice`.
+        checkpoint, device, is_demo, trust_pickle: from the plan.
         input_nc: encoder input channels (3 RGB, 1 sketch, label_nc for segmentation).
         label_nc: 0 RGB, 1 sketch, >1 number of segmentation classes.
         output_size: generator resolution R (256, 512 or 1024).
         n_styles: number of W+ style vectors (`2*log2(R) - 2`).
-        opts: the checkpoint's opts (dict).
+        encoder_size: the encoder input's side (256 px).
+        dataset_type, opts: the checkpoint's (opts a dict copy).
     """
 
-    def __init__(self, model, checkpoint: Path, backend: str, device: torch.device, is_demo: bool,
-                 precision: str = "fp32", reason: str = "asked for", trust_pickle: bool = False):
+    def __init__(self, description: ModelDescription, plan: LoadPlan):
+        self._description = description
+        self.plan = plan
+
+    @property
+    def description(self) -> ModelDescription:
+        return self._description
+
+    backend = property(lambda self: self.description.backend)
+    precision = property(lambda self: self.description.precision)
+    input_nc = property(lambda self: self.description.input_nc)
+    label_nc = property(lambda self: self.description.label_nc)
+    output_size = property(lambda self: self.description.output_size)
+    n_styles = property(lambda self: self.description.n_styles)
+    encoder_size = property(lambda self: self.description.encoder_size)
+    dataset_type = property(lambda self: self.description.dataset_type)
+    opts = property(lambda self: dict(self.description.opts))
+    reason = property(lambda self: self.plan.choice.reason)
+    checkpoint = property(lambda self: self.plan.checkpoint)
+    device = property(lambda self: self.plan.device)
+    is_demo = property(lambda self: self.plan.is_demo)
+    trust_pickle = property(lambda self: self.plan.trust_pickle)
+
+
+class Engine(Facts):
+    """A loaded pSp model ready for inference. Build with `engine.load` (or `Engine.around` for a
+    backend model already loaded).
+
+    Args:
+        model: the backend model (`export.backends.BackendModel`).
+        plan: the `LoadPlan` it was loaded by.
+
+    Attributes:
+        model: the backend model; description: its `ModelDescription` (`model.description`).
+        The facts of `Facts` (backend, precision, reason, checkpoint, device, is_demo, sizes, n_styles,
+        opts), read from the description and the plan.
+    """
+
+    def __init__(self, model, plan: LoadPlan):  # noqa: super().__init__ not called: the description is the model's
         self.model = model
-        self.description = model.description
-        self.checkpoint = checkpoint
-        self.backend = backend
-        self.precision = precision
-        self.reason = reason
-        self.device = device
-        self.is_demo = is_demo
-        self.trust_pickle = trust_pickle
-        d = self.description
-        self.opts: dict = dict(d.opts)
-        self.input_nc: int = d.input_nc
-        self.label_nc: int = d.label_nc
-        self.output_size: int = d.output_size
-        self.n_styles: int = d.n_styles
-        self.dataset_type = d.dataset_type
+        self.plan = plan
+
+    @property
+    def description(self) -> ModelDescription:
+        return self.model.description
+
+    @classmethod
+    def around(cls, model, checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
+               is_demo: bool = False, reason: str = "asked for", trust_pickle: bool = False) -> "Engine":
+        """An `Engine` around a backend model loaded elsewhere (e.g. a `reference.PSP` built in
+        memory): its plan records the model's own backend and precision (`description`).
+
+        Args:
+            model: an `export.backends.BackendModel`.
+            checkpoint: the file it came from (used for `mapping` where the model has none, and
+                recorded in manifests).
+            device, is_demo, reason, trust_pickle: as in `LoadPlan` (reason for `Choice`).
+        """
+        d = model.description
+        return cls(model, LoadPlan(Path(checkpoint), torch.device(device), Choice(d.backend, d.precision, reason),
+                                   is_demo, trust_pickle))
 
     def __repr__(self) -> str:
         return (f"Engine(checkpoint={str(self.checkpoint)!r}, backend={self.backend!r}, precision={self.precision!r}, "
@@ -101,9 +171,10 @@ class Engine:
                 f"output_size={self.output_size}, n_styles={self.n_styles}, is_demo={self.is_demo})")
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (self.input_nc, ENCODER_SIZE, ENCODER_SIZE):
+        s = self.encoder_size
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (self.input_nc, s, s):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected x [B, {self.input_nc}, 256, 256] (input_nc={self.input_nc}), got {shape}")
+            raise ValueError(f"expected x [B, {self.input_nc}, {s}, {s}] (input_nc={self.input_nc}), got {shape}")
         if x.dtype != torch.float32:
             raise ValueError(f"expected x float32, got {x.dtype}")
         return x.to(self.device)
@@ -223,7 +294,8 @@ class Engine:
         if net is None:
             net = getattr(self.model, "mapping", None)  # reference.PSP.mapping, EnginePSP.mapping
             if net is None:
-                if self.backend == "tensorrt" or not Path(self.checkpoint).is_file():
+                row = BACKENDS.get(self.backend)
+                if (row is not None and row.takes != "checkpoint") or not Path(self.checkpoint).is_file():
                     raise UsageError(
                         f"backend {self.backend!r} runs {self.checkpoint}, which holds no mapping network (z -> w) "
                         "for style mixing; use --backend engine (or reference) with the pSp checkpoint"
@@ -231,6 +303,53 @@ class Engine:
                 net = load_mapping(self.checkpoint, self.trust_pickle).to(self.device)
             self._mapping = net
         return net(z.to(self.device)).float()
+
+
+def plan_load(checkpoint: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu",
+              precision: str = "auto", trust_pickle: bool = False) -> LoadPlan:
+    """Resolve what `load` would load and run, without loading anything: the device, the registry's
+    `Choice` (backend, precision, reason; "auto" resolved here, once) and the checkpoint path.
+
+    Args:
+        as `load`.
+
+    Returns:
+        The `LoadPlan` (`load_planned` loads it).
+
+    Raises:
+        UsageError: unknown backend or precision, unavailable device, or a backend that cannot run
+            here or in that precision.
+    """
+    dev = resolve_device(device)
+    choice = resolve(backend, dev, precision)
+    is_demo = checkpoint is None
+    return LoadPlan(demo.demo_path() if is_demo else Path(checkpoint), dev, choice, is_demo, trust_pickle)
+
+
+def load_planned(plan: LoadPlan, announce: Callable[[str], None] | None = None) -> Engine:
+    """Load a `LoadPlan` with the row and precision it resolved (`export.backends.load_model`; no second
+    resolution), building the demo checkpoint first where it is planned and missing.
+
+    Args:
+        plan: from `plan_load`.
+        announce: as in `load`.
+
+    Returns:
+        An `Engine` whose backend and precision are the plan's, read from the model's description.
+
+    Raises:
+        CheckpointError: as `load`.
+    """
+    if plan.is_demo:
+        plan = replace(plan, checkpoint=demo.demo_checkpoint_path(announce))  # built (or checked) now
+    path = plan.checkpoint
+    try:
+        model = load_model(plan.choice, path, plan.device, plan.trust_pickle, cache_dir(), announce)
+    except CheckpointError as e:
+        if plan.is_demo:
+            raise CheckpointError(f"{e} (this is the cached demo checkpoint: delete {path} to rebuild it)") from None
+        raise
+    return Engine(model, plan)
 
 
 def load(checkpoint: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu",
@@ -261,15 +380,4 @@ def load(checkpoint: str | os.PathLike | None = None, backend: str = "auto", dev
         CheckpointError: missing/unreadable file, a StyleGAN2 (not pSp) checkpoint, missing or
             mis-shaped keys (named in the message).
     """
-    dev = resolve_device(device)
-    backend, precision, reason = resolve(backend, dev, precision)
-    is_demo = checkpoint is None
-    path = demo.demo_checkpoint_path(announce) if is_demo else Path(checkpoint)
-    request = LoadRequest(path, dev, precision, trust_pickle, cache_dir(), announce)
-    try:
-        model = BACKENDS[backend].load(request)
-    except CheckpointError as e:
-        if is_demo:
-            raise CheckpointError(f"{e} (this is the cached demo checkpoint: delete {path} to rebuild it)") from None
-        raise
-    return Engine(model, path, backend, dev, is_demo, precision, reason, trust_pickle)
+    return load_planned(plan_load(checkpoint, backend, device, precision, trust_pickle), announce)

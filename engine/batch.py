@@ -41,14 +41,14 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from reference.cli import plural
-from reference.errors import CheckpointError, PSPError, UsageError
+from reference.plumbing.cli import plural
+from reference.plumbing.errors import CheckpointError, PSPError, UsageError
 from reference.images import (MAX_PIXELS, atomic_write_image, atomic_write_npy, couple, display_rgb, input_channels,
                               read_input, tensor_to_uint8, to_input_tensor)
 
 from .align import DEFAULT_UPSAMPLE, MIN_FACE_SIZE, MIN_SCORE
 from .api import Engine
-from .inputs import Job, check_output_names, file_ids, unsafe_output
+from .inputs import Job, file_ids, unsafe_output
 from .latents import Edit, apply_edits, default_latent_mask, fit_jpeg, mix_with_w, mixing_z, strip
 from .manifest import InputStat, Manifest, checkpoint_identity, input_digest
 
@@ -178,6 +178,28 @@ class _Ready:
     n_items: int = 1  # items (faces) of this input
 
 
+def check_output_names(jobs: Sequence[Job], opts: RunOptions) -> None:
+    """Refuse a run that would write outside `opts.out_dir`, over an input file, or twice to the
+    same file (case-insensitively), e.g. with style mixing `a.jpg`'s `a_mix0.png` and the inversion
+    of an input `a_mix0.jpg`. Cheap (a stat per output): call it before the model loads.
+
+    Raises:
+        UsageError: naming the input(s), the file and the fix.
+    """
+    inputs = file_ids([job.source for job in jobs])
+    seen: dict[str, int] = {}
+    for i, job in enumerate(jobs):
+        for path in job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs,
+                                opts.save_aligned).values():
+            harm = unsafe_output(path, opts.out_dir, inputs)
+            if harm is not None:
+                raise UsageError(f"{job.source}: its output {harm}; choose an --output folder that holds no input")
+            j = seen.setdefault(str(path).casefold(), i)
+            if j != i:
+                raise UsageError(f"{job.source} and {jobs[j].source} would both write {path}; rename one of them "
+                                 "or run them into different --output folders")
+
+
 def read_items(job: Job, stat: InputStat, label_nc: int, opts: "RunOptions", t0: float,
                data: bytes | None = None) -> list[_Ready]:
     """Read one input into its items, ready for the model: one, or one per aligned face.
@@ -191,7 +213,7 @@ def read_items(job: Job, stat: InputStat, label_nc: int, opts: "RunOptions", t0:
             couple_outputs / n_outputs decide whether the displayed input is kept).
         t0: `time.perf_counter()` when reading began (read_ms counts from it).
         data: the input's bytes when the caller fetched them (an input behind a URI,
-            `engine.remote.RemoteFile`), decoded as the file would be; None: read `job.source`.
+            `engine.cluster.remote.RemoteFile`), decoded as the file would be; None: read `job.source`.
 
     Returns:
         The items, each with x `[1, C, 256, 256]` float32.
@@ -440,7 +462,7 @@ class Recorder:
     def todo(self, jobs: Sequence[Job], stat_of: Callable[[object], InputStat] = InputStat.of,
              digest_of: Callable[[object], str | None] = input_digest) -> list[tuple[Job, InputStat]]:
         """The jobs to run, with their stat (`stat_of(job.source)`: a local file's `InputStat.of`, or
-        `engine.remote.input_stat` for inputs behind URIs).
+        `engine.cluster.remote.input_stat` for inputs behind URIs).
 
         Jobs the manifest has as done (`Manifest.done`, a moved input included) are counted
         "skipped" without a new record (a no-op rerun leaves the manifest as it was). Without
@@ -537,7 +559,7 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
     and shown in a grid (see the module docstring). An input whose outputs were made from another
     input is recorded "failed" unless `opts.overwrite` (`Recorder.todo`).
     The stages (`read_items`, `invert_items`, `write_item`, `Recorder`) are the ones the
-    distributed run (`engine.distributed`) runs on a Ray cluster.
+    distributed run (`engine.cluster.distributed`) runs on a Ray cluster.
 
     Args:
         eng: a loaded `Engine`.

@@ -1,19 +1,19 @@
 """`python -m engine.cache`: list what the engine's cache folder holds, and remove entries.
 
-The cache folder (`reference.files.cache_dir()`: `$PSP_ENGINE_CACHE`, else `~/.cache/psp-engine`)
+The cache folder (`reference.plumbing.files.cache_dir()`: `$PSP_ENGINE_CACHE`, else `~/.cache/psp-engine`)
 holds what the engine makes once and reuses:
 - `demo_*.pt` + its sidecar `demo_*.pt.json` (size and sha256 at the build): the random-weight
   demo checkpoint (`engine.demo`, about 1.2 GB);
 - `onnx/<stem>-<key>.<part>.onnx` + their weights `.onnx.data` and JSON sidecars: the graphs the
-  onnxruntime and openvino backends export on first use of a checkpoint (`export.graph.cache_paths`; about the checkpoint's
+  onnxruntime and openvino backends export on first use of a checkpoint (`export.backends.graph.cache_paths`; about the checkpoint's
   size). One entry per `<stem>-<key>`; the sidecar records the source checkpoint's path and the
   size and sha256 of each file;
 - `ov_cache/<stem>-<key>.<part>/`: OpenVINO's compiled blobs of one graph, with their sizes and
-  digests in `ov_cache/<stem>-<key>.<part>.json` (`export.graph.compiled_model_cache`), one entry
+  digests in `ov_cache/<stem>-<key>.<part>.json` (`export.backends.graph.compiled_model_cache`), one entry
   per graph; loose files in `ov_cache/` were written by older versions and are never used;
-- `digests.json`: sha256 digests remembered per file version (`reference.digests`);
+- `digests.json`: sha256 digests remembered per file version (`reference.plumbing.digests`);
 - `*.psp-tmp`: temp files (and an export's temp folders) of writes a killed process never finished
-  (`reference.files.temp_path`, `atomic_files`).
+  (`reference.plumbing.files.temp_path`, `atomic_files`).
 
 `--verify` checks every entry's files against the sizes and digests recorded when it was written
 and lists the damaged ones (truncated, changed bytes, missing or unrecorded files); exit code 1
@@ -39,13 +39,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reference.cli import ArgumentParser, argparse_type, run_cli
+from reference.plumbing.cli import ArgumentParser, argparse_type, run_cli
 from reference.description import verify_artifact
-from reference.digests import MEMO_NAME
-from reference.files import TEMP_SUFFIX, cache_dir
+from reference.plumbing.digests import MEMO_NAME
+from reference.plumbing.files import TEMP_SUFFIX, cache_dir
 
 ONNX_DIR = "onnx"  # engine.api: the graph backends' cache, cache_dir() / "onnx"
-COMPILED_DIRS = ("ov_cache",)  # compiled-model caches (OpenVINO `CACHE_DIR`: `export.graph.COMPILED_DIR`)
+COMPILED_DIRS = ("ov_cache",)  # compiled-model caches (OpenVINO `CACHE_DIR`: `export.backends.graph.COMPILED_DIR`)
 STALE_TEMP_S = 600.0  # s: a temp file untouched this long belongs to no live writer (writers touch theirs continuously)
 DAY_S = 86400.0
 
@@ -111,7 +111,7 @@ def _onnx_staleness(name: str, source: str | None, onnx_dir: Path) -> str:
     ckpt = Path(source)
     if not ckpt.is_file():
         return f"source checkpoint {source} no longer exists"
-    from export.graph import cache_paths  # the cache key (checkpoint path, size, sha256, export version) in one place
+    from export.backends.graph import cache_paths  # the cache key (checkpoint path, size, sha256, export version) in one place
 
     if cache_paths(ckpt, onnx_dir)["encoder"].name != f"{name}.encoder.onnx":
         return f"source checkpoint {source} changed since the export (or the export version did)"
@@ -120,11 +120,11 @@ def _onnx_staleness(name: str, source: str | None, onnx_dir: Path) -> str:
 
 def _damage(entry: Entry, folder: Path) -> str:
     """What is wrong with an entry's files against the sizes and digests recorded when they were
-    written ("" when nothing): the graphs of an ONNX entry (`export.graph.graph_problems`), the blobs
-    of a compiled-model folder (`export.graph.compiled_problems`), the demo checkpoint
+    written ("" when nothing): the graphs of an ONNX entry (`export.backends.graph.graph_problems`), the blobs
+    of a compiled-model folder (`export.backends.graph.compiled_problems`), the demo checkpoint
     (`reference.description.verify_artifact`). Reads each file once per file version
-    (`reference.digests` remembers the digests)."""
-    from export.graph import PARTS, compiled_problems, graph_problems
+    (`reference.plumbing.digests` remembers the digests)."""
+    from export.backends.graph import PARTS, compiled_problems, graph_problems
 
     if entry.kind == "onnx":
         paths = {part: folder / f"{entry.name}.{part}.onnx" for part in PARTS}

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable
 
 from reference import make_checkpoint, save_checkpoint
-from reference.child import call_in_child
+from reference.plumbing.child import call_in_child
 from reference.description import verify_artifact, write_sidecar
-from reference.files import cache_dir
+from reference.plumbing.files import cache_dir
 
 DEMO_CONFIG = "ffhq_encode"
 DEMO_SEED = 0
@@ -97,7 +97,7 @@ def demo_checkpoint_path(announce: Callable[[str], None] | None = None) -> Path:
 
 def _build_demo(path: Path, config: str, seed: int, notify: Callable[[tuple[str, int, int]], None]) -> None:
     """Generate the weights of `make_checkpoint(config, seed)` and write them to `path` (atomically), in the child process of
-    `demo_checkpoint_path` (`reference.child.call_in_child`): the 2.4 GB peak of the build ends with
+    `demo_checkpoint_path` (`reference.plumbing.child.call_in_child`): the 2.4 GB peak of the build ends with
     the child instead of staying in the process that next loads the model. Sends
     `("weights", bytes_done, bytes_total)` as the weights grow (at most every 1 %), then
     `("writing", total, total)`."""

@@ -11,7 +11,7 @@ the outputs.
 Safety rule: the output folder never overlaps the inputs harmfully. An input folder that is the
 output folder or inside it is refused; an output folder inside an input folder is not searched
 (real paths, symlinks resolved); every output path must lie inside the output folder (real path)
-and must not be an input file (`check_output_names`, before the model loads, and again before each
+and must not be an input file (`engine.batch.check_output_names`, before the model loads, and again before each
 write).
 """
 
@@ -23,13 +23,11 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from reference.errors import UsageError
-from reference.files import IMAGE_EXTENSIONS, is_under, scan_folder
+from reference.plumbing.errors import UsageError
+from reference.plumbing.files import IMAGE_EXTENSIONS, is_under, scan_folder
 
-if TYPE_CHECKING:  # annotations only
-    from .batch import RunOptions
 
 
 def find_inputs(specs: Sequence[str], exclude: str | os.PathLike | None = None) -> list[Path]:
@@ -90,7 +88,7 @@ class Job:
 
     Attributes:
         source: the input file as found: a local `Path`, or with `--ray` an
-            `engine.remote.RemoteFile` (a file behind a URI; `str` gives its URI).
+            `engine.cluster.remote.RemoteFile` (a file behind a URI; `str` gives its URI).
         base: output path relative to the output folder, without extension (POSIX).
     """
 
@@ -132,7 +130,7 @@ class Job:
 
 def file_ids(paths: Sequence[str | os.PathLike]) -> dict[tuple[int, int], str]:
     """`{(st_dev, st_ino): path}` of the files that exist (the identity `os.path.samefile` compares);
-    anything that is not a local path (an `engine.remote.RemoteFile`) has none and is passed over."""
+    anything that is not a local path (an `engine.cluster.remote.RemoteFile`) has none and is passed over."""
     ids = {}
     for p in paths:
         if not isinstance(p, (str, os.PathLike)):
@@ -155,28 +153,6 @@ def unsafe_output(path: Path, out_dir: Path, inputs: dict[tuple[int, int], str])
         return None
     source = inputs.get((st.st_dev, st.st_ino))
     return f"{path} is the input {source}: it would be overwritten" if source is not None else None
-
-
-def check_output_names(jobs: Sequence[Job], opts: "RunOptions") -> None:
-    """Refuse a run that would write outside `opts.out_dir`, over an input file, or twice to the
-    same file (case-insensitively), e.g. with style mixing `a.jpg`'s `a_mix0.png` and the inversion
-    of an input `a_mix0.jpg`. Cheap (a stat per output): call it before the model loads.
-
-    Raises:
-        UsageError: naming the input(s), the file and the fix.
-    """
-    inputs = file_ids([job.source for job in jobs])
-    seen: dict[str, int] = {}
-    for i, job in enumerate(jobs):
-        for path in job.outputs(opts.out_dir, opts.save_latents, opts.couple_outputs, opts.n_outputs,
-                                opts.save_aligned).values():
-            harm = unsafe_output(path, opts.out_dir, inputs)
-            if harm is not None:
-                raise UsageError(f"{job.source}: its output {harm}; choose an --output folder that holds no input")
-            j = seen.setdefault(str(path).casefold(), i)
-            if j != i:
-                raise UsageError(f"{job.source} and {jobs[j].source} would both write {path}; rename one of them "
-                                 "or run them into different --output folders")
 
 
 def plan_jobs(files: Sequence[Path]) -> list[Job]:

@@ -34,7 +34,7 @@ from numpy.lib import format as npy_format
 from PIL import Image
 
 
-from reference.errors import PSPError, UsageError
+from reference.plumbing.errors import PSPError, UsageError
 
 if TYPE_CHECKING:  # engine.api imports this module lazily (Engine.mapping); no import cycle at runtime
     from .api import Engine

@@ -21,7 +21,7 @@ atomically, in file order): per input only its latest record that is not "skippe
 "skipped" one with a reason (e.g. no face found) are kept, unreadable lines are dropped. Inputs skipped because
 they are done get no record. So the manifest stays proportional to the inputs however often a
 folder is rerun. Compaction assumes one writer: the CLIs hold the folder's lock
-(`reference.files.folder_lock`) while the manifest is open.
+(`reference.plumbing.files.folder_lock`) while the manifest is open.
 
 Resuming: an input is skipped when its latest record that is not "skipped" is "ok", has the
 current fingerprint, the input's size and mtime are unchanged, all its outputs still exist, and
@@ -51,8 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from reference.digests import file_sha256
-from reference.files import atomic_write_bytes
+from reference.plumbing.digests import file_sha256
+from reference.plumbing.files import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.jsonl"
 STATUSES = ("ok", "failed", "skipped")
@@ -61,7 +61,7 @@ OUTPUT_FORMAT_VERSION = 1
 
 
 def checkpoint_identity(path: str | os.PathLike) -> dict:
-    """Identity of a checkpoint file as the fingerprint records it: `reference.digests.checkpoint_identity`
+    """Identity of a checkpoint file as the fingerprint records it: `reference.plumbing.digests.checkpoint_identity`
     (resolved path, size and sha256 of the contents), the one identity the ONNX graph cache keys on too.
 
     A checkpoint replaced by another of the same size and mtime is another checkpoint; one only
@@ -78,7 +78,7 @@ def checkpoint_identity(path: str | os.PathLike) -> dict:
     Raises:
         OSError: the file cannot be read.
     """
-    from reference import digests
+    from reference.plumbing import digests
 
     return digests.checkpoint_identity(path)
 
@@ -120,9 +120,9 @@ class InputStat:
 
 
 def input_digest(source: object) -> str | None:
-    """The hex SHA-256 of a local input file's bytes (`reference.digests.file_sha256`, not added to
+    """The hex SHA-256 of a local input file's bytes (`reference.plumbing.digests.file_sha256`, not added to
     the checkpoint memo: inputs are many), or None for a file that cannot be read or an input that is
-    not a local path (an `engine.remote.RemoteFile`: `engine.remote.input_digest` reads those)."""
+    not a local path (an `engine.cluster.remote.RemoteFile`: `engine.cluster.remote.input_digest` reads those)."""
     if not isinstance(source, (str, os.PathLike)):
         return None
     try:
@@ -152,7 +152,7 @@ class Manifest:
             and precision were chosen).
         exists: whether an output (its relative POSIX name) exists, for `done`; default: a file of
             that name under `out_dir`. Outputs uploaded elsewhere pass their own
-            (`engine.remote.RemoteOutput.exists`; the manifest then lives in a local staging folder).
+            (`engine.cluster.remote.RemoteOutput.exists`; the manifest then lives in a local staging folder).
     """
 
     def __init__(self, out_dir: str | os.PathLike, config: Mapping[str, Any], run: Mapping[str, Any] | None = None,

@@ -69,12 +69,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reference.errors import InputImageError, PSPError
+from reference.plumbing.errors import InputImageError, PSPError
 from reference.perceptual import MissingWeightsError, load_lpips, lpips_backbone_path
 
-from reference.cli import ArgumentParser, int_at_least, run_cli, say
-from reference.errors import UsageError
-from reference.files import atomic_write, scan_folder
+from reference.plumbing.cli import ArgumentParser, int_at_least, run_cli, say
+from reference.plumbing.errors import UsageError
+from reference.plumbing.files import atomic_write, scan_folder
 from reference.images import read_image
 from .manifest import MANIFEST_NAME, read_records
 

@@ -16,7 +16,7 @@ folder that is an input folder, an output that would overwrite an input or land 
 the temp files an interrupted run left (`claim_output_folder`).
 
 URIs (`s3://`, `gs://`, `file://`, ... for `--input` and `--output`) are read and written by the
-distributed run (`--ray`, see `engine.remote`); without `--ray` they are refused with the fix
+distributed run (`--ray`, see `engine.cluster.remote`); without `--ray` they are refused with the fix
 (`--ray local` runs the same pipeline on this machine).
 """
 
@@ -26,28 +26,29 @@ import argparse
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
 
-from reference.cli import ArgumentParser, argparse_type, int_at_least, plural, run_cli, say
-from reference.errors import CheckpointError
-from reference.files import cache_dir, folder_lock, sweep_temp_files
+from reference.plumbing.cli import ArgumentParser, argparse_type, int_at_least, plural, run_cli, say
+from reference.plumbing.errors import CheckpointError
+from reference.plumbing.files import cache_dir, folder_lock, sweep_temp_files
+from reference.description import describe_opts
 from reference.images import MAX_PIXELS
 from reference.psp import psp_opts
 from reference.sr import bicubic_kernel, parse_factors
 
-from export.backends import PRECISIONS, resolve
+from export.backends import BACKENDS, PRECISIONS
 from export.backends import help_text as backend_help
 
 from . import api, demo
 from . import latents as lt
-from . import remote
+from .cluster import remote
 from .align import add_face_arguments, check_setup as check_align_setup, upsample as align_upsample
-from .batch import ALIGN_SIZE, RunOptions, Summary, run_jobs
-from .inputs import check_output_names, find_inputs, plan_jobs
+from .batch import ALIGN_SIZE, RunOptions, Summary, check_output_names, run_jobs
+from .inputs import find_inputs, plan_jobs
 from .manifest import MANIFEST_NAME, Manifest
 
 CACHE_TEMP_AGE_S = 3600  # s: a cache temp file older than this is a killed process's leftover (exports take minutes)
@@ -247,11 +248,21 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "2e-2 (images) relative error of fp32")
 
 
-def load_engine(args: argparse.Namespace, what: str) -> api.Engine:
-    """`api.load` with the CLI's options; says what was loaded, which backend and precision run and why."""
+def plan_for(args: argparse.Namespace) -> api.LoadPlan:
+    """`api.plan_load` with the CLI's options: the device, backend and precision resolved, once per run.
+
+    Raises:
+        UsageError: an unavailable --device, or a --backend / --precision that cannot run here.
+    """
+    return api.plan_load(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
+                         trust_pickle=args.trust_pickle)
+
+
+def load_engine(args: argparse.Namespace, what: str, plan: api.LoadPlan | None = None) -> api.Engine:
+    """`api.load_planned` of `plan` (default `plan_for(args)`): the backend and precision it resolved,
+    not resolved again; says what was loaded, which backend and precision run and why."""
     t0 = time.perf_counter()
-    eng = api.load(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
-                   trust_pickle=args.trust_pickle, announce=say)
+    eng = api.load_planned(plan or plan_for(args), announce=say)
     say(f"loaded {eng.checkpoint} in {time.perf_counter() - t0:.1f} s: output {eng.output_size}px, "
         f"{eng.n_styles} styles, input_nc {eng.input_nc}, label_nc {eng.label_nc}; {what}")
     say(f"running backend {eng.backend}, precision {eng.precision} on {eng.device} ({eng.reason})")
@@ -291,55 +302,33 @@ def check_edit_files(edits: list[lt.Edit]) -> None:
         lt.read_direction(e.path)
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What a run's options and fingerprint depend on in the model (the attributes `Engine` has of
-    the same names), known before loading it: the checkpoint file's identity and opts, the backend.
-
-    Attributes:
-        checkpoint: the checkpoint file; backend, precision, reason: as `export.backends.resolve` gives
-            them ("auto" resolved); device: the device name.
-        n_styles: W+ styles; opts: the checkpoint's opts with inference defaults (`reference.psp_opts`).
-        is_demo: the built-in demo checkpoint.
-    """
-
-    checkpoint: Path
-    backend: str
-    precision: str
-    reason: str
-    device: str
-    n_styles: int
-    opts: dict
-    is_demo: bool
-
-
-def preload_facts(args: argparse.Namespace) -> ModelFacts | None:
-    """`ModelFacts` of the model this command would load, without loading it (the checkpoint's
-    opts are read memory-mapped: about 0.3 s for 1.2 GB), or None where that needs the load: the
-    demo checkpoint not built yet, TensorRT plans, a file safe loading cannot read (`api.load`
-    then reports it), or `--trust-pickle` (unpickling runs code from the file: once is enough).
+def preload_facts(args: argparse.Namespace, plan: api.LoadPlan | None = None) -> api.Facts | None:
+    """`api.Facts` of the model `plan` (default `plan_for(args)`) would load, without loading it: its
+    description from the checkpoint's opts (read memory-mapped: about 0.3 s for 1.2 GB;
+    `reference.description.describe_opts`), with the plan's backend and precision. None where that
+    needs the load: the demo checkpoint not built yet, a row that takes no checkpoint (TensorRT
+    plans), a file safe loading cannot read (`api.load_planned` then reports it), or `--trust-pickle`
+    (unpickling runs code from the file: once is enough).
 
     Raises:
-        UsageError: an unavailable --device (as `api.load` would).
+        UsageError: as `plan_for`, when no plan is given.
     """
-    device = api.resolve_device(args.device)
-    backend, precision, reason = resolve(args.backend, device, args.precision)
-    path = demo.demo_path() if args.checkpoint is None else Path(args.checkpoint)
-    if backend == "tensorrt" or args.trust_pickle or not path.is_file():
+    plan = plan or plan_for(args)
+    choice = plan.choice
+    if BACKENDS[choice.backend].takes != "checkpoint" or plan.trust_pickle or not plan.checkpoint.is_file():
         return None
     try:
-        opts = psp_opts(path)
+        opts = psp_opts(plan.checkpoint)
     except CheckpointError:
         return None
-    return ModelFacts(path, backend, precision, reason, str(device), int(opts["n_styles"]), opts,
-                      args.checkpoint is None)
+    return api.Facts(describe_opts(opts, plan.checkpoint, choice.precision, choice.backend), plan)
 
 
 def model_options(args: argparse.Namespace, opts: RunOptions, model, say=lambda msg: None) -> RunOptions:
     """`opts` completed with what depends on the model: edits (checked against n_styles), the
     latent mask, the super-resolution factor, the alignment options. The one place these are
-    resolved, both for the pre-load check (`model` a `ModelFacts`) and the run (an `Engine`), so both
-    give the same fingerprint.
+    resolved, both for the pre-load check (`model` the `api.Facts` of `preload_facts`) and the run (an
+    `Engine`, whose facts are read the same way), so both give the same fingerprint.
 
     Raises:
         UsageError, LatentFileError: a bad --edit file, --latent-mask or --resize-factor for this model.
@@ -353,7 +342,7 @@ def model_options(args: argparse.Namespace, opts: RunOptions, model, say=lambda 
     return opts
 
 
-def all_done(jobs: list, opts: RunOptions, facts: ModelFacts, output: remote.RemoteOutput | None = None) -> bool:
+def all_done(jobs: list, opts: RunOptions, facts: api.Facts, output: remote.RemoteOutput | None = None) -> bool:
     """Whether the manifest in `opts.out_dir` marks every job done with the fingerprint these options
     and this model give (`Manifest.done`: same config, input unchanged or moved, outputs present and
     made from it; with an output URI, `opts.out_dir` is its staging folder and the outputs are looked
@@ -384,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 def claim_output_folder(out_dir: Path) -> Iterator[None]:
     """Hold `out_dir` for one run of a batch CLI (engine.run, engine.synthesize).
 
-    Takes the folder's lock (`reference.files.folder_lock`: a second run into the same folder stops
+    Takes the folder's lock (`reference.plumbing.files.folder_lock`: a second run into the same folder stops
     with exit 2 naming the holder; a dead holder's lock is taken over), then removes the temp files
     an interrupted run left: every `*.psp-tmp` under `out_dir` (the lock guarantees no other writer)
     and those in the cache older than `CACHE_TEMP_AGE_S` (another process may be exporting there).
@@ -444,7 +433,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             if args.ray is None:
                 return _invert(args, opts, jobs, None)
-            from . import distributed  # Ray is imported only for --ray
+            from .cluster import distributed  # Ray is imported only for --ray
 
             started, seconds = distributed.connect(args.ray, say)
             try:
@@ -477,12 +466,13 @@ def _invert(args: argparse.Namespace, opts: RunOptions, jobs: list, ray_start: t
     if args.checkpoint is None:
         say(demo.DEMO_NOTICE)
     where = output.uri if output is not None else opts.out_dir
-    facts = preload_facts(args)
+    plan = plan_for(args)  # the backend and precision, resolved once for the check and the load
+    facts = preload_facts(args, plan)
     if facts is not None and all_done(jobs, model_options(args, opts, facts), facts, output):
         say(f"nothing to do: all {plural(len(jobs), 'input')} are done with these options (see "
             f"{_manifest_path(where)}); the model was not loaded")
         return finish(Summary(skipped=len(jobs)), where, facts)
-    eng = load_engine(args, f"{plural(len(jobs), 'input')} -> {where}")
+    eng = load_engine(args, f"{plural(len(jobs), 'input')} -> {where}", plan)
     opts = model_options(args, opts, eng, say)
     if opts.degrade_factor is not None:
         say(f"super resolution: inputs degraded by factor {opts.degrade_factor} (official bicubic downsampling)")
@@ -497,7 +487,7 @@ def _invert(args: argparse.Namespace, opts: RunOptions, jobs: list, ray_start: t
             if ray_start is None:
                 summary = run_jobs(eng, jobs, opts, manifest, progress=bar)
             else:
-                from . import distributed
+                from .cluster import distributed
 
                 cluster = distributed.ClusterOptions(args.ray, args.num_actors, args.gpus_per_actor,
                                                      args.cpus_per_actor)

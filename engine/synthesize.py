@@ -44,12 +44,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from reference.cli import ArgumentParser, int_at_least, plural, run_cli, say
-from reference.errors import PSPError
+from reference.plumbing.cli import ArgumentParser, int_at_least, plural, run_cli, say
+from reference.plumbing.errors import PSPError
 
 from . import api, demo
 from . import latents as lt
-from reference.files import scan_folder
+from reference.plumbing.files import scan_folder
 from reference.images import atomic_write_image, tensor_to_uint8
 
 from .batch import Progress, non_finite

@@ -36,13 +36,13 @@ import torch
 from torch import nn
 from torch.export.graph_signature import OutputKind
 
-from reference.cli import ArgumentParser, run_cli
-from reference.description import ModelDescription, describe, read_sidecar, sidecar_path, write_sidecar
-from reference.errors import PSPError
+from reference.plumbing.cli import ArgumentParser, run_cli
+from reference.description import ENCODER_SIZE, ModelDescription, describe, read_sidecar, sidecar_path, write_sidecar
+from reference.plumbing.errors import PSPError
+from reference.psp import face_pool
 
 PARTS = ("psp", "generator")
 AOTI_KIND = "aoti-package"  # the artifact kind of a package's sidecar (`reference.description`)
-ENCODER_INPUT_SIZE = 256
 STYLE_DIM = 512
 
 
@@ -55,13 +55,14 @@ class AOTIError(PSPError):
 
 
 class PSPPipeline(nn.Module):
-    """The whole pSp inference forward as one module: `x -> (synthesize(encode(x), resize), encode(x))`.
+    """The whole pSp inference forward as one module: `x -> (img, encode(x))`, img =
+    `synthesize(encode(x))`, pooled by `reference.psp.face_pool` with `resize`.
 
     Source: official `models/psp.py::pSp.forward` (`randomize_noise=False`), as `reference.PSP.forward`.
 
     Args:
-        model: anything with `encode(x) -> w_plus` and `synthesize(w_plus, resize=...) -> img`
-            (`reference.PSP`, or `export.engine_model.EnginePSP`); used as is, not copied.
+        model: a backend model with `encode(x) -> w_plus` and `synthesize(w_plus) -> img` at full
+            resolution (`reference.PSP`, or `export.backends.engine_model.EnginePSP`); used as is, not copied.
         resize: average-pool img to 256x256 (official `--resize_outputs`).
     """
 
@@ -78,14 +79,16 @@ class PSPPipeline(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[B, input_nc, 256, 256]` float32 -> (img `[B, 3, R, R]`, w_plus `[B, n_styles, 512]`) float32."""
         w_plus = self.model.encode(x)
-        return self.model.synthesize(w_plus, resize=self.resize), w_plus
+        img = self.model.synthesize(w_plus)
+        return (face_pool(img) if self.resize else img), w_plus
 
 
 class GeneratorPipeline(nn.Module):
-    """The synthesis network alone: `w_plus -> synthesize(w_plus, resize)` (stored noise).
+    """The synthesis network alone: `w_plus -> synthesize(w_plus)` (stored noise), pooled by
+    `reference.psp.face_pool` with `resize`.
 
     Args:
-        model: anything with `synthesize(w_plus, resize=...) -> img`; used as is.
+        model: a backend model with `synthesize(w_plus) -> img` at full resolution; used as is.
         resize: average-pool img to 256x256.
     """
 
@@ -101,7 +104,8 @@ class GeneratorPipeline(nn.Module):
 
     def forward(self, w_plus: torch.Tensor) -> torch.Tensor:
         """w_plus `[B, n_styles, 512]` float32 -> img `[B, 3, R, R]` float32 (unclamped)."""
-        return self.model.synthesize(w_plus, resize=self.resize)
+        img = self.model.synthesize(w_plus)
+        return face_pool(img) if self.resize else img
 
 
 def pipeline_for(model: nn.Module, part: str = "psp", resize: bool = False) -> nn.Module:
@@ -120,9 +124,9 @@ def example_inputs_for(model: nn.Module, part: str = "psp", batch: int = 2) -> t
     """
     g = torch.Generator().manual_seed(0)
     if part == "psp":
-        return (torch.rand(batch, int(model.input_nc), ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE, generator=g) * 2 - 1,)
+        return (torch.rand(batch, model.description.input_nc, ENCODER_SIZE, ENCODER_SIZE, generator=g) * 2 - 1,)
     if part == "generator":
-        return (torch.randn(batch, int(model.n_styles), STYLE_DIM, generator=g),)
+        return (torch.randn(batch, model.description.n_styles, STYLE_DIM, generator=g),)
     raise ValueError(f"part must be one of {PARTS}, got {part!r}")
 
 
@@ -356,7 +360,7 @@ def _require_methods(model: Any, names: Sequence[str]) -> None:
     missing = [n for n in names if not callable(getattr(model, n, None))]
     if missing:
         raise TypeError(f"{type(model).__name__} has no {', '.join(missing)}: expected a pSp model "
-                        "(reference.PSP or export.engine_model.EnginePSP)")
+                        "(reference.PSP or export.backends.engine_model.EnginePSP)")
 
 
 def _modulated_convs(model: nn.Module) -> list[nn.Module]:

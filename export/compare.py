@@ -82,7 +82,7 @@ TOL: dict[tuple[str, str], dict[str, float]] = {
     ("upfirdn2d_triton", "float32"): {"rel": 1e-6},
     ("upfirdn2d_triton", "float16"): {"rel": 1e-3},
     ("upfirdn2d_triton", "bfloat16"): {"rel": 8e-3},
-    # export.engine_model (static weights, folded BN, batched heads) vs the reference, fp32
+    # export.backends.engine_model (static weights, folded BN, batched heads) vs the reference, fp32
     ("engine_model", "float32"): {"rel": 1e-5},
     # an AOTInductor package (export/aoti.py; Python loader and the C++ runner) vs the reference model
     # in the official formulation: the package computes the activation-modulation formulation (as

@@ -2,7 +2,7 @@
 
 Source: ONNX operator set 18 (https://onnx.ai/onnx/operators/), written by PyTorch's
 torch.export-based exporter (`torch.onnx.export(..., dynamo=True)`, onnxscript); the model is
-`export.engine_model.EnginePSP`, equal to the official pSp (`tests/test_engine_model.py`). The
+`export.backends.engine_model.EnginePSP`, equal to the official pSp (`tests/test_engine_model.py`). The
 graph has static weights everywhere and no custom ops, so ONNX Runtime, OpenVINO and TensorRT run
 it as is. The weights are ONNX external data in `<file>.onnx.data` beside the graph (streamed from
 the torch tensors: exporting the 1 GB encoder of a 1024 px model adds no copy of it to the peak
@@ -34,11 +34,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reference.cli import ArgumentParser, int_at_least, run_cli
-from reference.description import ModelDescription, checkpoint_info, describe, sidecar_path, write_sidecar
-from reference.files import atomic_files
+from reference.plumbing.cli import ArgumentParser, int_at_least, run_cli
+from reference.description import (ENCODER_SIZE, ModelDescription, checkpoint_info, describe, sidecar_path,
+                                   write_sidecar)
+from reference.plumbing.files import atomic_files
+from reference.psp import face_pool
 
-from .engine_model import EnginePSP
+from .backends.engine_model import EnginePSP
 
 OPSET = 18  # the torch.export-based exporter's own opset (17 is reached by its version converter)
 MAX_BATCH = 4096  # the upper bound of the dynamic `batch` axis (torch.export needs one)
@@ -47,7 +49,8 @@ IO_NAMES = {"psp": (["x"], ["img", "w_plus"]), "encoder": (["x"], ["w_plus"]), "
 
 
 class _Part(nn.Module):
-    """One exported part of an `EnginePSP` (forward signature = the ONNX graph's IO)."""
+    """One exported part of an `EnginePSP` (forward signature = the ONNX graph's IO); with `resize`
+    the image is pooled by `reference.psp.face_pool` (the backend model synthesizes at full resolution)."""
 
     def __init__(self, model: EnginePSP, part: str, resize: bool):
         super().__init__()
@@ -57,9 +60,13 @@ class _Part(nn.Module):
         if self.part == "encoder":
             return self.model.encode(inp)
         if self.part == "generator":
-            return self.model.synthesize(inp, resize=self.resize)
+            return self._image(inp)
         w_plus = self.model.encode(inp)
-        return self.model.synthesize(w_plus, resize=self.resize), w_plus
+        return self._image(w_plus), w_plus
+
+    def _image(self, w_plus: torch.Tensor) -> torch.Tensor:
+        img = self.model.synthesize(w_plus)
+        return face_pool(img) if self.resize else img
 
 
 def data_path(path: str | os.PathLike) -> Path:
@@ -100,10 +107,11 @@ def name_nodes_by_module(graph) -> None:
 def example_input(model: EnginePSP, part: str, batch: int = 2) -> torch.Tensor:
     """A valid example input of `part` (fp32): encoder input in [-1, 1], or W+ around latent_avg."""
     g = torch.Generator().manual_seed(0)
+    d = model.description
     if part == "generator":
-        return model.latent_avg.float().expand(batch, model.n_styles, 512) + 0.1 * torch.randn(
-            batch, model.n_styles, 512, generator=g)
-    return torch.rand(batch, model.input_nc, 256, 256, generator=g) * 2 - 1
+        return model.latent_avg.float().expand(batch, d.n_styles, 512) + 0.1 * torch.randn(
+            batch, d.n_styles, 512, generator=g)
+    return torch.rand(batch, d.input_nc, d.encoder_size, d.encoder_size, generator=g) * 2 - 1
 
 
 def export_onnx(model: EnginePSP, path: str | os.PathLike, part: str = "psp", resize: bool = False,
@@ -190,8 +198,9 @@ def artifact_info(description: ModelDescription, part: str, resize: bool, opset:
         `{"part", "inputs": {name: {"shape", "dtype"}}, "outputs": {...}, "image_size", "resize",
         "opset"}`; shapes name the dynamic batch "batch"; IO is always float32.
     """
-    r = 256 if resize else description.output_size
-    shapes = {"x": ["batch", description.input_nc, 256, 256], "w_plus": ["batch", description.n_styles, 512],
+    r = ENCODER_SIZE if resize else description.output_size
+    s = description.encoder_size
+    shapes = {"x": ["batch", description.input_nc, s, s], "w_plus": ["batch", description.n_styles, 512],
               "img": ["batch", 3, r, r]}
     inputs, outputs = IO_NAMES[part]
     return {"part": part,

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reference.cli import ArgumentParser, int_at_least, run_cli
-from reference.errors import UsageError
-from reference.files import write_json
+from reference.plumbing.cli import ArgumentParser, int_at_least, run_cli
+from reference.plumbing.errors import UsageError
+from reference.plumbing.files import write_json
 
 from .compare import Comparison, compare, parity_tolerance
 
@@ -41,7 +41,7 @@ def face_inputs(folder: str | Path) -> torch.Tensor:
     Raises:
         UsageError: no image in the folder. InputImageError: an unreadable image (named).
     """
-    from reference.files import scan_folder
+    from reference.plumbing.files import scan_folder
     from reference.images import read_image, to_input_tensor
 
     files = scan_folder(folder)
@@ -85,21 +85,22 @@ def run_parity(checkpoint: str | Path, backends: list[str], precisions: list[str
         `(comparisons, skipped)`: one `Comparison` per backend x precision x output (x golden),
         labelled `backend:precision`; and one line per combination not run, with the reason.
     """
-    from reference.files import cache_dir
-    from reference.platform import bf16_units
+    from reference.plumbing.files import cache_dir
+    from reference.plumbing.platform import bf16_units
 
-    from .backends import BACKENDS, LoadRequest, resolve
+    from .backends import BASELINE, Choice, load_model, resolve
 
     dev = torch.device(device)
     path = Path(checkpoint)
 
-    def load(name: str, precision: str):
-        return BACKENDS[name].load(LoadRequest(path, dev, precision, False, cache_dir(), say))
+    def load(choice: Choice):
+        return load_model(choice, path, dev, False, cache_dir(), say)
 
-    ref = load("reference", "fp32")
+    ref = load(resolve(BASELINE, dev, "fp32"))
     if x is None:
+        d = ref.description
         x = golden_inputs(golden) if golden is not None else \
-            torch.rand(2, ref.description.input_nc, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
+            torch.rand(2, d.input_nc, d.encoder_size, d.encoder_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.inference_mode():
         ref_w = ref.encode(x.to(dev))
         ref_img = ref.synthesize(ref_w)
@@ -108,7 +109,7 @@ def run_parity(checkpoint: str | Path, backends: list[str], precisions: list[str
     for name in backends:
         for precision in precisions:
             try:
-                resolve(name, dev, precision)
+                choice = resolve(name, dev, precision)
             except UsageError as e:
                 skipped.append(f"{name}:{precision}: {e}")
                 continue
@@ -117,7 +118,7 @@ def run_parity(checkpoint: str | Path, backends: list[str], precisions: list[str
                                "than fp32); pass --allow-emulated to run it anyway")
                 continue
             say(f"parity: {name} {precision}")
-            model = load(name, precision)
+            model = load(choice)
             with torch.inference_mode():
                 w_plus = model.encode(x.to(dev))
                 img = model.synthesize(w_plus)

@@ -33,12 +33,12 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from reference.cli import ArgumentParser, int_at_least, run_cli, say
+from reference.plumbing.cli import ArgumentParser, int_at_least, run_cli, say
 from reference.description import ModelDescription, read_sidecar, sidecar_path
-from reference.errors import PSPError
-from reference.files import atomic_copy, atomic_path, atomic_write_bytes
+from reference.plumbing.errors import PSPError
+from reference.plumbing.files import atomic_copy, atomic_path, atomic_write_bytes
 
-from .tensorrt import PLAN_KIND
+from .tensorrt.common import PLAN_KIND
 
 # Sidecar dtype names -> Triton's DataType enum names (model_config.proto).
 TRITON_DTYPES = {

@@ -61,8 +61,8 @@ from typing import Any, Iterable, Sequence
 
 from kernels._triton import KernelSpec, interpret_mode, jit_function
 from kernels.ops import spec_modules
-from reference.cli import ArgumentParser, run_cli, say
-from reference.errors import PSPError
+from reference.plumbing.cli import ArgumentParser, run_cli, say
+from reference.plumbing.errors import PSPError
 
 SPEC_MODULES = spec_modules()  # the op table's kernels modules (kernels/ops.py)
 DEFAULT_ARCHS = (80, 90)

@@ -8,7 +8,7 @@ One row per public op function (`kernels/<file>.py`, `impl="ref"` / `impl="trito
 `modulated_conv2d`, `styled_conv2d` and `to_rgb` are three ops of one file and one Triton kernel
 (`_modulated_conv2d_kernel`, three epilogues): each is its own public function with its own
 `torch.ops.psp.<name>`, reference, tolerance and benchmark, and they share the file, its test file and
-its `aot_specs`. The generator on Triton (`export.engine_model`) calls `styled_conv2d` and `to_rgb`;
+its `aot_specs`. The generator on Triton (`export.backends.engine_model`) calls `styled_conv2d` and `to_rgb`;
 the others run fused into those and stand alone for tests, benchmarks and other callers.
 
 Everything here is a string (dotted paths, repository paths): this module imports neither torch nor
@@ -43,7 +43,7 @@ class Op:
         benchmark: dotted path of the op's benchmark module (`cases(output_size, batch)`,
             `impls(case, device, dtype, seed, impls)`), read by `benchmarks.gpu_kernels`.
         tolerance: the key of `export.compare.TOL` for `impl="triton"` against the fp32 reference.
-        generator: the Triton generator (`export.engine_model`) calls this op itself (the others
+        generator: the Triton generator (`export.backends.engine_model`) calls this op itself (the others
             run fused into these).
     """
 

@@ -282,7 +282,7 @@ def aot_specs(output_size: int = 1024) -> list[KernelSpec]:
     * the blur after each transposed convolution (`Blur`: up=1, padding (1, 1, 1, 1),
       `[1, C, r+1, r+1] -> [1, C, r, r]`, once per resolution).
 
-    The triton backend's synthesis (`export.engine_model.Synthesis`) runs neither as this kernel: `to_rgb` fuses the
+    The triton backend's synthesis (`export.backends.engine_model.Synthesis`) runs neither as this kernel: `to_rgb` fuses the
     skip upsample into the modulated-conv epilogue (`HAS_SKIP`) and the up StyledConv absorbs the
     blur into its polyphase weights. So every spec is marked `NOT_USED` in `layer` (left out of
     `kernels.inspect`'s roofline sum, which counts the skip in the ToRGB spec); `calls` is what a

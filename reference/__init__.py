@@ -7,7 +7,7 @@ Public API (benchmarks and tools rely on these names):
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .configs import CONFIGS, n_styles_for
-from .errors import CheckpointError, InputImageError, PSPError
+from .plumbing.errors import CheckpointError, InputImageError, PSPError
 from .psp import PSP, load_psp, load_stylegan2, style_mix
 from .stylegan2 import Generator
 from .weights import make_checkpoint

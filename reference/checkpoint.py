@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import CheckpointError
-from .files import atomic_write
+from .plumbing.errors import CheckpointError
+from .plumbing.files import atomic_write
 
 # Opts inference reads, with the defaults official `scripts/inference.py` applies when an old
 # checkpoint lacks them.

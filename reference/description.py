@@ -11,7 +11,7 @@ every exported artifact: `<artifact>.json` beside `model.onnx`, `model.plan`, `m
                   "part": ..., "inputs": ..., ...},
      "files": {"<artifact name>": {"size": bytes, "sha256": hex}, "<artifact name>.data": ...}}
 
-`files` (`reference.digests.file_records`) records the artifact and its companion files as written,
+`files` (`reference.plumbing.digests.file_records`) records the artifact and its companion files as written,
 so that a cache can check them before use (`verify_artifact`); sidecars written before it have none.
 
 Source: the attributes the official pSp code reads from a checkpoint's `opts`
@@ -29,20 +29,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .digests import file_records, verify_records
-from .errors import CheckpointError
-from .files import write_json
+from .plumbing.digests import file_records, verify_records
+from .plumbing.errors import CheckpointError
+from .plumbing.files import write_json
 
 SIDECAR_FORMAT = "psp-engine/sidecar"
 SIDECAR_VERSION = 2
 PRECISIONS = ("fp32", "bf16", "fp16")
+# px: the side of the encoder input, the one definition of this project (official test transforms
+# `Resize((256, 256))`); also the side of the official `--resize_outputs` pooling (`pSp.face_pool`)
+ENCODER_SIZE = 256
 INPUT_KINDS = {0: "rgb", 1: "sketch"}  # label_nc > 1: "segmentation"
 # what the encoder input is, per input kind (official `transforms_config.py` test transforms)
+_RESIZE = f"resize {ENCODER_SIZE}x{ENCODER_SIZE} bilinear (PIL)"
 PREPROCESSING = {
-    "rgb": ["convert RGB", "resize 256x256 bilinear (PIL)", "to float (u8/255 - 0.5)/0.5 in [-1, 1]", "NCHW"],
-    "sketch": ["convert L", "resize 256x256 bilinear (PIL)", "to float u8/255 in [0, 1]", "NCHW"],
-    "segmentation": ["class-id map (mode L)", "resize 256x256 bilinear (PIL) as official",
-                     "one-hot to label_nc channels", "NCHW"],
+    "rgb": ["convert RGB", _RESIZE, "to float (u8/255 - 0.5)/0.5 in [-1, 1]", "NCHW"],
+    "sketch": ["convert L", _RESIZE, "to float u8/255 in [0, 1]", "NCHW"],
+    "segmentation": ["class-id map (mode L)", f"{_RESIZE} as official", "one-hot to label_nc channels", "NCHW"],
 }
 POSTPROCESSING = "img is unclamped; display as clamp((img + 1) / 2, 0, 1) * 255 truncated to uint8"
 COMPANION_SUFFIXES = (".data",)  # files written beside an artifact and read with it (ONNX external data `m.onnx.data`)
@@ -100,6 +103,11 @@ class ModelDescription:
     latent_avg: list | None = field(default=None, repr=False, compare=False)
 
     @property
+    def encoder_size(self) -> int:
+        """The encoder input's side, px (`ENCODER_SIZE`, 256 for every pSp): x is `[B, input_nc, 256, 256]`."""
+        return ENCODER_SIZE
+
+    @property
     def input_kind(self) -> str:
         """"rgb", "sketch" or "segmentation"."""
         return INPUT_KINDS.get(self.label_nc, "segmentation")
@@ -138,25 +146,43 @@ class ModelDescription:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def describe(psp, checkpoint: str | os.PathLike | None = None, precision: str = "fp32",
-             backend: str = "") -> ModelDescription:
-    """The description of a loaded `reference.PSP` (or any model with its attributes).
+def describe_opts(opts: Mapping[str, Any], checkpoint: str | os.PathLike | None = None, precision: str = "fp32",
+                  backend: str = "", latent_avg: list | None = None) -> ModelDescription:
+    """The description of the model a checkpoint's completed opts define, without its weights (what
+    `engine.run` checks its manifest against before loading anything).
 
     Args:
-        psp: a `reference.PSP`.
+        opts: the opts as `reference.psp.complete_opts` / `psp_opts` give them (inference defaults
+            and `n_styles` filled in).
+        checkpoint: its file (recorded by `checkpoint_info`), or None.
+        precision, backend, latent_avg: as in `ModelDescription` (latent_avg None: not recorded).
+
+    Raises:
+        KeyError: opts that were not completed (a missing `input_nc`, `output_size`, `n_styles` ...).
+    """
+    return ModelDescription(
+        input_nc=int(opts["input_nc"]), label_nc=int(opts["label_nc"] or 0), output_size=int(opts["output_size"]),
+        n_styles=int(opts["n_styles"]), dataset_type=opts["dataset_type"], encoder_type=opts.get("encoder_type"),
+        learn_in_w=bool(opts["learn_in_w"]), start_from_latent_avg=bool(opts["start_from_latent_avg"]),
+        opts=_json_opts(opts), checkpoint=checkpoint_info(checkpoint), precision=precision, backend=backend,
+        latent_avg=latent_avg,
+    )
+
+
+def describe(psp, checkpoint: str | os.PathLike | None = None, precision: str = "fp32",
+             backend: str = "") -> ModelDescription:
+    """The description of a loaded `reference.PSP`: `describe_opts` of its opts, with its latent_avg.
+
+    Args:
+        psp: a `reference.PSP` (its `opts` completed, its `latent_avg` `[n_styles, 512]`).
         checkpoint: its file (recorded by `checkpoint_info`), or None.
         precision, backend: as in `ModelDescription`.
     """
     la = psp.latent_avg.detach().float().cpu()
-    if not getattr(psp, "start_from_latent_avg", True):
+    if not psp.start_from_latent_avg:
         la = la * 0
-    return ModelDescription(
-        input_nc=int(psp.input_nc), label_nc=int(psp.label_nc), output_size=int(psp.output_size),
-        n_styles=int(psp.n_styles), dataset_type=psp.dataset_type, encoder_type=psp.opts.get("encoder_type"),
-        learn_in_w=bool(psp.learn_in_w), start_from_latent_avg=bool(getattr(psp, "start_from_latent_avg", True)),
-        opts=_json_opts(psp.opts), checkpoint=checkpoint_info(checkpoint), precision=precision, backend=backend,
-        latent_avg=la.reshape(-1, 512).expand(int(psp.n_styles), 512).tolist(),
-    )
+    return describe_opts(psp.opts, checkpoint, precision, backend,
+                         la.reshape(-1, 512).expand(int(psp.n_styles), 512).tolist())
 
 
 def sidecar_path(artifact: str | os.PathLike) -> Path:
@@ -203,7 +229,7 @@ def write_sidecar(artifact: str | os.PathLike, description: ModelDescription | N
 def verify_artifact(artifact: str | os.PathLike) -> list[str]:
     """What is wrong with `artifact` against the sizes and digests its sidecar records (`files`).
 
-    Sizes cost a stat; digests a read of each file per file version (`reference.digests.file_sha256`
+    Sizes cost a stat; digests a read of each file per file version (`reference.plumbing.digests.file_sha256`
     remembers them), so a cache entry is checked on every use at the cost of a stat once verified.
     A folder artifact also fails on files in it that the sidecar does not record.
 

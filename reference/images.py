@@ -40,13 +40,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputImageError
-from .files import atomic_write
+from .description import ENCODER_SIZE  # px, the encoder's input side (official Resize((256, 256)))
+from .plumbing.errors import InputImageError
+from .plumbing.files import atomic_write
 from .sr import super_resolution_input
 
 MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS (a 0.25 GiB RGB bitmap)
 MIN_SIZE = 32  # px, smaller side; see the module docstring
-ENCODER_SIZE = 256  # px, the encoder's input side (official Resize((256, 256)))
 # Extensions picked up when scanning folders (official `IMG_EXTENSIONS` plus webp/gif/pgm).
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, IndexError)
@@ -68,7 +68,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, min_size: 
         path: image file in any format PIL decodes (JPEG, PNG, WebP, TIFF, BMP, GIF, ...).
         max_pixels: largest accepted width*height, checked from the header before decoding.
         min_size: smallest accepted min(width, height), in px.
-        data: the file's content, already read (a file behind a URI, `engine.remote`); `path` then
+        data: the file's content, already read (a file behind a URI, `engine.cluster.remote`); `path` then
             only names it in messages. None: read `path`.
 
     Returns:
@@ -366,7 +366,7 @@ def couple(input_rgb: np.ndarray, output_rgb: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-# Atomic image and array writes (through the one `reference.files.atomic_write`)
+# Atomic image and array writes (through the one `reference.plumbing.files.atomic_write`)
 
 
 def atomic_write_image(path: str | os.PathLike, array: np.ndarray, quality: int = 95) -> Path:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, PSPError
+from .plumbing.errors import CheckpointError, PSPError
 
 __all__ = [
     "LPIPS",

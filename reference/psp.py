@@ -15,11 +15,10 @@ from torch import nn
 
 from . import checkpoint as ckio
 from .configs import n_styles_for
-from .errors import CheckpointError
+from .description import ENCODER_SIZE
+from .plumbing.errors import CheckpointError
 from .stylegan2 import LR_MLP, N_MLP, EqualLinear, Generator, PixelNorm, check_size
 from .weights import psp_modules
-
-ENCODER_INPUT_SIZE = 256
 
 
 def complete_opts(opts: Mapping[str, Any]) -> dict:
@@ -63,7 +62,7 @@ class PSP(nn.Module):
         modules = psp_modules(opts)
         self.encoder = modules.encoder
         self.decoder: Generator = modules.decoder
-        self.face_pool = nn.AdaptiveAvgPool2d((256, 256))
+        self.face_pool = nn.AdaptiveAvgPool2d((ENCODER_SIZE, ENCODER_SIZE))  # official --resize_outputs
         self.register_buffer("latent_avg", torch.zeros(self.n_styles, 512), persistent=False)
 
     @property
@@ -95,9 +94,9 @@ class PSP(nn.Module):
         Raises:
             ValueError: x of the wrong shape.
         """
-        if x.ndim != 4 or x.shape[1] != self.input_nc or x.shape[2:] != (ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE):
+        if x.ndim != 4 or x.shape[1] != self.input_nc or x.shape[2:] != (ENCODER_SIZE, ENCODER_SIZE):
             raise ValueError(
-                f"encode expects x [B, {self.input_nc}, 256, 256] (this checkpoint's input_nc is "
+                f"encode expects x [B, {self.input_nc}, {ENCODER_SIZE}, {ENCODER_SIZE}] (this checkpoint's input_nc is "
                 f"{self.input_nc}), got {tuple(x.shape)}"
             )
         codes = self.encoder(x)
@@ -109,20 +108,18 @@ class PSP(nn.Module):
             codes = codes + self.latent_avg
         return codes
 
-    def synthesize(self, w_plus: torch.Tensor, resize: bool = False) -> torch.Tensor:
-        """Render W+ latents with the stored noise buffers (`randomize_noise=False`).
+    def synthesize(self, w_plus: torch.Tensor) -> torch.Tensor:
+        """Render W+ latents with the stored noise buffers (`randomize_noise=False`), at full
+        resolution: the backend-model interface (`export.backends.BackendModel`). The official
+        `resize` lives in `forward` (and in `engine.Engine.synthesize` for every backend).
 
         Args:
             w_plus: `[B, n_styles, 512]` float32 (a `[B, 512]` w is repeated to all styles).
-            resize: average-pool the output to 256x256 (`face_pool`; an exact box mean for
-                512/1024, the identity at 256).
 
         Returns:
-            img `[B, 3, R, R]` float32, unclamped (trained nets: about [-1, 1]); R = output_size,
-            or 256 with `resize`.
+            img `[B, 3, R, R]` float32, unclamped (trained nets: about [-1, 1]); R = output_size.
         """
-        img = self.decoder.synthesis(w_plus)
-        return self.face_pool(img) if resize else img
+        return self.decoder.synthesis(w_plus)
 
     def mapping(self, z: torch.Tensor) -> torch.Tensor:
         """StyleGAN2 mapping network: z `[B, 512]` (standard normal) -> w `[B, 512]`."""
@@ -131,9 +128,12 @@ class PSP(nn.Module):
         return self.decoder.mapping(z)
 
     def forward(self, x: torch.Tensor, resize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(synthesize(encode(x), resize), encode(x))`: the official inference forward."""
+        """`(img, w_plus)`: the official inference forward (`pSp.forward(x, resize=...)`); with
+        `resize` the image is average-pooled to 256x256 by `face_pool` (official
+        `AdaptiveAvgPool2d((256, 256))`: an exact box mean for 512/1024, the identity at 256)."""
         w_plus = self.encode(x)
-        return self.synthesize(w_plus, resize=resize), w_plus
+        img = self.synthesize(w_plus)
+        return (self.face_pool(img) if resize else img), w_plus
 
 
 def style_mix(
@@ -292,7 +292,7 @@ def load_psp(path_or_dict: str | os.PathLike | Mapping[str, Any], trust_pickle: 
         model.latent_avg = _latent_avg_for(model, latent_avg, source)
     else:
         model.latent_avg = torch.zeros(model.n_styles, 512)
-    model.face_pool = nn.AdaptiveAvgPool2d((256, 256))
+    model.face_pool = nn.AdaptiveAvgPool2d((ENCODER_SIZE, ENCODER_SIZE))
     model.eval().requires_grad_(False)
     return model
 
@@ -395,9 +395,9 @@ def load_mapping(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Modu
 def face_pool(img: torch.Tensor) -> torch.Tensor:
     """Official `AdaptiveAvgPool2d((256, 256))` for square power-of-two images: a box mean above 256,
     the identity at 256, nearest repetition below (what adaptive pooling does there)."""
-    r = img.shape[-1]
-    if r > 256:
-        return torch.nn.functional.avg_pool2d(img, r // 256)
-    if r < 256:
-        return img.repeat_interleave(256 // r, dim=2).repeat_interleave(256 // r, dim=3)
+    r, s = img.shape[-1], ENCODER_SIZE
+    if r > s:
+        return torch.nn.functional.avg_pool2d(img, r // s)
+    if r < s:
+        return img.repeat_interleave(s // r, dim=2).repeat_interleave(s // r, dim=3)
     return img

@@ -1,5 +1,5 @@
 """The local Ray instance of a test module that needs Ray (num_cpus=2, as CI has), started as
-`engine.run --ray local` starts it (`engine.ray_local.start_local_ray`: loopback only, token auth);
+`engine.run --ray local` starts it (`engine.cluster.ray_local.start_local_ray`: loopback only, token auth);
 the listening sockets of a process tree; a two-node cluster on the loopback (run as a script).
 
 Started by the module's fixture and shut down when the module ends: an idle instance (GCS, raylet,
@@ -37,7 +37,7 @@ def local_ray() -> Iterator:
     ray = pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[serve]'")
     started = not ray.is_initialized()
     if started:
-        from engine.ray_local import start_local_ray
+        from engine.cluster.ray_local import start_local_ray
 
         start_local_ray(2, log_to_driver=False, system_config=SYSTEM_CONFIG)
     try:

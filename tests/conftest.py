@@ -60,7 +60,7 @@ def pytest_configure(config):
     if isinstance(workers, int) and workers >= 2 and not os.environ.get("OMP_NUM_THREADS"):
         # The workers and every process they start (CLI runs, Ray actors) size their
         # thread pools from it: torch, OpenBLAS (the Triton interpreter's numpy), and ONNX Runtime
-        # and OpenVINO through `export.graph.physical_cores`. Two threads per process on 2 shared
+        # and OpenVINO through `export.backends.graph.physical_cores`. Two threads per process on 2 shared
         # cores cost ~1.6x the CPU of one (spinning, measured with ONNX Runtime) and help no one.
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
     config._psp_session = tempfile.mkdtemp(prefix="psp-test-session-")
@@ -123,7 +123,7 @@ def session_file(name: str, build) -> Path:
     return path
 
 
-# The two kinds of CPU this project's machines alternate between, as `reference.platform` reads them
+# The two kinds of CPU this project's machines alternate between, as `reference.plumbing.platform` reads them
 # (model name, flags): tests of what `auto` picks fake one of these (`fake_cpu`) instead of depending
 # on the CPU that runs them.
 CPUS = {
@@ -137,9 +137,9 @@ CPUS = {
 @pytest.fixture
 def fake_cpu(monkeypatch):
     """`fake_cpu("zen3")` / `fake_cpu("xeon_amx")`: make this test's process read that CPU's model name
-    and flags (`CPUS`). Patches the one reader, `reference.platform._cpuinfo`, so every caller
+    and flags (`CPUS`). Patches the one reader, `reference.plumbing.platform._cpuinfo`, so every caller
     (`cpu_flags`, `bf16_units`, `cpu_summary`, `export.backends.auto_precision`) sees the fake."""
-    import reference.platform as rp
+    import reference.plumbing.platform as rp
 
     def fake(kind: str) -> tuple[str, frozenset[str]]:
         model, flags = CPUS[kind]

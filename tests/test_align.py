@@ -35,7 +35,7 @@ from conftest import REPO
 from engine import align
 from engine.align import Face, NoFaceError, align_face, align_image, detect_faces
 from reference.images import read_image
-from reference.errors import InputImageError
+from reference.plumbing.errors import InputImageError
 
 GOLDEN_SRC = "data/faces/unaligned/hyperstyle_face_image.jpg"
 GOLDEN_REF = "data/faces/aligned/hyperstyle_dicaprio_aligned_ref.jpg"

@@ -3,7 +3,7 @@ cache's integrity: no damaged graph, compiled blob or demo checkpoint is ever us
 
 The listing tests lay the cache out as the engine leaves it (a demo checkpoint, an ONNX entry with
 its sidecars, an OpenVINO cache file, a killed writer's temp file), with small files standing in for
-the big ones; the ONNX cache key is computed by `export.graph.cache_paths`, as the backends compute
+the big ones; the ONNX cache key is computed by `export.backends.graph.cache_paths`, as the backends compute
 it. The integrity tests copy the real graphs of the session's 32 px checkpoint (`small_w`, exported
 once per test run into the session's cache) into a temp cache under the same names (the key is the
 checkpoint's path and digest, so the copies are that checkpoint's graphs there), damage them, and
@@ -27,11 +27,11 @@ import torch
 
 from engine import cache, demo
 from engine.manifest import checkpoint_identity, fingerprint
-from export.graph import cache_paths, cached_graphs, compiled_cache_dir, graph_problems
-from reference import digests
+from export.backends.graph import cache_paths, cached_graphs, compiled_cache_dir, graph_problems
+from reference.plumbing import digests
 from reference.description import sidecar_path, verify_artifact, write_sidecar
-from reference.digests import file_records, file_sha256
-from reference.files import cache_dir
+from reference.plumbing.digests import file_records, file_sha256
+from reference.plumbing.files import cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -319,7 +319,7 @@ def test_a_damaged_demo_checkpoint_is_rebuilt_not_loaded(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def small_w_graphs(small_w) -> dict[str, Path]:
     """The fp32 graphs of `small_w` in the session's engine cache (exported once per test run)."""
-    from export.graph import ReferenceLoader
+    from export.backends.graph import ReferenceLoader
 
     return cached_graphs(small_w, ReferenceLoader(small_w), cache_dir() / "onnx")
 
@@ -384,7 +384,7 @@ def test_zeroed_bytes_in_graph_weights_are_detected_and_rebuilt(small_w, small_w
     """Issue 18: 1 MiB zeroed inside a `.onnx.data` (same size, mtime restored) gave wrong images with
     exit 0. The digest differs: the part is announced, exported again, and matches the fp32 reference."""
     from export.compare import assert_close
-    from export.graph import ReferenceLoader, load_graph_backend
+    from export.backends.graph import ReferenceLoader, load_graph_backend
 
     cache_root = tmp_path / "cache"
     paths = _copy_graphs(small_w_graphs, cache_root)
@@ -405,7 +405,7 @@ def test_a_damaged_openvino_blob_is_not_used(small_w, small_w_graphs, small_w_re
     digests are recorded after the compile that wrote them; a damaged one is listed by `--verify`,
     announced, removed and compiled again, and the output matches the fp32 reference."""
     from export.compare import assert_close
-    from export.graph import load_graph_backend
+    from export.backends.graph import load_graph_backend
 
     def must_not_export():
         raise AssertionError("the graphs are intact: nothing to export")

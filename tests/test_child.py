@@ -1,8 +1,8 @@
-"""`reference.child.call_in_child` as users run it (issue 18, items 2 and 8): a plain script with no
+"""`reference.plumbing.child.call_in_child` as users run it (issue 18, items 2 and 8): a plain script with no
 `if __name__ == "__main__":` guard, Ctrl-C and a killed parent, and the ONNX export's progress per
 graph as it happens.
 
-The child is `python -m reference.child`: it never imports the parent's `__main__`. Under
+The child is `python -m reference.plumbing.child`: it never imports the parent's `__main__`. Under
 multiprocessing "spawn" (before) the script test below hung: the child re-ran the script, reached
 `engine.load` again and waited on the export lock its parent held. Scripts are real files run by a
 real interpreter in a subprocess; the export runs on the session's 32 px learn_in_w checkpoint.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from reference.child import _importable_name, call_in_child
+from reference.plumbing.child import _importable_name, call_in_child
 
 # ------------------------------------------------------------------------------------------------
 # Steps run in the child (module-level: the child imports this module by name)
@@ -36,7 +36,7 @@ def _surroundings(notify) -> dict:
 
 
 def test_the_child_runs_its_own_entry_point_with_our_path_and_no_stdin(monkeypatch):
-    """The child's `__main__` is `reference.child` (not this process's: spawn re-imported it), it has
+    """The child's `__main__` is `reference.plumbing.child` (not this process's: spawn re-imported it), it has
     this process's sys.path (a folder added here is there) and PYTHONPATH (for what it starts), and
     reads nothing from stdin, even when this process's stdin has data."""
     monkeypatch.syspath_prepend("/nonexistent/psp-test-marker")
@@ -51,7 +51,7 @@ def test_the_child_runs_its_own_entry_point_with_our_path_and_no_stdin(monkeypat
         os.dup2(saved, 0)
         os.close(saved)
         os.close(read_fd)
-    assert seen["main"] == "reference.child"
+    assert seen["main"] == "reference.plumbing.child"
     assert seen["stdin"] == ""
     assert "/nonexistent/psp-test-marker" in seen["path"]
     assert seen["path"][: len(sys.path)] == sys.path
@@ -90,7 +90,7 @@ def work(folder, notify):
 SCRIPT = '''
 import sys
 import slowstep
-from reference.child import call_in_child
+from reference.plumbing.child import call_in_child
 
 try:
     call_in_child(slowstep.work, (sys.argv[1],), lambda m: print(*m, flush=True), what="slow step")

@@ -23,6 +23,8 @@ from PIL import Image
 import engine
 from conftest import REPO
 from engine import api, run
+from export.backends import Choice
+from reference.description import ModelDescription
 from engine.inputs import find_inputs, plan_jobs
 from reference.images import tensor_to_uint8
 from engine.manifest import MANIFEST_NAME, InputStat, Manifest, read_records
@@ -72,8 +74,10 @@ def e2e(shared, ffhq256_checkpoint, tmp_path_factory):
     for p in faces[:N_FACES - 1] + [p for p in faces[N_FACES - 1:] if p.name == "psp_input_img.jpg"]:
         shutil.copy(p, src / p.name)
     out = tmp_path_factory.mktemp("e2e") / "out"
-    proc = run_cli("--input", str(src), "--output", str(out),
-                   "--checkpoint", str(ffhq256_checkpoint), "--save-latents", "--batch-size", "5")
+    # fp32 asked for: the outputs are checked against the official ones at atol 1e-4 (auto is bf16
+    # on a CPU with bf16 units)
+    proc = run_cli("--input", str(src), "--output", str(out), "--checkpoint", str(ffhq256_checkpoint),
+                   "--save-latents", "--batch-size", "5", "--precision", "fp32")
     return src, out, proc, read_records(out)
 
 
@@ -114,8 +118,8 @@ def test_rerun_skips_everything(e2e, shared, ffhq256_checkpoint, capsys):
     assert proc.returncode == 0, proc.stderr
     before = {p: (out / p).stat().st_mtime_ns for p in files_under(out) if p != MANIFEST_NAME}
     n_records = len(read_records(out))
-    rc = run.main(["--input", str(src), "--output", str(out),
-                   "--checkpoint", str(ffhq256_checkpoint), "--save-latents", "--batch-size", "5"])
+    rc = run.main(["--input", str(src), "--output", str(out), "--checkpoint", str(ffhq256_checkpoint),
+                   "--save-latents", "--batch-size", "5", "--precision", "fp32"])
     assert rc == 0
     err = capsys.readouterr().err
     assert f"0 ok, 0 failed, {N_FACES} skipped" in err and "the model was not loaded" in err
@@ -130,7 +134,7 @@ def _no_load(*args, **kwargs):
 
 
 def test_rerun_with_nothing_to_do_does_not_load(tmp_path, shared, small_w, capsys, monkeypatch):
-    """Every option that shapes the outputs goes into the pre-load fingerprint (`run.ModelFacts`, read
+    """Every option that shapes the outputs goes into the pre-load fingerprint (`run.preload_facts`, read
     before the load): the same command skips without loading, one changed option loads and redoes.
     (The session's 32 px checkpoint, 8 styles: the fingerprint does not depend on the model's size.)"""
     src = tmp_path / "in"
@@ -147,7 +151,7 @@ def test_rerun_with_nothing_to_do_does_not_load(tmp_path, shared, small_w, capsy
     planned = run.model_options(args, run.replace(run.RunOptions(out_dir=tmp_path / "out", save_latents=True),
                                                   **run.mixing_options(args)), facts)
     assert planned.config(facts) == record["config"], "the pre-load config must be the one the run records"
-    monkeypatch.setattr(api, "load", _no_load)
+    monkeypatch.setattr(api, "load_planned", _no_load)  # every load goes through it
     capsys.readouterr()
     assert run.main(argv) == 0
     err = capsys.readouterr().err
@@ -164,9 +168,10 @@ def test_rerun_with_nothing_to_do_does_not_load(tmp_path, shared, small_w, capsy
 def test_preload_resolves_the_resize_factor_as_the_load_does(tmp_path):
     """A super-resolution checkpoint's default factor comes from its opts, known before the load, so a
     run with `--resize-factor input` and one without have different fingerprints."""
-    facts = run.ModelFacts(checkpoint=tmp_path, backend="engine", precision="fp32", reason="asked for", device="cpu",
-                           n_styles=18, is_demo=False,
-                           opts={"dataset_type": "celebs_super_resolution", "resize_factors": "4"})
+    description = ModelDescription(input_nc=3, label_nc=0, output_size=1024, n_styles=18, backend="engine",
+                                   opts={"dataset_type": "celebs_super_resolution", "resize_factors": "4"})
+    plan = api.LoadPlan(tmp_path, torch.device("cpu"), Choice("engine", "fp32", "asked for"))
+    facts = api.Facts(description, plan)
     parse = run.build_parser().parse_args
     opts = run.RunOptions(out_dir=tmp_path)
     base = ["--input", "x", "--output", "y"]
@@ -174,7 +179,7 @@ def test_preload_resolves_the_resize_factor_as_the_load_does(tmp_path):
     assert run.model_options(parse(base + ["--resize-factor", "input"]), opts, facts).degrade_factor is None
     with pytest.raises(engine.UsageError, match="--resize-factor is for super-resolution"):
         run.model_options(parse(base + ["--resize-factor", "2"]), opts,
-                          run.replace(facts, opts={"dataset_type": "ffhq_encode"}))
+                          api.Facts(description.replace(opts={"dataset_type": "ffhq_encode"}), plan))
 
 
 def test_rerun_with_relative_paths_skips(tmp_path, shared, small_w, capsys, monkeypatch):
@@ -477,7 +482,9 @@ def test_demo_checkpoint_end_to_end(tmp_path, monkeypatch, capsys):
         assert files_under(out) == sorted([MANIFEST_NAME, "matplotlib_grace_hopper.png", "skimage_astronaut.png"])
         for name in ("matplotlib_grace_hopper.png", "skimage_astronaut.png"):
             assert Image.open(out / name).size == (1024, 1024)
-        assert sorted(p.name for p in cache.iterdir()) == ["demo_ffhq_encode_seed0_rule-v1.pt", "onnx", "ov_cache"]
+        assert sorted(p.name for p in cache.iterdir()) == ["demo_ffhq_encode_seed0_rule-v1.pt",
+                                                           "demo_ffhq_encode_seed0_rule-v1.pt.json",
+                                                           "digests.json", "onnx", "ov_cache"]
         # the default --backend auto is openvino on the CPU: its two ONNX graphs were exported and cached
         assert len(list((cache / "onnx").glob("*.onnx"))) == 2
     finally:
@@ -497,7 +504,7 @@ def _conditional_engine(ffhq256_checkpoint, label_nc: int) -> api.Engine:
     weight = ckpt["state_dict"]["encoder.input_layer.0.weight"]  # [64, 3, 3, 3]
     ckpt["state_dict"]["encoder.input_layer.0.weight"] = weight[:, :1].repeat(1, channels, 1, 1) / channels
     ckpt["opts"] = {**ckpt["opts"], "input_nc": channels, "label_nc": label_nc}
-    return api.Engine(load_psp(ckpt), Path(ffhq256_checkpoint), "reference", torch.device("cpu"), is_demo=False)
+    return api.Engine.around(load_psp(ckpt), Path(ffhq256_checkpoint))
 
 
 @pytest.mark.parametrize("label_nc, rel", [(1, "sketch/psp_input_sketch.jpg"),
@@ -528,7 +535,7 @@ def test_inconsistent_label_nc_and_input_nc(ffhq256_checkpoint, tmp_path, shared
     from engine.batch import RunOptions, run_jobs
 
     eng = _conditional_engine(ffhq256_checkpoint, 1)
-    eng.label_nc = 0  # opts saying "RGB" for a 1-channel encoder
+    eng.model.description = eng.description.replace(label_nc=0)  # opts saying "RGB" for a 1-channel encoder
     opts = RunOptions(out_dir=tmp_path / "out")
     with Manifest(opts.out_dir, {}) as m, pytest.raises(engine.CheckpointError, match="inconsistent"):
         run_jobs(eng, plan_jobs([shared / "data" / "sketch" / "psp_input_sketch.jpg"]), opts, m)

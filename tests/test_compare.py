@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export.compare import TOL, assert_close, compare, compare_outputs, parity_tolerance, rel_error, uint8_image
-from reference.files import write_json
+from reference.plumbing.files import write_json
 
 
 def test_compare_outputs_measures_relative_error_and_non_finite(tmp_path):

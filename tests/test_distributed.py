@@ -31,8 +31,9 @@ import pytest
 import torch
 
 from _ray_cluster import local_ray
-from engine import remote, run
-from engine.distributed import FAULT_ENV
+from engine import run
+from engine.cluster import remote
+from engine.cluster.distributed import FAULT_ENV
 from engine.manifest import MANIFEST_NAME, read_records
 
 

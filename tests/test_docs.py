@@ -88,3 +88,56 @@ def test_the_readme_command_runs_the_quick_set_and_ci_runs_every_test(monkeypatc
     command = "-m pytest -q -n 2 --dist loadfile"
     assert f".venv/bin/python {command}\n" in README and f"{env}=1 " in README
     assert f'{env}=1 "$venv/bin/python" {command}\n' in (REPO / ".ci" / "run").read_text()
+
+
+def _layout_rows() -> list[tuple[str, str, str]]:
+    """(floor, folder, what) of the README's layout table."""
+    start = README.index("| floor | folder | what |")
+    rows = []
+    for line in README[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        floor, folder, what = (c.strip() for c in line.strip("|").split("|"))
+        rows.append((floor, folder.strip("`"), what))
+    return rows
+
+
+def test_the_readme_layout_is_the_tree():
+    """Each folder of the README's layout table exists, every module or subpackage it names in
+    backticks is there, the floors are those tests/test_layering.py enforces, and every top-level
+    package and subpackage of the tree has a row or is named in one (issue 19)."""
+    import re
+
+    from test_layering import FLOORS
+
+    rows = _layout_rows()
+    named = set()
+    for floor, folder, what in rows:
+        path = REPO / folder
+        assert path.is_dir(), folder
+        if folder.rstrip("/") != "tests":
+            assert int(floor) == FLOORS[folder.rstrip("/").replace("/", ".")], (folder, floor)
+        for name in re.findall(r"`([a-z_]+/?)`", what):
+            if (path / f"{name}.py").is_file() or (path / name.rstrip("/")).is_dir():
+                named.add(f"{folder}{name}".rstrip("/"))
+                continue
+            sub = [p for p in path.rglob(f"{name.rstrip('/')}*") if p.stem == name.rstrip("/")]
+            assert sub, f"README layout: {folder} names `{name}`, which is not in the tree"
+    packages = {p.parent.relative_to(REPO).as_posix() for top in FLOORS if "." not in top
+                for p in (REPO / top).rglob("__init__.py")}
+    listed = {f.rstrip("/") for _, f, _ in rows} | named
+    assert sorted(packages - listed) == [], "packages missing from the README's layout table"
+
+
+def test_where_things_are_names_real_files():
+    """The README's "Where things are" paragraph: every file it names exists, and every `file::name` defines name."""
+    import re
+
+    start = README.index("**Where things are**")
+    text = README[start:README.index("\n\n", start)]
+    paths = re.findall(r"`((?:reference|kernels|export|engine|benchmarks|tests)/[\w/]+\.py)(?:::(\w+))?", text)
+    assert len(paths) >= 8
+    for path, name in paths:
+        assert (REPO / path).is_file(), path
+        if name:
+            assert re.search(rf"^def {name}\(|^class {name}\b", (REPO / path).read_text(), re.M), f"{path}::{name}"

@@ -1,4 +1,4 @@
-"""export.engine_model.EnginePSP (static weights, folded BatchNorm, batched heads) equals the reference."""
+"""export.backends.engine_model.EnginePSP (static weights, folded BatchNorm, batched heads) equals the reference."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.engine_model import EnginePSP, _adaptive_pool_matrix, face_pool
+from export.backends.engine_model import EnginePSP, _adaptive_pool_matrix
 from reference import load_psp
+from reference.psp import face_pool
 from reference.configs import BASE_OPTS
 from reference.weights import make_state_dict, psp_modules
 from export.compare import assert_close
@@ -39,8 +40,8 @@ def test_engine_model_equals_reference(encoder_type, input_nc, output_size):
     with torch.inference_mode():
         ref_w = psp.encode(x)
         w = eng.encode(x)
-        ref_img = psp.synthesize(ref_w, resize=True)
-        img = eng.synthesize(ref_w, resize=True)
+        ref_img = psp.face_pool(psp.synthesize(ref_w))
+        img = face_pool(eng.synthesize(ref_w))
     assert_close(w, ref_w, "engine_model")
     assert_close(img, ref_img, "engine_model")
 
@@ -49,7 +50,7 @@ def test_engine_model_equals_reference(encoder_type, input_nc, output_size):
 def test_rounding_and_casting_never_reach_the_source_model(precision):
     """EnginePSP owns its memory: emulating or casting a precision on it leaves the reference model
     it was built from unchanged (once, the emulation rounded the reference's shared biases in place)."""
-    from export.engine_model import emulate_rounding
+    from export.backends.engine_model import emulate_rounding
 
     psp = small_psp("GradualStyleEncoder", 32)
     before = {k: v.clone() for k, v in psp.state_dict().items()}

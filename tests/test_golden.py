@@ -57,7 +57,7 @@ def test_latents(w_plus, golden):
 @pytest.mark.slow
 @pytest.mark.parametrize("fused_modconv", [True, False], ids=["grouped", "activation"])
 def test_images(psp256, w_plus, golden, fused_modconv):
-    """Both generator formulations render the official images. `synthesize(resize=True)` is
+    """Both generator formulations render the official images. `forward(x, resize=True)` is
     `face_pool(synthesize(w))` (reference/psp.py), so the identity of face_pool at 256 is checked on
     the rendered images directly instead of by rendering them a second time (~10 s each)."""
     psp256.decoder.set_fused_modconv(fused_modconv)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from reference.files import atomic_write
+from reference.plumbing.files import atomic_write
 from reference.images import (MIN_SIZE, atomic_write_image, atomic_write_npy, couple, read_image,
                            read_input, read_label_map, tensor_to_uint8, to_input_tensor)
-from reference.errors import InputImageError
+from reference.plumbing.errors import InputImageError
 
 H, W = 40, 48  # odd-ish, non-square test size (>= MIN_SIZE)
 

@@ -222,14 +222,14 @@ def cli_run(request):
     the three kernel modules>] --jobs N` (its `main`, in this process), as a user runs it with the
     interpreter on: the compiles in clean worker processes, the JSON rows on stdout, the roofline sum
     on stderr. The real specs only when a test of them is selected; then N is one worker per thread
-    this test process is given (`$OMP_NUM_THREADS` as `export.graph.physical_cores` reads it, 1 per
+    this test process is given (`$OMP_NUM_THREADS` as `export.backends.graph.physical_cores` reads it, 1 per
     pytest-xdist worker on 2 cores: one process importing torch and triton, not two), else
     `compile_all`'s default; the sample specs alone take `--jobs 1`.
 
     Returns:
         `code` (exit code), `out`, `err` (the text printed), `rows` (the JSON), `sources`.
     """
-    from export.graph import physical_cores
+    from export.backends.graph import physical_cores
 
     sources = [HERE]
     jobs: int | None = 1

@@ -110,8 +110,9 @@ def test_mapping_from_checkpoint(ffhq256_checkpoint, eng256, golden, tmp_path):
 
 
 def test_mapping_without_a_checkpoint_is_a_usage_error():
-    plans = types.SimpleNamespace(description=ModelDescription(input_nc=3, label_nc=0, output_size=256, n_styles=14))
-    eng = Engine(plans, Path("plans/psp"), "tensorrt", torch.device("cpu"), is_demo=False)
+    plans = types.SimpleNamespace(description=ModelDescription(input_nc=3, label_nc=0, output_size=256, n_styles=14,
+                                                               precision="fp16", backend="tensorrt"))
+    eng = Engine.around(plans, Path("plans/psp"))
     with pytest.raises(UsageError, match="holds no mapping network.*--backend engine"):
         eng.mapping(torch.zeros(1, 512))
 

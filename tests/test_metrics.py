@@ -26,7 +26,7 @@ from engine import metrics
 from engine.manifest import Manifest, InputStat
 from engine.metrics import (DLIB_SAME_PERSON, MS_SSIM_MIN_SIZE, FaceIdentity, ms_ssim, pair_folders, psnr,
                             runtime_stats, ssim)
-from reference.errors import UsageError
+from reference.plumbing.errors import UsageError
 from reference.perceptual import lpips_backbone_path
 
 FACE = "faces/aligned/psp_input_img.jpg"  # young man, frontal

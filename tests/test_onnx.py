@@ -1,4 +1,4 @@
-"""ONNX export (export.onnx), the graph backends (export.graph) and the parity module (export.parity)."""
+"""ONNX export (export.onnx), the graph backends (export.backends.graph) and the parity module (export.parity)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 import engine
 from export import onnx as xo
-from export.engine_model import EnginePSP
+from export.backends.engine_model import EnginePSP
 from export.parity import run_parity
 from reference import load_psp, save_checkpoint
 from reference.configs import BASE_OPTS
@@ -49,13 +49,13 @@ def small_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_graphs(small, small_cache):
     """The fp32 `encoder` and `generator` graphs of `small`, exported once into `small_cache` by
-    `cached_graphs` with a `ReferenceLoader` (in a spawned child), with `export.graph.export_parts`
+    `cached_graphs` with a `ReferenceLoader` (in a spawned child), with `export.backends.graph.export_parts`
     replaced in this process so that an export here would fail. Returns the paths and what
     `test_graph_export_runs_in_a_child_process` checks: the notes, the children left, the folder's files.
     The one export of these parts in this file: `exported`, `test_engine_backends` and
     `test_a_second_process_waits_for_the_export_and_reuses_it` reuse it."""
-    import export.graph
-    from export.graph import ReferenceLoader, cached_graphs
+    import export.backends.graph
+    from export.backends.graph import ReferenceLoader, cached_graphs
 
     def not_here(*args, **kwargs):
         raise AssertionError("the export ran in the test's own process")
@@ -65,7 +65,7 @@ def small_graphs(small, small_cache):
     assert not folder.exists(), "nothing exported into small_cache before"
     notes = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(export.graph, "export_parts", not_here)  # the spawned child imports its own
+        mp.setattr(export.backends.graph, "export_parts", not_here)  # the spawned child imports its own
         paths = cached_graphs(path, ReferenceLoader(path), folder, notes.append)
         children = _child_commands()
     return paths, notes, children, sorted(p.name for p in folder.iterdir())
@@ -73,7 +73,7 @@ def small_graphs(small, small_cache):
 
 def _child_commands() -> list[str]:
     """Command lines of this process's live child processes (Linux `/proc`), e.g. a
-    `python -m reference.child` left running."""
+    `python -m reference.plumbing.child` left running."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -230,8 +230,8 @@ def test_graph_export_runs_in_a_child_process(small_graphs, tmp_path):
     it): the graphs and sidecars appear, no temp folder stays, no child is left; a bad checkpoint's
     error comes back from the child as the same `CheckpointError` a load in this process raises.
     (The export is `small_graphs`', into `small_cache`, where `test_engine_backends` then finds the graphs.)"""
-    from export.graph import ReferenceLoader, cached_graphs
-    from reference.errors import CheckpointError
+    from export.backends.graph import ReferenceLoader, cached_graphs
+    from reference.plumbing.errors import CheckpointError
 
     paths, notes, children, listing = small_graphs
     assert all(p.is_file() and xo.data_path(p).is_file() for p in paths.values())
@@ -260,7 +260,7 @@ def backend_refs(small):
     z = torch.from_numpy(mixing_z(5, 3))
     with torch.inference_mode():
         ref_w = psp.encode(x)
-        ref_img = psp.synthesize(ref_w, resize=True)
+        ref_img = psp.face_pool(psp.synthesize(ref_w))
         ref_mapped = psp.mapping(z)
     return x, ref_w, ref_img, z, ref_mapped
 
@@ -300,7 +300,7 @@ def test_a_second_process_waits_for_the_export_and_reuses_it(small, small_cache,
 
     from filelock import FileLock
 
-    from export.graph import ReferenceLoader, cache_paths, cached_graphs
+    from export.backends.graph import ReferenceLoader, cache_paths, cached_graphs
 
     path, _ = small
     done = cached_graphs(path, ReferenceLoader(path), small_cache / "onnx")  # cached by small_graphs
@@ -351,8 +351,8 @@ def test_openvino_gives_back_the_pages_of_its_weight_files(exported, tmp_path, m
     """After its first call, an OpenVINO runner gives back the resident pages of the weight file its
     compile mapped (the graph's .onnx.data here; its cached blob on a later process), once; the
     results stay identical and correct."""
-    import export.graph as xg
-    from reference import platform as rp
+    import export.backends.graph as xg
+    from reference.plumbing import platform as rp
 
     psp, files, _ = exported
     path = files[("generator", False)]
@@ -391,7 +391,7 @@ def _sha256(buf) -> str:
 def test_page_out_drops_resident_pages_and_keeps_the_data(tmp_path):
     import mmap
 
-    from reference.platform import mapped_files, page_out
+    from reference.plumbing.platform import mapped_files, page_out
 
     path = tmp_path / "weights.bin"
     data = np.random.default_rng(0).integers(0, 255, 32 << 20, dtype=np.uint8).tobytes()

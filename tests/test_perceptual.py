@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reference.errors import CheckpointError, PSPError
+from reference.plumbing.errors import CheckpointError, PSPError
 from reference.perceptual import (LPIPS, LPIPS_BACKBONE_FILES, LPIPS_MIN_SIZE, MissingWeightsError, load_lpips,
                                   lpips_backbone_path)
 

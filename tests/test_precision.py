@@ -16,9 +16,9 @@ import torch
 import engine
 from export import backends
 from export.backends import BACKENDS, resolve
-from export.engine_model import EnginePSP, emulate_rounding
-from reference.errors import UsageError
-from reference.platform import bf16_units, cpu_summary
+from export.backends.engine_model import EnginePSP, emulate_rounding
+from reference.plumbing.errors import UsageError
+from reference.plumbing.platform import bf16_units, cpu_summary
 
 CPU = torch.device("cpu")
 
@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("cpu,expected", [("zen3", "fp32"), ("xeon_amx", "bf16")])
 def test_auto_precision_follows_the_cpu_flags(fake_cpu, cpu, expected):
     """Both kinds of CPU this project runs on, faked through the one reader of the flags
-    (`reference.platform._cpuinfo`), whatever CPU runs the test."""
+    (`reference.plumbing.platform._cpuinfo`), whatever CPU runs the test."""
     model, _ = fake_cpu(cpu)
     backend, precision, why = resolve("auto", CPU, "auto")
     assert precision == expected
@@ -45,7 +45,7 @@ def test_auto_precision_follows_the_cpu_flags(fake_cpu, cpu, expected):
 
 def test_avx512_bf16_alone_counts_as_bf16_units(fake_cpu, monkeypatch):
     """AMD Zen 4 and Intel Cooper Lake have AVX512-BF16 without AMX: bf16 is native there too."""
-    import reference.platform as rp
+    import reference.plumbing.platform as rp
 
     monkeypatch.setattr(rp, "_cpuinfo", lambda: ("AMD EPYC 9B14", frozenset({"avx2", "avx512f", "avx512_bf16"})))
     assert rp.bf16_units() == ("avx512_bf16",)
@@ -160,12 +160,12 @@ def test_readme_backend_table_is_the_registry():
 
 @pytest.mark.parametrize("value, expected", [("3", 3), ("1", 1), ("", None), ("0", None), ("two", None)])
 def test_runtime_threads_follow_omp_num_threads(monkeypatch, value, expected):
-    """ONNX Runtime's and OpenVINO's default thread count (`export.graph.physical_cores`) is
+    """ONNX Runtime's and OpenVINO's default thread count (`export.backends.graph.physical_cores`) is
     `$OMP_NUM_THREADS` when that is a positive integer (what torch follows too), else the CPUs this
     process may run on."""
     import os
 
-    from export.graph import physical_cores
+    from export.backends.graph import physical_cores
 
     monkeypatch.setenv("OMP_NUM_THREADS", value)
     assert physical_cores() == (expected or len(os.sched_getaffinity(0)))

@@ -34,7 +34,7 @@ from engine.manifest import MANIFEST_NAME
 
 pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[serve]'")
 
-from engine import ray_local  # noqa: E402 - imports ray
+from engine.cluster import ray_local  # noqa: E402 - imports ray
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -216,7 +216,7 @@ def test_serve_listens_on_loopback_only(small_w, short_dir, tmp_path):
             proc.wait()
         kill_marked(marker)
     # Ray Serve 2.60 binds each replica's inter-deployment gRPC server to "[::]:0" in code; the
-    # deployment rebinds it to 127.0.0.1 (engine.ray_local.loopback_replica_grpc): no exception here.
+    # deployment rebinds it to 127.0.0.1 (engine.cluster.ray_local.loopback_replica_grpc): no exception here.
     assert any(s[1].startswith("ray::ServeReplica") for s in watch.sockets), "the replica's sockets were not seen"
     watch.check()
     check_private(cache / "ray", watch, home)

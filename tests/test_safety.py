@@ -35,15 +35,15 @@ from PIL import Image
 
 from engine import latents as lt
 from engine import run, synthesize
-from engine.batch import RunOptions, Summary, run_jobs
-from engine.inputs import Job, check_output_names, find_inputs, plan_jobs
+from engine.batch import RunOptions, Summary, check_output_names, run_jobs
+from engine.inputs import Job, find_inputs, plan_jobs
 from engine.manifest import MANIFEST_NAME, InputStat, Manifest, read_records
-from reference import files as rfiles
+from reference.plumbing import files as rfiles
 from reference import load_psp, save_checkpoint
 from reference.checkpoint import UnsafeLoadWarning, read_checkpoint
-from reference.cli import ArgumentParser, run_cli
-from reference.errors import CheckpointError, UsageError
-from reference.files import (LOCK_NAME, NAME_MAX, TEMP_SUFFIX, FolderBusyError, atomic_write_bytes, folder_lock,
+from reference.plumbing.cli import ArgumentParser, run_cli
+from reference.plumbing.errors import CheckpointError, UsageError
+from reference.plumbing.files import (LOCK_NAME, NAME_MAX, TEMP_SUFFIX, FolderBusyError, atomic_write_bytes, folder_lock,
                              is_under, temp_path)
 from reference.psp import load_mapping
 
@@ -325,7 +325,7 @@ def test_edit_directions_that_overflow_are_refused(tmp_path, values, edits):
 # 3. One run per output folder; the manifest stays proportional to the inputs
 
 
-HOLD = ("import sys, time; from reference.files import folder_lock\n"
+HOLD = ("import sys, time; from reference.plumbing.files import folder_lock\n"
         "with folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)\n")
 
 
@@ -438,7 +438,7 @@ def test_claiming_the_output_folder_sweeps_stale_temp_files(tmp_path, monkeypatc
 def test_atomic_files_appear_together_or_not_at_all(tmp_path):
     """`atomic_files` (an ONNX graph and its weights): on success both appear, the graph last; on an
     error (a kill mid-export is swept by the next run, above) neither does, and no temp is left."""
-    from reference.files import atomic_files
+    from reference.plumbing.files import atomic_files
 
     dest = tmp_path / "cache" / "m.onnx"
     with atomic_files(dest) as tmp:
@@ -626,7 +626,7 @@ def test_counts_read_as_english():
 
 
 # ------------------------------------------------------------------------------------------------
-# reference.child: memory-heavy steps in a spawned child process
+# reference.plumbing.child: memory-heavy steps in a spawned child process
 
 
 def _child_counts(n: int, notify) -> int:
@@ -649,7 +649,7 @@ def _child_fails(kind: str, notify) -> None:
 def test_call_in_child_relays_messages_result_and_errors():
     """Messages arrive in order from another process, the result comes back, the child's exception
     is raised here with its type, and a child that dies without a word is a clear RuntimeError."""
-    from reference.child import call_in_child
+    from reference.plumbing.child import call_in_child
 
     messages: list = []
     child_pid = call_in_child(_child_counts, (3,), messages.append, what="test step")
@@ -715,7 +715,7 @@ def test_a_moved_folder_is_the_same_input(tmp_path, small_w, monkeypatch):
     src.rename(moved)
     from engine import api
 
-    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("api.load was called"))
+    monkeypatch.setattr(api, "load_planned", lambda *a, **k: pytest.fail("api.load was called"))  # every load
     rc, err = call(run.main, _run_argv(moved, out, small_w))
     assert rc == 0 and "nothing to do" in err, err
 

@@ -90,7 +90,7 @@ def url(checkpoint):
     module ends."""
     from ray import serve
 
-    from engine.serve import ServeOptions, start, wait_ready
+    from engine.serve.app import ServeOptions, start, wait_ready
 
     with local_ray():
         port = free_port()
@@ -162,7 +162,7 @@ def cli(checkpoint, tmp_path_factory):
     from reference.description import write_sidecar
 
     # A short path of its own: under pytest's deep tmp path, Ray's sockets would not fit and
-    # engine.ray_local would fall back to the /tmp folder that every other local Ray instance shares.
+    # engine.cluster.ray_local would fall back to the /tmp folder that every other local Ray instance shares.
     cache = Path(tempfile.mkdtemp(prefix="psp-serve-"))
     env = {**os.environ, "PSP_ENGINE_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     old = os.environ.get("PSP_ENGINE_CACHE")
@@ -261,7 +261,7 @@ def test_options_resolve_the_demo_as_engine_run(tmp_path, monkeypatch, checkpoin
     """No --checkpoint parses (as engine.run) and resolves to engine.demo's file, is_demo; the demo's
     file given by path is the demo too; another file is not."""
     from engine import demo
-    from engine.serve import ServeOptions, build_parser, resolve_checkpoint
+    from engine.serve.app import ServeOptions, build_parser, resolve_checkpoint
     from reference.description import write_sidecar
 
     assert build_parser().parse_args([]).checkpoint is None
@@ -398,11 +398,20 @@ async def _slow_app(scope, receive, send):
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+def run_async(make_coro):
+    """`asyncio.run(make_coro())` on a thread of its own: this thread may already run an event loop
+    (Playwright's sync API runs one for the page tests of this module)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make_coro())).result()
+
+
 def test_gate_504_counts_the_queue_wait():
     """The time limit runs from arrival, queue included: with one running slot, a request that waits
     0.3 s for it and then runs 0.3 s passes the 0.5 s limit: 504 JSON + Retry-After (no Ray here:
     `Gate` around a plain ASGI app)."""
-    from engine.serve import Gate, ServeOptions
+    from engine.serve.app import Gate, ServeOptions
 
     Gate.opts = ServeOptions(request_timeout_s=0.5, max_ongoing_requests=1, max_queued_requests=4, retry_after_s=1.0)
     gate = Gate(_slow_app)
@@ -413,7 +422,7 @@ def test_gate_504_counts_the_queue_wait():
                                           for _ in range(2)))
 
     try:
-        first, second = asyncio.run(go())
+        first, second = run_async(go)
     finally:
         Gate.opts = ServeOptions()
     assert first.status_code == 200
@@ -424,7 +433,7 @@ def test_gate_504_counts_the_queue_wait():
 def test_gate_413_for_a_chunked_body_whatever_the_route_made_of_it():
     """A chunked body (no Content-Length) over the limit is 413, also when the route caught the cut
     body and answered something else (the multipart parser's 400 before)."""
-    from engine.serve import Gate, ServeOptions
+    from engine.serve.app import Gate, ServeOptions
 
     async def eats_errors(scope, receive, send):
         try:
@@ -447,7 +456,7 @@ def test_gate_413_for_a_chunked_body_whatever_the_route_made_of_it():
             return await c.post("/v1/invert", content=chunks())
 
     try:
-        r = asyncio.run(go())
+        r = run_async(go)
     finally:
         Gate.opts = ServeOptions()
     assert r.status_code == 413 and "1,000 bytes" in r.json()["error"]
@@ -588,7 +597,7 @@ def test_page_inverts_mixes_and_edits(url, browser, shared, tmp_path):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.goto(url + "/")
-    page.wait_for_selector("#sliders input[data-edit='dir_a']")
+    page.wait_for_selector("#sliders input[data-edit='dir_a']", state="attached")  # in the Edit section, hidden until an inversion
     assert "32 px, 8 styles" in page.inner_text("#model")
     # before an upload: the hint, no image placeholder, no Edit section yet, no "no edits" note
     assert page.is_visible("#empty") and not page.is_visible("#no-edits")

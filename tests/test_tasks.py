@@ -58,8 +58,7 @@ def task_engine():
         if config not in cache:
             cache.clear()
             psp = load_psp(task_checkpoint(config))
-            cache[config] = api.Engine(psp, Path(f"rule-{config}-{TASK_OUTPUT_SIZE}.pt"), "reference",
-                                       torch.device("cpu"), is_demo=False)
+            cache[config] = api.Engine.around(psp, Path(f"rule-{config}-{TASK_OUTPUT_SIZE}.pt"))
         return cache[config]
 
     yield get
@@ -199,7 +198,7 @@ def test_align_in_the_run_loop(shared, tmp_path, small_w):
     from engine.align import align_image
     from reference.images import read_image
 
-    eng = api.Engine(load_psp(small_w), Path(small_w), "reference", torch.device("cpu"), is_demo=False)
+    eng = api.Engine.around(load_psp(small_w), Path(small_w))
     unaligned = shared / "data" / "faces" / "unaligned"
     files = [unaligned / "face_recognition_two_people.jpg", unaligned / "hyperstyle_face_image.jpg",
              shared / "data" / "other" / "skimage_coffee.png"]
@@ -260,7 +259,7 @@ def test_align_without_dlib_stops_before_the_load(tmp_path, shared, capsys, monk
         raise AssertionError("api.load was called")
 
     monkeypatch.setitem(sys.modules, "dlib", None)  # `import dlib` raises ImportError
-    monkeypatch.setattr(api, "load", no_load)
+    monkeypatch.setattr(api, "load_planned", no_load)  # every load goes through it
     img = shared / "data" / "faces" / "unaligned" / "skimage_astronaut.png"
     assert run.main(["--input", str(img), "--output", str(tmp_path / "o"), "--align"]) == 2
     err = capsys.readouterr().err.strip()

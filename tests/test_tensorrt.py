@@ -3,17 +3,25 @@
 
 Without TensorRT (run everywhere): the fp32 layer matcher on the node names of a real ONNX export,
 the precision decision, profiles and batch chunking, the plan sidecar writer, the plan tolerances, the
-CLI parser and the one-line exit-2 error where tensorrt is missing, and the C++ runner's CMake
-configuration (which must either configure or stop with the missing-TensorRT message).
+CLI parser and the one-line exit-2 error where tensorrt is missing, the package's pieces (common,
+builder, runtime, report, cli) and its public face from a fresh process, the backend's description and
+interface (`export.backends.BackendModel`) and its refusal of a --resize generator plan, and the C++
+runner's CMake configuration (which must either configure or stop with the missing-TensorRT message).
+
+Most tests read the names through the package's face (`export.tensorrt`, as users import them); where
+each name lives is checked by test_package_pieces.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import inspect
 import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +31,11 @@ import torch
 from torch import nn
 
 from export import tensorrt as T
+from export.backends import BackendModel
 from export.compare import compare_outputs
+from export.tensorrt import builder, cli, common, report, runtime
 from reference.description import ModelDescription, read_sidecar, sidecar_path, write_sidecar
-from reference.errors import CheckpointError
+from reference.plumbing.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER_DIR = REPO / "examples" / "cpp" / "tensorrt_runner"
@@ -42,7 +52,7 @@ NO_CUDA = "no CUDA device (torch sees none): TensorRT plans need an NVIDIA GPU"
 
 
 # ----------------------------------------------------------------------------------------------
-# a tiny model with the module names of export/engine_model.py, exported the way export.onnx does
+# a tiny model with the module names of export/backends/engine_model.py, exported the way export.onnx does
 
 
 class PixelNorm(nn.Module):
@@ -185,8 +195,8 @@ def test_fp32_patterns_cover_the_real_export(ffhq256_checkpoint):
     tests/test_onnx.py::test_graph_contract."""
     import onnx
 
-    from export.graph import ReferenceLoader, cached_graphs
-    from reference.files import cache_dir
+    from export.backends.graph import ReferenceLoader, cached_graphs
+    from reference.plumbing.files import cache_dir
 
     path = cached_graphs(ffhq256_checkpoint, ReferenceLoader(ffhq256_checkpoint), cache_dir() / "onnx")["generator"]
     names = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node]
@@ -375,6 +385,106 @@ def test_check_plan_pair():
         T.check_plan_pair(enc, (other, {"part": "generator"}))
 
 
+def write_plan_pair(folder: Path, precisions: tuple[str, str] = ("fp16", "fp16"), resize: bool = False) -> Path:
+    """Dummy plan bytes and real sidecars (`write_plan_sidecar`) of an encoder and a generator plan; the stem."""
+    for part, precision in zip(("encoder", "generator"), precisions):
+        plan = folder / f"psp.{part}.plan"
+        plan.write_bytes(b"not a plan")
+        build = build_info(2, 16)
+        build["flags"] = {**build["flags"], "precision": precision}
+        T.write_plan_sidecar(plan, description(2, 16), {**onnx_info(part, 16), "resize": resize and part == "generator"},
+                             build)
+    return folder / "psp"
+
+
+def test_plan_pair_description(tmp_path):
+    stem = write_plan_pair(tmp_path)
+    d = T.plan_pair_description(f"{stem}.encoder.plan", f"{stem}.generator.plan")
+    assert d == description(2, 16).replace(backend="tensorrt", precision="fp16")
+    assert d.latent_avg == description(2, 16).latent_avg
+    stem = write_plan_pair(tmp_path, ("fp32", "fp16"))
+    d = T.plan_pair_description(f"{stem}.encoder.plan", f"{stem}.generator.plan")
+    assert d.precision == "mixed: encoder fp32, generator fp16" and d.backend == "tensorrt"
+
+
+def test_backend_model_interface():
+    """`TensorRTPSP` offers what `export.backends.BackendModel` declares, with the same signatures, and
+    keeps no copies of the description's facts (an instance needs TensorRT and a GPU:
+    test_backend_encode_synthesize checks one where they exist)."""
+    for name in ("encode", "synthesize"):
+        want = inspect.signature(getattr(BackendModel, name))
+        got = inspect.signature(getattr(T.TensorRTPSP, name))
+        assert list(got.parameters) == list(want.parameters), (name, got, want)
+    model = object.__new__(T.TensorRTPSP)
+    model.description = description()
+    assert isinstance(model, BackendModel)
+    init = inspect.getsource(T.TensorRTPSP.__init__)
+    for copied in ("opts", "input_nc", "label_nc", "output_size", "n_styles", "dataset_type", "generator_resized"):
+        assert f"self.{copied}" not in init, copied
+
+
+def test_backend_refuses_a_resized_generator_plan(tmp_path):
+    """A generator plan exported with --resize cannot serve full resolution: refused when the pair is
+    loaded, from its sidecar (before TensorRT is needed), with the one fix."""
+    stem = write_plan_pair(tmp_path, resize=True)
+    with pytest.raises(T.TensorRTError, match=r"psp\.generator\.plan: exported with --resize \(256 px output\).*"
+                                              r"build the generator again without --resize") as e:
+        T.load_tensorrt_backend(stem, "cuda")
+    assert not isinstance(e.value, T.TensorRTUnavailableError)
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# the package: its pieces, its face, its CLI as users run them
+
+
+PIECES = {
+    common: ("import_tensorrt", "tensorrt_major", "cuda_device", "gpu_info", "TensorRTError", "TensorRTUnavailableError",
+             "TRT_MISSING", "PLAN_KIND", "Profile", "normalize_profiles", "parse_profile_arg", "profile_shapes",
+             "select_profile", "Chunk", "plan_chunks"),
+    builder: ("FP32_NODE_PATTERNS", "DEFAULT_WORKSPACE_MIB", "match_fp32_layers", "onnx_fp16_count", "precision_mode",
+              "plan_artifact_info", "write_plan_sidecar", "build_engine"),
+    runtime: ("check_compute_capability", "TensorRTRunner", "resolve_plan_pair", "check_plan_pair",
+              "plan_pair_description", "TensorRTPSP", "load_tensorrt_backend"),
+    report: ("default_inputs", "plan_tolerance", "parity_report", "latency_report"),
+    cli: ("build_parser", "main"),
+}
+
+
+def test_package_pieces():
+    """Each public name lives in one piece and the face re-exports that same object, nothing else."""
+    for module, names in PIECES.items():
+        for name in names:
+            assert getattr(T, name) is getattr(module, name), (module.__name__, name)
+            obj = getattr(module, name)
+            if isinstance(obj, (type, types.FunctionType)):  # defined there, not imported from elsewhere
+                assert obj.__module__ == module.__name__, (name, obj.__module__)
+    assert sorted(T.__all__) == sorted(n for names in PIECES.values() for n in names)
+
+
+def test_imports_and_cli_from_a_script(tmp_path):
+    """As a user runs it: a script file, in a fresh process, imports a piece first and then the names
+    callers use (no import cycle whatever comes first), then runs the package as `python -m
+    export.tensorrt --help` does (`runpy`, its `__main__`)."""
+    script = tmp_path / "use_tensorrt.py"
+    script.write_text(
+        "import runpy, sys\n"
+        "from export.tensorrt.report import parity_report\n"
+        "from export.tensorrt import PLAN_KIND, TensorRTError, build_engine, load_tensorrt_backend, onnx_fp16_count\n"
+        "from export.tensorrt.runtime import TensorRTPSP\n"
+        "from export.backends import BACKENDS\n"
+        "from export.triton_repo import PLAN_KIND as TRITON_PLAN_KIND\n"
+        "assert TRITON_PLAN_KIND == PLAN_KIND == 'tensorrt-plan'\n"
+        "print('ok', BACKENDS['tensorrt'].takes, TensorRTPSP.__module__)\n"
+        "sys.argv = ['export.tensorrt', '--help']\n"
+        "runpy.run_module('export.tensorrt', run_name='__main__', alter_sys=True)\n")
+    res = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    first, rest = res.stdout.split("\n", 1)
+    assert first == "ok plans export.tensorrt.runtime"
+    assert rest.startswith("usage: python -m export.tensorrt") and "--report" in rest, rest
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 
@@ -507,6 +617,9 @@ def test_build_writes_plan_sidecar_and_timing_cache(fp16_plan, tiny_onnx):
     assert meta["outputs"] == [{"name": "img", "shape": [-1, 3, 16, 16], "dtype": "float32"}]
     assert [p["name"] for p in meta["profiles"]] == ["one", "batch"]
     assert desc.latent_avg == description().latent_avg and desc.precision == "fp16"
+    onnx_path = tiny_onnx[0]
+    assert meta["onnx"] == {"path": str(onnx_path), "size": onnx_path.stat().st_size,
+                            "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest()}
     assert meta["flags"]["precision"] == "fp16"
     if meta["flags"]["precision_mode"] == "fp16-weak":  # TensorRT 10: the fp32 islands were pinned
         assert any("/affine" in n for n in meta["fp32_layers"]) and any("/demod" in n for n in meta["fp32_layers"])
@@ -594,7 +707,10 @@ def test_backend_encode_synthesize(tmp_path):
     stem, enc, gen = _tiny_pair(tmp_path)
     model = T.load_tensorrt_backend(f"{stem}.encoder.plan", "cuda")
     try:
-        assert (model.input_nc, model.label_nc, model.output_size, model.n_styles) == (3, 0, 32, 4)
+        assert isinstance(model, BackendModel)
+        d = model.description
+        assert (d.input_nc, d.label_nc, d.output_size, d.n_styles) == (3, 0, 32, 4)
+        assert (d.backend, d.precision) == ("tensorrt", "fp32")   # built with fp16=False
         x = torch.rand(3, 3, 256, 256) * 2 - 1
         with torch.no_grad():
             w_ref = enc(x)

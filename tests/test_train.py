@@ -19,7 +19,7 @@ from PIL import Image
 
 from reference import Generator, load_psp
 from reference.configs import BASE_OPTS
-from reference.errors import InputImageError, PSPError
+from reference.plumbing.errors import InputImageError, PSPError
 from reference.perceptual import LPIPS, MissingWeightsError
 from reference.train import (
     RANGER_SETTINGS,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kernels._triton import interpret_mode
-from export.engine_model import Synthesis
+from export.backends.engine_model import Synthesis
 from reference.stylegan2 import Generator
 from reference.weights import make_state_dict
 from export.compare import assert_close

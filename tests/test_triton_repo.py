@@ -1,6 +1,6 @@
 """`export.triton_repo`: a Triton model repository from a plan's sidecar, for real (no TensorRT needed).
 
-A sidecar written by `export.tensorrt.plan_sidecar` plus dummy plan bytes go through the CLI; the
+A sidecar written by `export.tensorrt.builder.write_plan_sidecar` plus dummy plan bytes go through the CLI; the
 written `config.pbtxt` is parsed with a small protobuf-text-format parser below (the subset Triton
 configs use: `key: value`, `key { ... }`, `key [ ... ]`, repeated fields) and checked field by
 field, and once against the exact expected text.
@@ -310,7 +310,7 @@ def test_copy_when_hard_links_fail(tmp_path, monkeypatch):
 
 
 def test_cli_unknown_option_first_and_interrupt(tmp_path, capsys, monkeypatch):
-    """The one CLI skeleton (reference.cli.run_cli): a mistyped option is named before a missing one,
+    """The one CLI skeleton (reference.plumbing.cli.run_cli): a mistyped option is named before a missing one,
     and Ctrl-C (or SIGTERM) exits 130 with one line."""
     res = cli_here(capsys, "--pln", "m.plan")
     assert res.returncode == 2 and "unrecognized argument --pln (did you mean --plan?)" in res.stderr

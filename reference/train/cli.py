@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, Mapping
 
-from ..cli import ArgumentParser, int_at_least, run_cli
+from ..plumbing.cli import ArgumentParser, int_at_least, run_cli
 from .coach import Coach, _say, check_data
 from .options import IMAGE_SIZES, PRESETS, TASKS, resolve_opts
 

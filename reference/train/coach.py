@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..files import atomic_write
+from ..plumbing.files import atomic_write
 from ..images import atomic_write_image, tensor_to_uint8
 
 from ..checkpoint import read_checkpoint, save_checkpoint
-from ..errors import CheckpointError
+from ..plumbing.errors import CheckpointError
 from ..psp import PSP, load_psp, load_stylegan2
 from ..sr import parse_factors
 from .data import EpochBatches, PairedDataset, TrainDataError, check_pairs, collate, pair_folders, test_batches

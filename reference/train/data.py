@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from ..files import IMAGE_EXTENSIONS, scan_folder
+from ..plumbing.files import IMAGE_EXTENSIONS, scan_folder
 from ..images import read_image, read_input, to_input_tensor
 
-from ..errors import InputImageError, PSPError
+from ..plumbing.errors import InputImageError, PSPError
 from .options import TASKS, TrainConfigError
 
 STREAM_TRAIN, STREAM_TEST = 0, 1

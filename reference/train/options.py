@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from ..configs import BASE_OPTS, n_styles_for
 from ..encoders import ENCODER_TYPES
-from ..errors import PSPError
+from ..plumbing.errors import PSPError
 
 
 class TrainConfigError(PSPError):

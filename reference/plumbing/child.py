@@ -6,7 +6,7 @@ Run in a child, that memory ends with the child, and the parent's peak stays wha
 needs (the first `engine.run` on the demo checkpoint: see benchmarks/RESULTS.md, "ONNX export,
 first run and the test suite").
 
-The child is a fresh interpreter started with its own entry point, `python -m reference.child`
+The child is a fresh interpreter started with its own entry point, `python -m reference.plumbing.child`
 (`subprocess.Popen`), not `multiprocessing`'s "spawn": spawn re-imports the parent's `__main__`,
 so a user's script without an `if __name__ == "__main__":` guard ran again inside the child, reached
 its `engine.load` again and waited forever on the export lock its own parent held (issue 18). This
@@ -43,9 +43,9 @@ _FRAME = struct.Struct("!Q")
 MAX_FRAME_BYTES = 256 * 2**20
 # How long an interrupted parent lets its child finish its own Ctrl-C cleanup before it sends SIGTERM.
 INTERRUPT_GRACE_S = 2.0
-# The folder `reference/` is in: the child must import `reference.child` before it gets the parent's
+# The folder `reference/` is in: the child must import `reference.plumbing.child` before it gets the parent's
 # sys.path (a checkout run without installing it).
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _PARENT_PYTHONPATH = "PSP_CHILD_PARENT_PYTHONPATH"  # the parent's PYTHONPATH, put back in the child
 
 
@@ -104,7 +104,7 @@ def _importable_name(fn: Callable[..., Any]) -> tuple[str, str]:
 
 
 def _child_environment() -> dict[str, str]:
-    """The parent's environment with the project root first on PYTHONPATH, so that `-m reference.child`
+    """The parent's environment with the project root first on PYTHONPATH, so that `-m reference.plumbing.child`
     imports from a checkout run without installing it; the parent's own PYTHONPATH travels in
     `_PARENT_PYTHONPATH` ("+value", or "-" when it had none) and the child puts it back at its start
     (for what `fn` starts). An installed copy (the root is a site-packages folder) is found without
@@ -121,7 +121,7 @@ def _child_environment() -> dict[str, str]:
 
 def call_in_child(fn: Callable[..., Any], args: tuple = (), on_message: Callable[[Any], None] | None = None,
                   what: str = "child process") -> Any:
-    """`fn(*args, notify)` in a child process (`python -m reference.child`); returns its result or raises its exception.
+    """`fn(*args, notify)` in a child process (`python -m reference.plumbing.child`); returns its result or raises its exception.
 
     The child never imports this process's `__main__` (a user's script runs once, guard or not); it
     gets this process's `sys.path`, environment and working folder, and not its stdin (its stdin
@@ -152,7 +152,7 @@ def call_in_child(fn: Callable[..., Any], args: tuple = (), on_message: Callable
     read_fd, write_fd = os.pipe()
     try:
         safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # no cwd on sys.path before PYTHONPATH
-        proc = subprocess.Popen([sys.executable, *safe_path, "-m", "reference.child", str(write_fd)],
+        proc = subprocess.Popen([sys.executable, *safe_path, "-m", "reference.plumbing.child", str(write_fd)],
                                 stdin=subprocess.PIPE, pass_fds=(write_fd,), env=_child_environment())
     except BaseException:
         os.close(read_fd)
@@ -197,7 +197,7 @@ def call_in_child(fn: Callable[..., Any], args: tuple = (), on_message: Callable
 
 
 # ------------------------------------------------------------------------------------------------
-# The child: python -m reference.child <reply fd>
+# The child: python -m reference.plumbing.child <reply fd>
 
 
 def _interrupt(signum, frame):

@@ -11,7 +11,7 @@ Pipeline (one Ray Data dataset, streamed):
     3. `Invert` (an actor pool, `--num-actors`, `--gpus-per-actor`; each actor loads the engine
        once with `engine.load`): `invert_items` on batches of `--batch-size` rows, then
        `write_item` for each item (outputs go straight to the output folder, atomically; to an
-       output URI through the actor's own local folder, see `engine.remote`);
+       output URI through the actor's own local folder, see `engine.cluster.remote`);
     4. the driver iterates the result rows and records them with `engine.batch.Recorder`: it is
        the manifest's only writer.
 
@@ -31,7 +31,7 @@ batch sizes in the single-process run.
 
 Inputs and outputs are what every node can reach: local paths that are the same on every node (a
 shared filesystem), or URIs of `pyarrow.fs` (`file://`, `s3://`, `gs://`, `hdfs://`, `abfs://`) or of
-any installed fsspec implementation (`engine.remote`). An input URI is listed on the driver; read
+any installed fsspec implementation (`engine.cluster.remote`). An input URI is listed on the driver; read
 tasks fetch each file's bytes and decode them as a local file; actors upload outputs to the output
 URI atomically; the manifest is kept in a local staging folder and copied to the output URI
 periodically and at the end, and a rerun resumes from the URI's copy.
@@ -54,13 +54,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from reference.errors import UsageError
+from reference.plumbing.errors import UsageError
 
-from .api import Engine
-from .batch import (STAGES, Inverted, Recorder, RunOptions, Summary, _ms, _Ready, invert_items, prepare_run,
+from ..api import Engine
+from ..batch import (STAGES, Inverted, Recorder, RunOptions, Summary, _ms, _Ready, invert_items, prepare_run,
                     read_error, read_items, write_item)
-from .inputs import Job, file_ids
-from .manifest import InputStat, Manifest
+from ..inputs import Job, file_ids
+from ..manifest import InputStat, Manifest
 from .ray_local import join_ray, start_local_ray
 from .remote import RemoteFile, RemoteOutput, input_digest, input_stat
 
@@ -91,9 +91,9 @@ def connect(address: str, say: Callable[[str], None] = lambda msg: None) -> tupl
 
     Args:
         address: "local" starts a Ray instance with `len(os.sched_getaffinity(0))` CPUs that only
-            this machine can reach (`engine.ray_local.start_local_ray`: every port on 127.0.0.1,
+            this machine can reach (`engine.cluster.ray_local.start_local_ray`: every port on 127.0.0.1,
             token authentication, its files in a private folder); anything else is passed to
-            `engine.ray_local.join_ray` (a cluster the user started: its binding and token are theirs).
+            `engine.cluster.ray_local.join_ray` (a cluster the user started: its binding and token are theirs).
         say: receives one-line notes.
 
     Returns:
@@ -182,7 +182,7 @@ def _item_row(base: dict, status: str, error: str = "", r: _Ready | None = None,
 
 def read_stage(row: dict, label_nc: int, opts: RunOptions) -> list[dict]:
     """Ray task body: read one input (`engine.batch.read_items`; an input behind a URI is fetched
-    first, `engine.remote.RemoteFile.read_bytes`) into its item rows.
+    first, `engine.cluster.remote.RemoteFile.read_bytes`) into its item rows.
 
     Returns:
         One row per item ("ready"), or one row "failed" with the reason (a bad or missing file, no face).
@@ -210,12 +210,12 @@ class Invert:
         fault_marker: see the module docstring (tests only), or None.
         output_uri: the `--output` URI, or None (outputs go to `opts.out_dir`). With a URI, each item
             is written by `write_item` into a temp folder of this actor's, uploaded
-            (`engine.remote.RemoteOutput.upload`), and the temp folder removed.
+            (`engine.cluster.remote.RemoteOutput.upload`), and the temp folder removed.
     """
 
     def __init__(self, load_args: dict, opts: RunOptions, inputs: dict, threads: int = 1,
                  fault_marker: str | None = None, output_uri: str | None = None):
-        from .api import load
+        from ..api import load
 
         torch.set_num_threads(threads)
         self.eng = load(**load_args)
@@ -321,14 +321,14 @@ def run_distributed(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest
 
     Args:
         eng: the engine loaded on the driver (checks, mixing validation, the fingerprint).
-        jobs: from `plan_jobs` (`engine.remote.plan_jobs` when inputs are URIs).
+        jobs: from `plan_jobs` (`engine.cluster.remote.plan_jobs` when inputs are URIs).
         opts: output options; `opts.out_dir` must be `manifest.out_dir` (with `output`, its staging folder).
         manifest: an open `Manifest` (written only here, on the driver).
         load_args: `engine.load` keyword arguments for the actors (the driver's resolved backend).
         cluster: actors and GPUs.
         progress: anything with `update(n)`, advanced once per input.
         output: the `--output` URI's `RemoteOutput` (outputs are uploaded there; its manifest is
-            copied there every `engine.remote.SYNC_RECORDS` results or `SYNC_SECONDS` s; the final
+            copied there every `engine.cluster.remote.SYNC_RECORDS` results or `SYNC_SECONDS` s; the final
             copy is the caller's), or None for a local output folder.
 
     Returns:

@@ -3,12 +3,12 @@ let a cached artifact be checked before it is used.
 
 A digest costs a read of the whole file (sha256 runs at ~0.8 GB/s on this project's 2-core CI
 machine: 1.5 s for the 1.2 GB demo checkpoint when its pages are cached). It is remembered in
-`<cache>/digests.json` (`reference.files.cache_dir()`), keyed by the file's device, inode, size,
+`<cache>/digests.json` (`reference.plumbing.files.cache_dir()`), keyed by the file's device, inode, size,
 mtime_ns and ctime_ns, so a process pays it only when the file changed since some process last
 hashed it: any write to a file changes its ctime, which no user call can set back (`os.utime`
 sets mtime and atime only), and a file replaced by another (rename, copy) is another inode or
 another ctime. The memory is an optimisation only: it is written atomically
-(`reference.files.write_json`), bounded (`MAX_REMEMBERED` entries, `MAX_MEMO_BYTES` read), and a
+(`reference.plumbing.files.write_json`), bounded (`MAX_REMEMBERED` entries, `MAX_MEMO_BYTES` read), and a
 missing, unreadable or unwritable one (a read-only cache) only means hashing again.
 
 Records: `{"<file name>": {"size": bytes, "sha256": hex}}` for an artifact and its companion
@@ -150,7 +150,7 @@ def verify_records(folder: str | os.PathLike, records: Mapping[str, object]) -> 
 
 def checkpoint_identity(path: str | os.PathLike) -> dict:
     """The one identity of a checkpoint file: what the run manifest fingerprints
-    (`engine.manifest`) and what the ONNX graph cache keys on (`export.graph.cache_paths`).
+    (`engine.manifest`) and what the ONNX graph cache keys on (`export.backends.graph.cache_paths`).
 
     The digest of the contents, so a file replaced by another of the same size and mtime is
     another checkpoint, and a file only touched or copied is the same one. It costs one read of

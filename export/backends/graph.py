@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from reference.description import ModelDescription, read_sidecar, sidecar_path, verify_artifact, write_sidecar
-from reference.digests import checkpoint_identity
-from reference.errors import UsageError
-from reference.platform import mapped_files, page_out
+from reference.plumbing.digests import checkpoint_identity
+from reference.plumbing.errors import UsageError
+from reference.plumbing.platform import mapped_files, page_out
 
 EXPORT_VERSION = "4"  # part of the cache key: bump when the exported graphs or their sidecars change (4: file digests)
 PARTS = ("encoder", "generator")
@@ -70,7 +70,7 @@ def physical_cores() -> int:
 
 def cache_paths(checkpoint: Path, cache: Path) -> dict[str, Path]:
     """Where the `encoder` and `generator` graphs of `checkpoint` are cached: keyed by the
-    checkpoint's identity (`reference.digests.checkpoint_identity`: resolved path, size and sha256,
+    checkpoint's identity (`reference.plumbing.digests.checkpoint_identity`: resolved path, size and sha256,
     the identity the run manifest fingerprints too) and the export version.
 
     Raises:
@@ -128,7 +128,7 @@ def export_parts(load_reference: Callable[[], object], checkpoint: Path, paths: 
         One line per part (name, size of its weights in MiB, seconds).
     """
     from .engine_model import EnginePSP
-    from .onnx import export_onnx
+    from ..onnx import export_onnx
 
     psp = load_reference()
     on_loaded()
@@ -148,7 +148,7 @@ def export_parts(load_reference: Callable[[], object], checkpoint: Path, paths: 
 
 def _export_worker(load_reference: ReferenceLoader, checkpoint: Path, paths: dict[str, Path],
                    notify: Callable[[tuple[str, str]], None]) -> list[str]:
-    """`export_parts` in the child process of `cached_graphs` (`reference.child.call_in_child`): the
+    """`export_parts` in the child process of `cached_graphs` (`reference.plumbing.child.call_in_child`): the
     torch memory of the load and the export (2.7 GB at its peak for a 1024 px model) ends with the
     child instead of staying in this process, which next compiles the graphs (OpenVINO: 3.9 GiB
     working set for that model). Sends `("loaded", "")` once the checkpoint has loaded, then
@@ -181,7 +181,7 @@ def cached_graphs(checkpoint: Path, load_reference: Callable[[], object], cache:
     that it waits, then finds the graphs cached.
 
     Every use checks the graphs against the sizes and digests their sidecars recorded at the export
-    (`graph_problems`; the digests are remembered per file version, `reference.digests`, so only the
+    (`graph_problems`; the digests are remembered per file version, `reference.plumbing.digests`, so only the
     first use after a change reads the files). A damaged part (truncated, changed bytes, missing
     weights or sidecar) is never used: it is announced in one line, removed and exported again.
 
@@ -239,7 +239,7 @@ def _export_graphs(checkpoint: Path, load_reference: Callable[[], object], paths
             "onnxruntime and openvino backends)")
 
     if isinstance(load_reference, ReferenceLoader):
-        from reference.child import call_in_child
+        from reference.plumbing.child import call_in_child
 
         def progress(message: tuple[str, str]) -> None:  # `_export_worker`'s messages, as they arrive
             kind, line = message
@@ -373,7 +373,7 @@ def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precisio
     cached under `<cache>/ov_cache/<graph>` and checked before use (`compiled_model_cache`; a
     cache that cannot be written: compiled every time, with one warning to `announce`).
     After the first call, the pages of the weight files the compile mapped are given back
-    (`reference.platform.page_out`): results are unchanged, the resident set is ~1 GiB smaller for
+    (`reference.plumbing.platform.page_out`): results are unchanged, the resident set is ~1 GiB smaller for
     the 1024 px model (`release_pages=False` keeps them: `benchmarks/openvino_memory.py` compares).
 
     Raises:
@@ -383,7 +383,7 @@ def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precisio
 
     core = ov.Core()
     if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        from reference.platform import cpu_model
+        from reference.plumbing.platform import cpu_model
 
         raise UsageError(f"backend 'openvino' cannot run bf16 on this CPU ({cpu_model()}: OpenVINO reports no BF16 "
                          "capability; it needs AVX512-BF16 or AMX); use --precision fp32")

@@ -20,14 +20,31 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from reference.errors import UsageError
-from reference.platform import bf16_units, cpu_model
+from reference.description import ModelDescription
+from reference.plumbing.errors import UsageError
+from reference.plumbing.files import cache_dir
+from reference.plumbing.platform import bf16_units, cpu_model
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+BASELINE = "reference"  # the row every other row is compared against (parity, benchmarks): the official formulation
+
+
+class Choice(NamedTuple):
+    """What `resolve` picked, once per load: the row, the precision it runs in, and why.
+
+    Attributes:
+        backend: a `BACKENDS` name.
+        precision: a concrete precision that row offers on the device ("fp32", "bf16", "fp16").
+        reason: one phrase: auto's choice and its grounds, or "asked for".
+    """
+
+    backend: str
+    precision: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -39,7 +56,7 @@ class LoadRequest:
         device: the torch device.
         precision: a concrete precision this backend offers on this device.
         trust_pickle: allow full unpickling of an old checkpoint (see `reference.read_checkpoint`).
-        cache: the engine cache folder (`reference.files.cache_dir()`).
+        cache: the engine cache folder (`reference.plumbing.files.cache_dir()`).
         announce: one-line progress notes (exports, builds), or None.
     """
 
@@ -57,6 +74,35 @@ class LoadRequest:
         return load_psp(self.path, trust_pickle=self.trust_pickle).to(self.device)
 
 
+@runtime_checkable
+class BackendModel(Protocol):
+    """What every registry row's loader returns (checked over the registry by
+    tests/test_backend_interface.py).
+
+    Attributes:
+        description: the model's facts (`reference.description.ModelDescription`: sizes, n_styles,
+            opts, latent_avg, checkpoint), with the backend's name and the precision it runs;
+            everyone reads the facts here, no one copies them.
+
+    Methods:
+        encode(x): x `[B, input_nc, 256, 256]` float32 -> w_plus `[B, n_styles, 512]` float32.
+        synthesize(w_plus): -> img `[B, 3, R, R]` float32 at full resolution R = output_size (the
+            `Engine` is the one place that applies the official 256 resize).
+
+    Optional: `mapping` (a module z `[B, 512]` -> w `[B, 512]`); without it the `Engine` builds the
+    mapping network from the checkpoint (rows with `takes == "checkpoint"` only).
+
+    Nothing else is part of the interface: sizes, n_styles, opts, backend and precision are read from
+    `description`, and no backend model resizes (`synthesize` has no `resize` parameter).
+    """
+
+    description: ModelDescription
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def synthesize(self, w_plus: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class Backend:
     """One registry row.
@@ -66,16 +112,19 @@ class Backend:
         summary: one phrase for help texts.
         precisions: device type -> the precisions offered there, best first.
         package: the Python package it needs (None: torch only).
-        load: `LoadRequest -> backend model`.
+        load: `LoadRequest -> BackendModel`; call it through `load_model`, which checks the result.
         takes: "checkpoint" (a pSp .pt) or "plans" (TensorRT plans' stem).
+        emulated_on: device types where the row runs only emulated or interpreted, for tests, not
+            for speed (the Triton kernels on a CPU under TRITON_INTERPRET=1); benchmarks pass them over.
     """
 
     name: str
     summary: str
     precisions: dict[str, tuple[str, ...]]
     package: str | None
-    load: Callable[[LoadRequest], object]
+    load: Callable[[LoadRequest], BackendModel]
     takes: str = "checkpoint"
+    emulated_on: tuple[str, ...] = ()
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -142,7 +191,8 @@ def _graph_loader(runtime: str) -> Callable[[LoadRequest], object]:
 
 
 def _load_tensorrt(req: LoadRequest):
-    from .tensorrt import TensorRTError, load_tensorrt_backend
+    from ..tensorrt.common import TensorRTError
+    from ..tensorrt.runtime import load_tensorrt_backend
 
     try:
         return load_tensorrt_backend(req.path, req.device)
@@ -160,7 +210,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("openvino", "the same ONNX graphs compiled by OpenVINO's CPU plugin", {"cpu": ("bf16", "fp32")},
             "openvino", _graph_loader("openvino")),
     Backend("triton", "engine formulation with the synthesis on the Triton kernels (CPU only under "
-            "TRITON_INTERPRET=1, for tests)", {"cuda": ("fp16", "fp32"), "cpu": ("fp32",)}, "triton", _load_triton),
+            "TRITON_INTERPRET=1, for tests)", {"cuda": ("fp16", "fp32"), "cpu": ("fp32",)}, "triton", _load_triton,
+            emulated_on=("cpu",)),
     Backend("tensorrt", "TensorRT plans from python -m export.tensorrt (--checkpoint names the plans)",
             {"cuda": ("fp16",)}, "tensorrt", _load_tensorrt, takes="plans"),
 )}
@@ -189,8 +240,9 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
     return "fp32", f"this CPU ({cpu_model()}) has no bf16 units (no amx_bf16 or avx512_bf16 flag)"
 
 
-def resolve(backend: str, device: torch.device, precision: str = "auto") -> tuple[str, str, str]:
-    """The backend and precision to run, and why.
+def resolve(backend: str, device: torch.device, precision: str = "auto") -> Choice:
+    """The backend and precision to run, and why: resolved once per load, then carried (`load_model`
+    gives the `Choice` to the row's loader, whose model's `description` records it).
 
     Args:
         backend: "auto" or a `BACKENDS` name.
@@ -198,7 +250,7 @@ def resolve(backend: str, device: torch.device, precision: str = "auto") -> tupl
         precision: "auto" or one of `PRECISIONS`.
 
     Returns:
-        `(backend, precision, reason)`.
+        `Choice(backend, precision, reason)` (a named tuple).
 
     Raises:
         UsageError: an unknown backend or precision, a backend that does not run on this device or
@@ -220,7 +272,7 @@ def resolve(backend: str, device: torch.device, precision: str = "auto") -> tupl
     if backend == "auto":
         for name in AUTO_ORDER.get((dev, precision), ()):
             if BACKENDS[name].installed():
-                return name, precision, f"precision {precision}: {why}; backend {name}: the fastest measured installed"
+                return Choice(name, precision, f"precision {precision}: {why}; backend {name}: the fastest measured installed")
         raise UsageError(f"no installed backend runs {precision} on {dev}; use --precision fp32")
     b = BACKENDS[backend]
     if dev not in b.precisions:
@@ -231,7 +283,40 @@ def resolve(backend: str, device: torch.device, precision: str = "auto") -> tupl
                          f"{', '.join(n for n, r in BACKENDS.items() if precision in r.precisions.get(dev, ())) or 'none'}")
     if not b.installed():
         raise UsageError(f"backend {backend!r} needs the {b.package} package (pip install {b.package})")
-    return backend, precision, f"precision {precision}: {why}; backend {backend}: asked for"
+    return Choice(backend, precision, f"precision {precision}: {why}; backend {backend}: asked for")
+
+
+def load_model(choice: Choice, path: Path, device: torch.device, trust_pickle: bool = False,
+               cache: Path | None = None, announce: Callable[[str], None] | None = None) -> BackendModel:
+    """Load `path` with the row `choice` names, in the precision it resolved (no second resolution).
+
+    Args:
+        choice: from `resolve` (for this `device`).
+        path, device, trust_pickle, announce: as in `LoadRequest`; cache: default
+            `reference.plumbing.files.cache_dir()`.
+
+    Returns:
+        The row's `BackendModel`, whose `description.backend` is `choice.backend` and, for rows that
+        take a checkpoint, whose `description.precision` is `choice.precision` (TensorRT plans
+        record the precision they were built in).
+
+    Raises:
+        UsageError, CheckpointError: as the row's loader raises them.
+        TypeError: a loader whose model does not present the interface or misstates its facts (a
+            bug of that loader, named).
+    """
+    row = BACKENDS[choice.backend]
+    model = row.load(LoadRequest(Path(path), device, choice.precision, trust_pickle, cache or cache_dir(), announce))
+    d = getattr(model, "description", None)
+    problems = [] if isinstance(model, BackendModel) else ["no encode/synthesize/description"]
+    if d is not None and d.backend != choice.backend:
+        problems.append(f"description.backend {d.backend!r}")
+    if d is not None and row.takes == "checkpoint" and d.precision != choice.precision:
+        problems.append(f"description.precision {d.precision!r} for {choice.precision!r}")
+    if problems:
+        raise TypeError(f"the {choice.backend!r} loader returned a {type(model).__name__} that does not present "
+                        f"export.backends.BackendModel: {'; '.join(problems)}")
+    return model
 
 
 def help_text() -> str:

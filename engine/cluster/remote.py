@@ -11,8 +11,8 @@ Filesystem objects never travel between processes: every process (the driver, ea
 each model actor) resolves the URI itself, once (`resolve` keeps them per process).
 
 Inputs (`find_inputs`, `plan_jobs`): a URI names a folder/prefix, listed recursively on the driver
-for `reference.files.IMAGE_EXTENSIONS` (case-insensitive; names with a hidden component skipped,
-files before subfolders, each sorted, as `reference.files.scan_folder` orders them), or one object,
+for `reference.plumbing.files.IMAGE_EXTENSIONS` (case-insensitive; names with a hidden component skipped,
+files before subfolders, each sorted, as `reference.plumbing.files.scan_folder` orders them), or one object,
 taken whatever its extension. Each found file is a `RemoteFile`: the `--input` URI it was found
 under and its path below it; its URI (the two joined, `join_uri`) is its key in the manifest, and
 its size and mtime from the listing are what a rerun compares. Output names follow
@@ -25,11 +25,11 @@ temp folder of its own, `RemoteOutput.upload`s the files to `<output URI>/<the s
 names>` (the .png last), and removes the temp folder. A file never appears half-written under its
 final name: on object stores (`OBJECT_STORE_SCHEMES`) one PUT is atomic (the object appears when the
 upload completes); elsewhere (file, hdfs, ...) it is written to a temp name beside it
-(`reference.files.temp_path`) and then renamed (`FileSystem.move`). Temp files a killed actor left
+(`reference.plumbing.files.temp_path`) and then renamed (`FileSystem.move`). Temp files a killed actor left
 (`.*.psp-tmp`) are removed at the next run's start once older than an hour.
 
 Manifest: the driver stays its only writer. It keeps `manifest.jsonl` and the run's lock
-(`reference.files.folder_lock`) in a local staging folder, `cache_dir()/staging/<sha256 of the URI>`,
+(`reference.plumbing.files.folder_lock`) in a local staging folder, `cache_dir()/staging/<sha256 of the URI>`,
 and copies the manifest to `<output URI>/manifest.jsonl` every `SYNC_RECORDS` results or
 `SYNC_SECONDS` s, and at the end of the run (also when it fails or is interrupted). At the start,
 the URI's manifest replaces the staging copy unless the staging copy extends it (a driver of this
@@ -53,13 +53,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from reference.errors import InputImageError, UsageError
-from reference.files import IMAGE_EXTENSIONS, TEMP_SUFFIX, atomic_write_bytes, cache_dir, temp_path
+from reference.plumbing.errors import InputImageError, UsageError
+from reference.plumbing.files import IMAGE_EXTENSIONS, TEMP_SUFFIX, atomic_write_bytes, cache_dir, temp_path
 
-from . import inputs as local_inputs
-from .inputs import Job
-from .manifest import MANIFEST_NAME, InputStat
-from .manifest import input_digest as manifest_input_digest
+from .. import inputs as local_inputs
+from ..inputs import Job
+from ..manifest import MANIFEST_NAME, InputStat
+from ..manifest import input_digest as manifest_input_digest
 
 if TYPE_CHECKING:  # annotations only: pyarrow comes with Ray (the `serve` extra) and is imported when used
     import pyarrow.fs
@@ -263,7 +263,7 @@ def input_digest(source: Source) -> str | None:
 
 
 def _scan_order(rel: str) -> tuple:
-    """Sort key giving `reference.files.scan_folder`'s order: a folder's files (sorted), then its subfolders."""
+    """Sort key giving `reference.plumbing.files.scan_folder`'s order: a folder's files (sorted), then its subfolders."""
     parts = rel.split("/")
     return tuple((1, p) for p in parts[:-1]) + ((0, parts[-1]),)
 

@@ -65,14 +65,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter as
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from reference.cli import int_at_least, run_cli, say
-from reference.errors import PSPError, UsageError
+from reference.plumbing.cli import int_at_least, run_cli, say
+from reference.plumbing.errors import PSPError, UsageError
 from reference.images import input_channels, read_input, tensor_to_uint8, to_input_tensor
 
 from export.backends import BACKENDS, PRECISIONS
 
-from . import demo
-from . import latents as lt
+from .. import demo
+from .. import latents as lt
 
 WEB_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 MODEL_ROUTES = frozenset({"/v1/invert", "/v1/synthesize"})  # POSTs that queue for the model
@@ -361,7 +361,7 @@ class _Stats:
 
 
 def _web_file(name: str) -> bytes:
-    return resources.files("engine").joinpath("web", name).read_bytes()
+    return resources.files("engine.serve").joinpath("web", name).read_bytes()
 
 
 async def _form(request: Request):
@@ -434,7 +434,7 @@ class PSPService:
     """
 
     def __init__(self, opts: ServeOptions):
-        from .ray_local import loopback_replica_grpc
+        from ..cluster.ray_local import loopback_replica_grpc
 
         loopback_replica_grpc()  # on this project's own local instance: the replica's gRPC server on 127.0.0.1 too
         torch.set_num_threads(opts.cpus_per_replica)
@@ -453,7 +453,7 @@ class PSPService:
 
     def _load(self) -> None:
         """Load the engine and the edit directions, run one warm-up inversion, then mark the replica ready."""
-        from .api import load
+        from ..api import load
 
         opts = self.opts
         try:
@@ -545,7 +545,7 @@ class PSPService:
         return {
             "checkpoint": Path(eng.checkpoint).name, "backend": eng.backend, "device": str(eng.device),
             "precision": eng.precision, "why": eng.reason, "output_size": eng.output_size,
-            "encoder_size": 256, "n_styles": eng.n_styles, "input_nc": eng.input_nc, "label_nc": eng.label_nc,
+            "encoder_size": eng.encoder_size, "n_styles": eng.n_styles, "input_nc": eng.input_nc, "label_nc": eng.label_nc,
             "dataset_type": eng.dataset_type, "input_kind": eng.description.input_kind,
             "is_demo": self.opts.is_demo or eng.is_demo,
             "edits": {name: {"shape": list(e.direction.shape), "sha256": e.sha256} for name, e in self.edits.items()},
@@ -849,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the service until Ctrl-C (or SIGTERM). Exit codes: 0 after Ctrl-C, 2 usage or checkpoint error.
 
     stdout gets two lines: where it serves, once the model is ready (the first), and that it stopped
-    (the last); progress and errors go to stderr (`reference.cli.run_cli`).
+    (the last); progress and errors go to stderr (`reference.plumbing.cli.run_cli`).
     """
     return run_cli(build_parser(), _serve, argv)
 
@@ -890,7 +890,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         t0 = time.perf_counter()
         say(f"starting Ray ({len(os.sched_getaffinity(0))} CPUs) ...")
-        from .ray_local import start_local_ray  # loopback only, token auth, files in a private folder
+        from ..cluster.ray_local import start_local_ray  # loopback only, token auth, files in a private folder
 
         start_local_ray(len(os.sched_getaffinity(0)), log_to_driver=args.verbose)
         say(f"starting Serve's HTTP proxy on {url} and {opts.replicas} replica(s) ...")
@@ -914,7 +914,3 @@ def _serve(args: argparse.Namespace) -> int:
     if stopped:
         print(f"stopped: {url} no longer serves", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

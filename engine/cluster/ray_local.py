@@ -23,7 +23,7 @@ Source: Ray 2.60's own code, read in `ray/_private/worker.py` (`init`), `ray/_pr
 - **Files.** Ray's temp root (sessions, logs, unix sockets, spilled objects) is `<private>/tmp`
   (Ray makes that folder 0777; the 0700 folder above it keeps others out).
 
-`<private>` is `reference.files.cache_dir() / "ray"`, or `/tmp/psp-engine-ray-<uid>` when that
+`<private>` is `reference.plumbing.files.cache_dir() / "ray"`, or `/tmp/psp-engine-ray-<uid>` when that
 path is too long for Ray's unix sockets (AF_UNIX: 107 bytes); either is made 0700 and must be a
 folder of this user (not a link). The environment variables stay set in this process after the
 call: Ray's processes and the workers it starts later inherit them, and a subprocess that joins this
@@ -45,8 +45,8 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-from reference.errors import UsageError
-from reference.files import cache_dir, temp_path
+from reference.plumbing.errors import UsageError
+from reference.plumbing.files import cache_dir, temp_path
 
 FOLDER_NAME = "ray"  # under the engine's cache folder
 TOKEN_NAME = "auth_token"

@@ -22,7 +22,7 @@ What changes against the official formulation (all exact up to fp32 rounding):
 
 Module names matter for export: the fp32-critical math lives in modules named `affine` (the style
 affines), `demod` (demodulation coefficients), `mapping` and `pixel_norm`, so ONNX node names carry
-them (TensorRT FP16 builds keep those layers in fp32: `export/tensorrt.py`).
+them (TensorRT FP16 builds keep those layers in fp32: `export/tensorrt/builder.py`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch.nn.utils import skip_init
 
 from reference import encoders as enc
 from reference import stylegan2 as sg
-from reference.psp import PSP, face_pool
+from reference.psp import PSP
 
 LRELU_GAIN = math.sqrt(2.0)
 
@@ -510,7 +510,8 @@ class EnginePSP(nn.Module):
         checkpoint, backend: recorded in `description`.
 
     Attributes:
-        description: the `reference.description.ModelDescription` (precision included).
+        description: the `reference.description.ModelDescription` (sizes, n_styles, learn_in_w, opts,
+            precision, backend): the model's one record of its facts (`export.backends.BackendModel`).
     """
 
     def __init__(self, psp: PSP, impl: str = "torch", precision: str = "fp32",
@@ -521,10 +522,7 @@ class EnginePSP(nn.Module):
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {tuple(DTYPES)}, got {precision!r}")
         dtype = DTYPES[precision]
-        for name in ("opts", "input_nc", "label_nc", "output_size", "n_styles", "dataset_type", "learn_in_w"):
-            setattr(self, name, getattr(psp, name))
         self.description = describe(psp, checkpoint, precision=precision, backend=backend)
-        self.precision = precision
         e = psp.encoder
         if isinstance(e, enc.GradualStyleEncoder):
             self.encoder = GradualStyleEncoderE(e)
@@ -537,7 +535,7 @@ class EnginePSP(nn.Module):
         self.synthesis = Synthesis(psp.decoder, impl=impl, dtype=dtype)
         self.mapping = Mapping(psp.decoder.style)
         la = psp.latent_avg.detach().float() if psp.start_from_latent_avg else torch.zeros(psp.n_styles, 512)
-        self.register_buffer("latent_avg", (la[0] if self.learn_in_w else la).contiguous())
+        self.register_buffer("latent_avg", (la[0] if psp.learn_in_w else la).contiguous())
         own_memory(self, psp)  # emulate_rounding / cast_activations must never reach `psp`
         if dtype != torch.float32:
             cast_activations(self.encoder, dtype)
@@ -548,18 +546,18 @@ class EnginePSP(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x `[B, input_nc, 256, 256]` -> w_plus `[B, n_styles, 512]` fp32 (latent_avg added)."""
         codes = self.encoder(x).float() + self.latent_avg
-        if self.learn_in_w:
-            codes = codes[:, None, :].expand(-1, self.n_styles, -1)
+        if self.description.learn_in_w:
+            codes = codes[:, None, :].expand(-1, self.description.n_styles, -1)
         return codes
 
-    def synthesize(self, w_plus: torch.Tensor, resize: bool = False) -> torch.Tensor:
-        """w_plus `[B, n_styles, 512]` -> img `[B, 3, R, R]` fp32 (256x256 box mean with `resize`)."""
-        img = self.synthesis(w_plus.float()).float()
-        return face_pool(img) if resize else img
+    def synthesize(self, w_plus: torch.Tensor) -> torch.Tensor:
+        """w_plus `[B, n_styles, 512]` -> img `[B, 3, R, R]` fp32 at full resolution (the `Engine` resizes)."""
+        return self.synthesis(w_plus.float()).float()
 
-    def forward(self, x: torch.Tensor, resize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[B, input_nc, 256, 256]` -> (img `[B, 3, R, R]`, w_plus `[B, n_styles, 512]`), fp32."""
         w_plus = self.encode(x)
-        return self.synthesize(w_plus, resize), w_plus
+        return self.synthesize(w_plus), w_plus
 
     def with_precision(self, precision: str) -> "EnginePSP":
         """A copy computing in `precision` (torch-op synthesis only; used for the fp16 ONNX variant)."""
@@ -567,7 +565,6 @@ class EnginePSP(nn.Module):
         if precision != "fp32":
             cast_activations(m.encoder, DTYPES[precision])
             cast_activations(m.synthesis, DTYPES[precision])
-        m.precision = precision
         m.description = self.description.replace(precision=precision)
         return m
 
