@@ -462,7 +462,7 @@ class PSPService:
                        trust_pickle=opts.trust_pickle)
             self.edits = load_edit_dir(opts.edit_dir, eng.n_styles) if opts.edit_dir else {}
             self.stage = f"warming up ({eng.backend}, {eng.precision}, {eng.output_size} px)"
-            w = eng.encode(torch.zeros(1, eng.input_nc, 256, 256))
+            w = eng.encode(torch.zeros(1, eng.input_nc, eng.encoder_size, eng.encoder_size))
             eng.synthesize(w, False)
             self.eng = eng
             self.stage = "ready"
