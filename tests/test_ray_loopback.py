@@ -208,8 +208,15 @@ def test_serve_listens_on_loopback_only(small_w, short_dir, tmp_path):
             watch.poll()
             time.sleep(0.3)
         assert any(p == port for *_, p in watch.sockets), "the HTTP proxy's socket was not seen"
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        # `kill` (SIGTERM) stops it as Ctrl-C does: Ray's own SIGTERM handler (installed by ray.init)
+        # used to kill the driver at once and leave Ray's agents running (engine.cluster.ray_local._keep_sigterm)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        assert "stopped:" in log.read_text().splitlines()[-1], log.read_text()[-3000:]
+        deadline = time.monotonic() + 30
+        while marked_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not marked_processes(marker), "processes of the service outlived it"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

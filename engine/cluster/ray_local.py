@@ -141,6 +141,27 @@ def _loopback_node_ip() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+@contextlib.contextmanager
+def _keep_sigterm() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across `ray.init`.
+
+    `ray.init` installs the core worker's failure-signal handler for SIGTERM (it prints a stack and
+    kills the process at once), over the handler our CLIs install (`reference.plumbing.cli.run_cli`:
+    SIGTERM as Ctrl-C). Killed that way, a driver neither shuts Ray down nor closes its manifest,
+    and Ray's agents outlived it (seen with `engine.serve`). Put back, `kill` stops the service or
+    the run as Ctrl-C does. Main thread only (where Python handles signals)."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
 def start_local_ray(num_cpus: int, log_to_driver: bool = True, system_config: dict | None = None) -> Path:
     """Start a Ray instance in this process that only this machine can reach (module docstring).
 
@@ -171,7 +192,7 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = True, system_config: di
     os.environ.pop(AUTH_ENV["token"], None)
     Config.initialize("")  # this process reads RAY_AUTH_MODE again (Ray's `_enable_token_auth` does the same)
     AuthenticationTokenLoader.instance().reset_cache()  # and the token, if an earlier instance had another
-    with _loopback_node_ip():
+    with _loopback_node_ip(), _keep_sigterm():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
                  _temp_dir=str(folder / TEMP_NAME), _system_config=system_config)
     return folder
@@ -245,8 +266,9 @@ def join_ray(address: str, log_to_driver: bool = True) -> None:
     """
     import ray
 
-    if is_loopback_address(address):
-        with _loopback_node_ip():
+    with _keep_sigterm():
+        if is_loopback_address(address):
+            with _loopback_node_ip():
+                ray.init(address=address, log_to_driver=log_to_driver)
+        else:
             ray.init(address=address, log_to_driver=log_to_driver)
-    else:
-        ray.init(address=address, log_to_driver=log_to_driver)
