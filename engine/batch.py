@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from reference.plumbing.cli import plural
+from reference.plumbing.digests import checkpoint_identity
 from reference.plumbing.errors import CheckpointError, PSPError, UsageError
 from reference.images import (MAX_PIXELS, atomic_write_image, atomic_write_npy, couple, display_rgb, input_channels,
                               read_input, tensor_to_uint8, to_input_tensor)
@@ -50,7 +51,7 @@ from .align import DEFAULT_UPSAMPLE, MIN_FACE_SIZE, MIN_SCORE
 from .api import Engine
 from .inputs import Job, file_ids, unsafe_output
 from .latents import Edit, apply_edits, default_latent_mask, fit_jpeg, mix_with_w, mixing_z, strip
-from .manifest import InputStat, Manifest, checkpoint_identity, input_digest
+from .manifest import InputStat, Manifest, input_digest
 
 STAGES = ("read", "encode", "synthesize", "write")
 ALIGN_SIZE = 1024  # px: aligned crop side (and quad-warp size) for --align; the encoder resizes it to 256

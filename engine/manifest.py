@@ -60,29 +60,6 @@ STATUSES = ("ok", "failed", "skipped")
 OUTPUT_FORMAT_VERSION = 1
 
 
-def checkpoint_identity(path: str | os.PathLike) -> dict:
-    """Identity of a checkpoint file as the fingerprint records it: `reference.plumbing.digests.checkpoint_identity`
-    (resolved path, size and sha256 of the contents), the one identity the ONNX graph cache keys on too.
-
-    A checkpoint replaced by another of the same size and mtime is another checkpoint; one only
-    touched is the same. The digest costs one read per file version (1.5 s for 1.2 GB), remembered
-    in the engine cache, so a rerun pays a stat. A copy at another path counts as another checkpoint
-    (a rerun redoes the work, which is safe).
-
-    Args:
-        path: the checkpoint file (must exist).
-
-    Returns:
-        `{"path": str, "size": int, "sha256": str}`.
-
-    Raises:
-        OSError: the file cannot be read.
-    """
-    from reference.plumbing import digests
-
-    return digests.checkpoint_identity(path)
-
-
 def fingerprint(config: Mapping[str, Any]) -> str:
     """Short stable digest of a run's output-determining config.
 
@@ -194,11 +171,6 @@ class Manifest:
                     last_skip[key] = n
         keep = set(last.values()) | {n for key, n in last_skip.items() if n > last.get(key, -1)}
         self._keep = sorted(keep)
-
-    @property
-    def n_unreadable(self) -> int:
-        """Lines ignored on reading (`bad_lines`)."""
-        return len(self.bad_lines)
 
     def unreadable_warning(self) -> str | None:
         """One warning line naming the ignored lines (at most 10 numbers), or None when there are none."""

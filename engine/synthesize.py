@@ -45,6 +45,7 @@ import torch
 from tqdm import tqdm
 
 from reference.plumbing.cli import ArgumentParser, int_at_least, plural, run_cli, say
+from reference.plumbing.digests import checkpoint_identity
 from reference.plumbing.errors import PSPError
 
 from . import api, demo
@@ -54,7 +55,7 @@ from reference.images import atomic_write_image, tensor_to_uint8
 
 from .batch import Progress, non_finite
 from .inputs import Job, file_ids, plan_jobs, unsafe_output
-from .manifest import MANIFEST_NAME, InputStat, Manifest, checkpoint_identity, input_digest
+from .manifest import MANIFEST_NAME, InputStat, Manifest, input_digest
 from .run import add_edit_argument, add_engine_arguments, claim_output_folder, finish, load_engine, run_facts
 
 STRIP_HEIGHT = 256  # px, the most an interpolation strip's frames are shown at

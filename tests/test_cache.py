@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from engine import cache, demo
-from engine.manifest import checkpoint_identity, fingerprint
+from engine.manifest import fingerprint
+from reference.plumbing.digests import checkpoint_identity
 from export.backends.graph import cache_paths, cached_graphs, compiled_cache_dir, graph_problems
 from reference.plumbing import digests
 from reference.description import sidecar_path, verify_artifact, write_sidecar

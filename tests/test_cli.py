@@ -443,7 +443,7 @@ def test_manifest_survives_a_torn_line(tmp_path):
     with open(out / MANIFEST_NAME, "ab") as f:
         f.write(b'{"input": "/x", "sta')  # a crash mid-line
     m = Manifest(out, {})
-    assert m.n_unreadable == 1 and m.done(InputStat.of(src)) is not None
+    assert len(m.bad_lines) == 1 and m.done(InputStat.of(src)) is not None
     with m:
         m.append(InputStat.of(src), "skipped", outputs=["a.png"])
     lines = (out / MANIFEST_NAME).read_bytes().splitlines()
