@@ -3,10 +3,25 @@
 Run (from the repository root): `python -m benchmarks.cpu_engines [--sizes 256,1024] [--batches 1,4,8] [--repeats 2] [--precisions fp32,bf16] [--json out.json]`
 
 Variants are `backend:precision` for every CPU row of the backend registry (`export.backends`) in
-the asked precisions; bf16 variants run only where the CPU has bf16 units (AMX-BF16 or
-AVX512-BF16, read from its flags): without them torch and OpenVINO emulate bf16 through fp32, which
-is far slower than fp32 and says nothing about bf16 hardware. The CPU model and flags are printed
-with every table.
+the asked precisions (default: every precision the row offers on a CPU); bf16 variants run only
+where the CPU has bf16 units (AMX-BF16 or AVX512-BF16, read from its flags): without them torch and
+OpenVINO emulate bf16 through fp32, which is far slower than fp32 and says nothing about bf16
+hardware. A variant the registry refuses at load (e.g. a precision this CPU lacks) is skipped with
+the reason. The CPU model and flags are printed with every table.
+
+End to end (`--end-to-end [--images 8] [--batches 4] [--backends openvino]`): `engine.run`'s loop
+(`engine.batch.run_jobs` with `--save-latents`: read, invert, write PNG + latents, manifest) over a
+folder of `--images` real faces (`$PSP_SHARED/data/faces/aligned`, repeated) against
+`Engine.invert` alone on the same images (read beforehand, outside the clock), the same engine
+loaded once, in turn, median of `--repeats`: img/s and the ratio run / invert (issue 20's goal
+>= 0.9). The run is timed three ways: pipelined (the default `RunOptions.queue_depth`), with
+`queue_depth=0` (the stages one after another), and as before issue 20 (`queue_depth=0` and PNG at
+Pillow's default level 6, `reference.images.PNG_COMPRESS_LEVEL` patched for that run only).
+
+PNG levels (`--png-levels`): Pillow's PNG encoder (`reference.images.save_image`'s) at
+compress_level 0..9 and with optimize on, on the faces resized to 1024x1024: median ms per image
+and mean file size, against the default level 6 and the level the project writes
+(`reference.images.PNG_COMPRESS_LEVEL`).
 
 All variants are loaded in one process and timed in turn on the same inputs (warm-up call apart,
 median of `--repeats` calls), per stage (encode; synthesize with resize, as the official CLI's
@@ -20,9 +35,13 @@ Weights: the weight-rule checkpoints (`ffhq_encode_256`, `ffhq_encode` at 1024, 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import resource
+import shutil
 import statistics
+import tempfile
 import subprocess
 import sys
 import time
@@ -50,9 +69,10 @@ def checkpoint_for(size: int) -> Path:
     return path
 
 
-def variants(precisions: list[str], backends: list[str] | None = None) -> tuple[list[str], list[str]]:
+def variants(precisions: list[str] | None, backends: list[str] | None = None) -> tuple[list[str], list[str]]:
     """`backend:precision` variants of the registry's CPU rows whose package is installed (the
-    reference first), and notes on what was left out and why."""
+    reference first), in `precisions` (None: each row's CPU precisions), and notes on what was
+    left out and why."""
     from export.backends import BACKENDS
     from reference.plumbing.platform import bf16_units
 
@@ -65,7 +85,7 @@ def variants(precisions: list[str], backends: list[str] | None = None) -> tuple[
         if not b.installed():
             notes.append(f"{b.name}: not installed ({b.package})")
             continue
-        for prec in precisions:
+        for prec in precisions if precisions is not None else b.precisions["cpu"]:
             if prec not in b.precisions["cpu"]:
                 continue
             if prec == "bf16" and not bf16_units():
@@ -135,11 +155,19 @@ def main() -> int:
     p.add_argument("--sizes", default="256,1024")
     p.add_argument("--batches", default="1,4,8")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--precisions", default="fp32,bf16", help="precisions to run (bf16 only where the CPU has bf16 units)")
+    p.add_argument("--precisions", default=None,
+                   help="precisions to run, e.g. fp32,bf16 (default: every CPU precision of each registry row; bf16 "
+                        "only where the CPU has bf16 units)")
     p.add_argument("--backends", default=None, help="backends to run (default: every installed CPU backend)")
     p.add_argument("--rss-batch", type=int, default=8, help="batch of the peak-RSS runs (0: skip)")
     p.add_argument("--json", help="write all results here")
     p.add_argument("--rss-only", action="store_true", help="only the peak-RSS runs")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="only the end-to-end rows: engine.run's loop over a folder vs Engine.invert alone")
+    p.add_argument("--images", type=int, default=8, help="end to end: images in the folder (default 8)")
+    p.add_argument("--faces", type=Path, default=None,
+                   help="end to end and PNG levels: folder of face images (default $PSP_SHARED/data/faces/aligned)")
+    p.add_argument("--png-levels", action="store_true", help="only the PNG compression-level table")
     p.add_argument("--rss-child", nargs=3, metavar=("VARIANT", "SIZE", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:
@@ -148,22 +176,49 @@ def main() -> int:
     torch.set_grad_enabled(False)
     from reference.plumbing.platform import cpu_summary
 
-    names, notes = variants(args.precisions.split(","), args.backends.split(",") if args.backends else None)
+    names, notes = variants(args.precisions.split(",") if args.precisions else None,
+                            args.backends.split(",") if args.backends else None)
     results = [{"cpu": cpu_summary(), "torch": torch.__version__, "threads": torch.get_num_threads(), "notes": notes}]
     print(f"CPU: {cpu_summary()}")
+    if args.png_levels:
+        results += png_levels(faces_dir(args.faces), args.repeats)
+    elif args.end_to_end:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; variants: {', '.join(names)}")
+        for n in notes:
+            print(f"  note: {n}")
+        results += end_to_end_rows(names, [int(s) for s in args.sizes.split(",")],
+                                   [int(b) for b in args.batches.split(",")], args.images, args.repeats,
+                                   faces_dir(args.faces))
+    else:
+        results += engine_rows(args, names, notes)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def engine_rows(args: argparse.Namespace, names: list[str], notes: list[str]) -> list[dict]:
+    """The model stages per variant, size and batch, and peak RSS per variant (the tables above)."""
+    from reference.plumbing.errors import PSPError
+
+    results = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; variants: {', '.join(names)}")
     for n in notes:
         print(f"  note: {n}")
     for size in [int(s) for s in args.sizes.split(",")]:
-        engines = {}
+        engines, refused = {}, set()
         for v in names if not args.rss_only else ():
             t0 = time.perf_counter()
-            engines[v] = load(v, size)
+            try:
+                engines[v] = load(v, size)
+            except PSPError as e:  # e.g. a precision this CPU lacks
+                print(f"[{size}px] {v}: skipped: {' '.join(str(e).split())}")
+                refused.add(v)
+                continue
             print(f"[{size}px] loaded {v} in {time.perf_counter() - t0:.1f} s")
         flops = count_flops(engines["reference:fp32"]) if "reference:fp32" in engines else None
         for batch in [int(b) for b in args.batches.split(",")] if not args.rss_only else ():
             x = inputs(batch)
-            w_ref = engines[names[0]].encode(x)
+            w_ref = next(iter(engines.values())).encode(x)
             row = {"size": size, "batch": batch, "variants": {}}
             for v, eng in engines.items():
                 with torch.inference_mode():
@@ -188,16 +243,170 @@ def main() -> int:
             results.append({"size": size, "flops_per_image": flops})
         del engines
         if args.rss_batch:
-            for v in names:
+            for v in [v for v in names if v not in refused]:
                 out = subprocess.run([sys.executable, "-m", "benchmarks.cpu_engines", "--rss-child", v, str(size),
                                       str(args.rss_batch)],
-                                     capture_output=True, text=True, check=True)
+                                     capture_output=True, text=True)
+                if out.returncode != 0:  # refused at load (--rss-only loads nothing here)
+                    print(f"[{size}px] {v}: peak RSS skipped: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+                    continue
                 rss = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
                 print(f"[{size}px b{args.rss_batch}] {v:17s} peak RSS {rss:.0f} MiB")
                 results.append({"size": size, "batch": args.rss_batch, "variant": v, "peak_rss_mib": rss})
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    return 0
+    return results
+
+
+def faces_dir(given: Path | None) -> Path:
+    """The folder of real faces: `given`, else `$PSP_SHARED/data/faces/aligned` (default `../shared`)."""
+    if given is not None:
+        return given
+    shared = Path(os.environ.get("PSP_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+    return shared / "data" / "faces" / "aligned"
+
+
+def face_arrays(faces: Path, size: int) -> list:
+    """The faces of `faces` as `[size, size, 3]` uint8 arrays (Lanczos-resized where needed)."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(p for p in faces.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        raise SystemExit(f"no faces in {faces}: pass --faces DIR or set PSP_SHARED")
+    return [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.LANCZOS)) for f in files]
+
+
+def png_levels(faces: Path, repeats: int) -> list[dict]:
+    """Pillow's PNG encoder at each compress_level (and optimize) on the 1024 px faces, side by side:
+    median ms per image, mean MiB, both against level 6 (Pillow's default)."""
+    from PIL import Image
+
+    from reference.images import PNG_COMPRESS_LEVEL
+
+    arrays = face_arrays(faces, 1024)
+    settings = [("default (6)", {}), *((f"level {n}", {"compress_level": n}) for n in range(10)),
+                ("optimize", {"optimize": True})]
+    times: dict[str, list[float]] = {name: [] for name, _ in settings}
+    sizes: dict[str, list[int]] = {name: [] for name, _ in settings}
+    for _ in range(max(repeats, 1)):  # settings interleaved per image, so drift hits all alike
+        for a in arrays:
+            im = Image.fromarray(a)
+            for name, options in settings:
+                buf = io.BytesIO()
+                t0 = time.perf_counter()
+                im.save(buf, format="PNG", **options)
+                times[name].append(time.perf_counter() - t0)
+                sizes[name].append(buf.tell())
+    base_ms = statistics.median(times["default (6)"]) * 1e3
+    base_mib = statistics.mean(sizes["default (6)"]) / 2**20
+    print(f"PNG encode, Pillow, {len(arrays)} real faces at 1024x1024 x {max(repeats, 1)} "
+          f"(project level: {PNG_COMPRESS_LEVEL}):")
+    print(f"  {'setting':12s} {'ms/image':>9s} {'MiB/image':>10s} {'speed vs 6':>11s} {'size vs 6':>10s}")
+    rows = []
+    for name, _ in settings:
+        ms, mib = statistics.median(times[name]) * 1e3, statistics.mean(sizes[name]) / 2**20
+        print(f"  {name:12s} {ms:9.0f} {mib:10.2f} {base_ms / ms:10.2f}x {mib / base_mib - 1:+9.0%}")
+        rows.append({"png": name, "ms_per_image": ms, "mib_per_image": mib})
+    return rows
+
+
+def end_to_end_rows(names: list[str], sizes: list[int], batches: list[int], n_images: int, repeats: int,
+                    faces: Path) -> list[dict]:
+    """For each size, variant and batch: engine.run's loop over a folder (pipelined, and with the
+    stages one after another) against `Engine.invert` alone on the same images; img/s and ratios."""
+    from reference.plumbing.errors import PSPError
+
+    rows = []
+    files = sorted(p for p in faces.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    with tempfile.TemporaryDirectory(prefix="psp_e2e_") as tmp:
+        folder = Path(tmp) / "in"
+        folder.mkdir()
+        for i in range(n_images):  # distinct files: engine.run would write one output per name
+            shutil.copyfile(files[i % len(files)], folder / f"face{i:03d}{files[i % len(files)].suffix.lower()}")
+        for size in sizes:
+            for v in names:
+                t0 = time.perf_counter()
+                try:
+                    eng = load(v, size)
+                except PSPError as e:
+                    print(f"[{size}px] {v}: skipped: {' '.join(str(e).split())}")
+                    rows.append({"size": size, "variant": v, "skipped": str(e)})
+                    continue
+                print(f"[{size}px] loaded {v} in {time.perf_counter() - t0:.1f} s")
+                for batch in batches:
+                    r = end_to_end(eng, folder, batch, repeats, Path(tmp))
+                    rows.append({"size": size, "batch": batch, "variant": v, "images": n_images, **r})
+                    tag = f"[{size}px b{batch}] {v:17s}"
+                    print(f"{tag} Engine.invert alone          {r['invert_img_s']:.3f} img/s")
+                    print(f"{tag} engine.run, pipelined        {r['run_img_s']:.3f} img/s = {r['run_vs_invert']:.2f}x invert")
+                    print(f"{tag} engine.run, one stage a time {r['sequential_img_s']:.3f} img/s = "
+                          f"{r['sequential_vs_invert']:.2f}x invert")
+                    print(f"{tag} engine.run before (sequential, PNG level 6) {r['before_img_s']:.3f} img/s = "
+                          f"{r['before_vs_invert']:.2f}x invert; now {r['run_img_s'] / r['before_img_s']:.2f}x before")
+                    print(f"{tag} one-stage-a-time run's mean ms per image: "
+                          + ", ".join(f"{k} {ms:.0f}" for k, ms in r["sequential_stage_ms"].items()))
+                del eng
+    return rows
+
+
+def end_to_end(eng, folder: Path, batch: int, repeats: int, work: Path) -> dict:
+    """One end-to-end row: the three timings on `folder`'s images with `eng` (see the module docstring).
+
+    Returns:
+        img/s of `Engine.invert` alone, of the pipelined run and of the sequential run (medians of
+        `repeats`, interleaved), their ratios, and the sequential run's per-stage mean ms per image.
+    """
+    from engine.batch import RunOptions, run_jobs
+    from engine.inputs import find_inputs, plan_jobs
+    from engine.manifest import Manifest
+
+    jobs = plan_jobs(find_inputs([str(folder)]))
+    n = len(jobs)
+    x = eng.read_inputs([j.source for j in jobs])  # [n, 3, 256, 256], outside the clock
+
+    def invert() -> None:
+        for s in range(0, n, batch):
+            eng.invert(x[s:s + batch])
+
+    stage_ms: dict[str, float] = {}
+
+    def run(depth: int) -> None:
+        out = work / f"out_q{depth}"
+        shutil.rmtree(out, ignore_errors=True)
+        opts = RunOptions(out_dir=out, batch_size=batch, save_latents=True, queue_depth=depth)
+        with Manifest(out, opts.config(eng)) as m:
+            summary = run_jobs(eng, jobs, opts, m)
+        if summary.ok != n:
+            raise RuntimeError(f"engine.run wrote {summary.ok} of {n} images: {summary.failures}")
+        if depth == 0:
+            stage_ms.update({k: v / n for k, v in summary.stage_ms.items()})
+
+    from engine.batch import QUEUE_DEPTH
+    import reference.images
+
+    def before() -> None:
+        """As engine.run was before issue 20: one stage at a time, PNG at Pillow's default level 6."""
+        level = reference.images.PNG_COMPRESS_LEVEL
+        reference.images.PNG_COMPRESS_LEVEL = 6
+        try:
+            run(0)
+        finally:
+            reference.images.PNG_COMPRESS_LEVEL = level
+
+    modes = {"invert": invert, "run": lambda: run(QUEUE_DEPTH), "sequential": lambda: run(0), "before": before}
+    with torch.inference_mode():
+        eng.invert(x[:batch])  # warm-up, not counted
+    ts: dict[str, list[float]] = {k: [] for k in modes}
+    for _ in range(max(repeats, 1)):
+        for k, fn in modes.items():
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                fn()
+            ts[k].append(time.perf_counter() - t0)
+    ips = {k: n / statistics.median(t) for k, t in ts.items()}
+    return {"invert_img_s": ips["invert"], "run_img_s": ips["run"], "sequential_img_s": ips["sequential"],
+            "before_img_s": ips["before"], "run_vs_invert": ips["run"] / ips["invert"],
+            "sequential_vs_invert": ips["sequential"] / ips["invert"], "before_vs_invert": ips["before"] / ips["invert"],
+            "sequential_stage_ms": stage_ms, "seconds": ts}
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from reference.description import ModelDescription
 from reference.images import MAX_PIXELS, read_input, to_input_tensor
 from reference.psp import face_pool, load_mapping
 
-from export.backends import BACKENDS, Choice, load_model, resolve
+from export.backends import BACKENDS, Choice, check_calibration, load_model, resolve
 
 from . import demo
 
@@ -72,6 +72,8 @@ class LoadPlan:
         choice: the registry's `export.backends.Choice` (backend, precision, reason).
         is_demo: the built-in random-weight demo checkpoint.
         trust_pickle: full unpickling allowed (see `engine.load`).
+        calibration: int8: the folder of example inputs the quantization is calibrated on (None:
+            the set the model makes itself; see `engine.load`).
     """
 
     checkpoint: Path
@@ -79,6 +81,7 @@ class LoadPlan:
     choice: Choice
     is_demo: bool = False
     trust_pickle: bool = False
+    calibration: Path | None = None
 
 
 class Facts:
@@ -306,7 +309,8 @@ class Engine(Facts):
 
 
 def plan_load(checkpoint: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu",
-              precision: str = "auto", trust_pickle: bool = False) -> LoadPlan:
+              precision: str = "auto", trust_pickle: bool = False,
+              calibration: str | os.PathLike | None = None) -> LoadPlan:
     """Resolve what `load` would load and run, without loading anything: the device, the registry's
     `Choice` (backend, precision, reason; "auto" resolved here, once) and the checkpoint path.
 
@@ -318,12 +322,14 @@ def plan_load(checkpoint: str | os.PathLike | None = None, backend: str = "auto"
 
     Raises:
         UsageError: unknown backend or precision, unavailable device, or a backend that cannot run
-            here or in that precision.
+            here or in that precision; a calibration folder for a precision other than int8.
     """
     dev = resolve_device(device)
     choice = resolve(backend, dev, precision)
+    check_calibration(choice.precision, calibration)
     is_demo = checkpoint is None
-    return LoadPlan(demo.demo_path() if is_demo else Path(checkpoint), dev, choice, is_demo, trust_pickle)
+    return LoadPlan(demo.demo_path() if is_demo else Path(checkpoint), dev, choice, is_demo, trust_pickle,
+                    None if calibration is None else Path(calibration))
 
 
 def load_planned(plan: LoadPlan, announce: Callable[[str], None] | None = None) -> Engine:
@@ -344,7 +350,7 @@ def load_planned(plan: LoadPlan, announce: Callable[[str], None] | None = None) 
         plan = replace(plan, checkpoint=demo.demo_checkpoint_path(announce))  # built (or checked) now
     path = plan.checkpoint
     try:
-        model = load_model(plan.choice, path, plan.device, plan.trust_pickle, cache_dir(), announce)
+        model = load_model(plan.choice, path, plan.device, plan.trust_pickle, cache_dir(), announce, plan.calibration)
     except CheckpointError as e:
         if plan.is_demo:
             raise CheckpointError(f"{e} (this is the cached demo checkpoint: delete {path} to rebuild it)") from None
@@ -354,7 +360,7 @@ def load_planned(plan: LoadPlan, announce: Callable[[str], None] | None = None) 
 
 def load(checkpoint: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu",
          precision: str = "auto", trust_pickle: bool = False,
-         announce: Callable[[str], None] | None = None) -> Engine:
+         announce: Callable[[str], None] | None = None, calibration: str | os.PathLike | None = None) -> Engine:
     """Load a pSp checkpoint into an `Engine`.
 
     Args:
@@ -367,9 +373,16 @@ def load(checkpoint: str | os.PathLike | None = None, backend: str = "auto", dev
         device: "cpu" or "cuda[:i]".
         precision: "auto" (CUDA fp16; CPU bf16 where it has AMX-BF16/AVX512-BF16 units, else fp32),
             "fp32", "bf16" or "fp16": the activation dtype; inputs and outputs are fp32 always.
+            "int8" (backend openvino, never picked by auto): NNCF post-training quantization
+            (`export.quantize`), made on first use and cached; check it on your own weights and
+            faces first (`python -m export.parity --precision int8 --checkpoint CKPT --faces DIR`).
         trust_pickle: allow full unpickling of old checkpoints that safe loading refuses; it
             runs code from the file, so only for files you trust.
         announce: receives one-line progress notes (the demo checkpoint being built, a first export).
+        calibration: int8 only: a folder of example inputs (images of the kind the checkpoint
+            encodes; required for sketch and segmentation encoders) to calibrate the quantization
+            on; None: the set the model makes itself (W+ through its mapping network, the images
+            the generator renders from them).
 
     Returns:
         An `Engine` in inference mode; `engine.backend`, `.precision` and `.reason` say what runs and why.
@@ -380,4 +393,4 @@ def load(checkpoint: str | os.PathLike | None = None, backend: str = "auto", dev
         CheckpointError: missing/unreadable file, a StyleGAN2 (not pSp) checkpoint, missing or
             mis-shaped keys (named in the message).
     """
-    return load_planned(plan_load(checkpoint, backend, device, precision, trust_pickle), announce)
+    return load_planned(plan_load(checkpoint, backend, device, precision, trust_pickle, calibration), announce)

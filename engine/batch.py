@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,7 @@ from .latents import Edit, apply_edits, default_latent_mask, fit_jpeg, mix_with_
 from .manifest import InputStat, Manifest, input_digest
 
 STAGES = ("read", "encode", "synthesize", "write")
+QUEUE_DEPTH = 2  # batches: how far reading may run ahead of the model, and the model ahead of writing
 ALIGN_SIZE = 1024  # px: aligned crop side (and quad-warp size) for --align; the encoder resizes it to 256
 
 
@@ -63,7 +66,8 @@ ALIGN_SIZE = 1024  # px: aligned crop side (and quad-warp size) for --align; the
 
 @dataclass
 class RunOptions:
-    """Output options of a batch run (all but batch_size, max_pixels and overwrite are in the fingerprint)."""
+    """Output options of a batch run (all but batch_size, max_pixels, overwrite and queue_depth are in the
+    fingerprint)."""
 
     out_dir: Path
     batch_size: int = 1
@@ -83,6 +87,7 @@ class RunOptions:
     upsample: int = DEFAULT_UPSAMPLE  # with align: dlib detector upsampling
     degrade_factor: int | None = None  # super-resolution: official bicubic degradation by this factor
     overwrite: bool = False  # replace outputs made from another input (engine.manifest, "Provenance")
+    queue_depth: int = QUEUE_DEPTH  # batches each bounded queue of run_jobs holds; 0: no threads, one stage at a time
 
     def names(self, job: Job) -> list[str]:
         """The output names `job` would write, relative POSIX, the main image first: its own outputs
@@ -562,6 +567,28 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
     The stages (`read_items`, `invert_items`, `write_item`, `Recorder`) are the ones the
     distributed run (`engine.cluster.distributed`) runs on a Ray cluster.
 
+    Pipeline (`opts.queue_depth` D > 0, the default 2): three stages run at once so that the model
+    never waits for files. A reader thread reads and converts batch n+1.. while the calling thread
+    runs the model on batch n, and a writer thread writes (encodes PNGs, saves latents) and records
+    batch n-1..; PIL's decoders and encoders and zlib release the GIL. Two queues of D batches each
+    join them, so reading runs at most D + 1 batches ahead of the model and the model at most
+    D + 1 ahead of writing (memory stays bounded). The model is used by one thread at a time (the
+    style mixes, rendered while writing, wait for it). D = 0 runs the stages one after another in
+    the calling thread (the behaviour before the pipeline; the benchmarks' baseline).
+
+    Manifest: the writer stage is the only one that records (`Recorder`, once the run started;
+    `Recorder.todo` before it). Rows are appended in input order: first the inputs `Recorder.todo`
+    fails (outputs of another input), then every input run, in the order of `jobs`, whatever
+    stage it failed in; so is `Summary.failures`. A rerun skips what is recorded done.
+
+    Interruption (KeyboardInterrupt, e.g. Ctrl-C or SIGTERM through `reference.plumbing.cli.run_cli`,
+    raised in the calling thread): the reader stops, the writer finishes the input it is writing
+    (its files and its record) and stops before the next, both threads are joined, then the
+    interruption propagates. Batches read or inverted but not written are dropped unrecorded; every
+    file is written atomically, so the folder holds whole files only, and the manifest holds
+    exactly the inputs whose files are all written. A rerun does the rest. (A second interruption
+    while the threads finish propagates at once; the threads are daemons and the process exits.)
+
     Args:
         eng: a loaded `Engine`.
         jobs: from `plan_jobs`.
@@ -575,33 +602,104 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
     Raises:
         CheckpointError, UsageError: see `prepare_run`.
         OSError: the manifest cannot be written.
+        KeyboardInterrupt: see Interruption.
     """
     mixing = prepare_run(eng, jobs, opts)
     inputs = file_ids([job.source for job in jobs])  # checked again before each write (faces' names are new)
     t_start = time.perf_counter()
     rec = Recorder(manifest, progress, opts)
     todo = rec.todo(jobs)
+    chunks = [todo[s:s + opts.batch_size] for s in range(0, len(todo), opts.batch_size)]
+    label_nc = eng.label_nc
+    model_lock = threading.Lock()  # one thread at a time in the model: the batches, and the mixes write_item renders
 
-    for start in range(0, len(todo), opts.batch_size):
-        ready: list[_Ready] = []
-        for job, stat in todo[start:start + opts.batch_size]:
-            t0 = time.perf_counter()
-            try:
-                ready += read_items(job, stat, eng.label_nc, opts, t0)
-            except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the run; recorded
-                rec.read_error(job, stat, e, _ms(t0))
-        if not ready:
-            continue
+    def model(b: _Batch) -> _Batch:
+        with model_lock:
+            invert_batch(eng, b, opts, mixing)
+        if b.inv is not None and b.inv.render is not None:
+            render = b.inv.render
+
+            def locked_render(w: np.ndarray) -> np.ndarray:
+                with model_lock:
+                    return render(w)
+
+            b.inv.render = locked_render
+        return b
+
+    def read(chunk: list[tuple[Job, InputStat]]) -> _Batch:
+        return read_batch(chunk, label_nc, opts)
+
+    def write(b: _Batch, stop: threading.Event | None) -> None:
+        write_batch(b, opts, inputs, rec, stop)
+
+    if opts.queue_depth <= 0:
+        for chunk in chunks:
+            write(model(read(chunk)), None)
+    else:
+        run_pipeline(chunks, read, model, write, opts.queue_depth)
+    rec.summary.seconds = time.perf_counter() - t_start
+    return rec.summary
+
+
+@dataclass
+class _Batch:
+    """One batch of inputs on its way through `run_jobs`' stages, its inputs in order."""
+
+    reads: list[tuple[Job, InputStat, list[_Ready] | Exception, float]]  # per input: items or read error, read ms
+    inv: Inverted | None = None  # the model's results for `ready`, row by row
+    error: str | None = None  # why the model failed on the whole batch
+
+    @property
+    def ready(self) -> list[_Ready]:
+        """The items read, in input order (the rows of `x` and of `inv`)."""
+        return [r for _, _, items, _ in self.reads if not isinstance(items, Exception) for r in items]
+
+
+def read_batch(chunk: Sequence[tuple[Job, InputStat]], label_nc: int, opts: RunOptions) -> _Batch:
+    """The read stage of `run_jobs`: `read_items` for each input of `chunk`; a failure is kept with
+    its input (recorded by the write stage, in input order), the others go on."""
+    reads: list[tuple[Job, InputStat, list[_Ready] | Exception, float]] = []
+    for job, stat in chunk:
+        t0 = time.perf_counter()
         try:
-            inv = invert_items(eng, torch.cat([r.x for r in ready]), opts, mixing)  # x [B, C, 256, 256]
-        except RuntimeError as e:  # e.g. out of memory: every image of this batch fails, the run goes on
-            for r in ready:
-                rec.failed(r.job.source, r.stat, f"model failed on this batch: {type(e).__name__}: {e}",
-                           {"read": r.read_ms})
+            reads.append((job, stat, read_items(job, stat, label_nc, opts, t0), 0.0))
+        except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the run; recorded
+            reads.append((job, stat, e, _ms(t0)))
+    return _Batch(reads)
+
+
+def invert_batch(eng: Engine, b: _Batch, opts: RunOptions, mixing: Mixing | None) -> _Batch:
+    """The model stage of `run_jobs`: `invert_items` on the batch's items (x `[B, C, 256, 256]`);
+    a model failure (e.g. out of memory) fails every item of this batch and the run goes on."""
+    ready = b.ready
+    if ready:
+        try:
+            b.inv = invert_items(eng, torch.cat([r.x for r in ready]), opts, mixing)
+        except RuntimeError as e:
+            b.error = f"model failed on this batch: {type(e).__name__}: {e}"
+    return b
+
+
+def write_batch(b: _Batch, opts: RunOptions, inputs: dict[tuple[int, int], str], rec: Recorder,
+                stop: threading.Event | None = None) -> None:
+    """The write stage of `run_jobs`: each input of the batch in order, its files written
+    (`write_item`) and its outcome recorded; read and model failures are recorded here too, so
+    rows follow input order. Returns early, between inputs, once `stop` is set."""
+    row = 0  # the next item's row in b.inv
+    for job, stat, items, read_ms in b.reads:
+        if stop is not None and stop.is_set():
+            return
+        if isinstance(items, Exception):
+            rec.read_error(job, stat, items, read_ms)
             continue
-        for i, r in enumerate(ready):
+        for r in items:
+            i, row = row, row + 1
+            if b.error is not None:
+                rec.failed(r.job.source, r.stat, b.error, {"read": r.read_ms})
+                continue
             if rec.closed(r.stat):
                 continue  # an earlier face of this input failed: the input is recorded failed
+            inv = b.inv
             t0 = time.perf_counter()
             paths, reason = write_item(r, i, inv, opts, inputs)
             if paths is None:
@@ -614,8 +712,89 @@ def run_jobs(eng: Engine, jobs: Sequence[Job], opts: RunOptions, manifest: Manif
                         {"read": r.read_ms * n, "encode": inv.encode_ms * n, "synthesize": (inv.synth_ms + mix_ms) * n,
                          "write": (_ms(t0) - mix_ms) * n})
 
-    rec.summary.seconds = time.perf_counter() - t_start
-    return rec.summary
+
+_END = object()  # the end of a pipeline queue
+
+
+def run_pipeline(chunks: Sequence, read: Callable, model: Callable, write: Callable, depth: int) -> None:
+    """Run `write(model(read(chunk)), stop)` for every chunk in order, the three stages at once: `read`
+    in a reader thread, `model` in the calling thread, `write` in a writer thread, joined by two
+    queues of `depth` items each (see `run_jobs`, "Pipeline" and "Interruption").
+
+    Args:
+        chunks: the work, in order.
+        read: chunk -> batch (must not raise for one bad input: keep failures in the batch).
+        model: batch -> batch.
+        write: `(batch, stop)`: writes and records; returns early, between inputs, once the
+            `threading.Event` `stop` is set.
+        depth: items each queue holds, >= 1.
+
+    Raises:
+        KeyboardInterrupt, or what a stage raised (the first): after the threads are joined.
+    """
+    stop = threading.Event()
+    read_q: queue.Queue = queue.Queue(maxsize=depth)
+    write_q: queue.Queue = queue.Queue(maxsize=depth)
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            for chunk in chunks:
+                if stop.is_set() or not _put(read_q, read(chunk), stop):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            errors.append(e)
+            stop.set()
+        finally:
+            _put(read_q, _END, stop)
+
+    def writer() -> None:
+        try:
+            while (b := _get(write_q, stop)) is not _END:
+                write(b, stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            errors.append(e)
+            stop.set()
+
+    threads = [threading.Thread(target=reader, name="psp-read", daemon=True),
+               threading.Thread(target=writer, name="psp-write", daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        while (b := _get(read_q, stop)) is not _END:
+            if not _put(write_q, model(b), stop):
+                break
+        _put(write_q, _END, stop)
+        for t in threads:
+            t.join()
+    except BaseException:
+        stop.set()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]
+
+
+def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """`q.put(item)`, waiting while `q` is full; False (not put) once `stop` is set."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event) -> object:
+    """`q.get()`, waiting while `q` is empty; `_END` once `stop` is set."""
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            pass
+    return _END
 
 
 def non_finite(n: int, **tensors: torch.Tensor) -> dict[int, str]:

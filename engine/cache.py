@@ -8,7 +8,10 @@ holds what the engine makes once and reuses:
   onnxruntime and openvino backends export on first use of a checkpoint (`export.backends.graph.cache_paths`; about the checkpoint's
   size). One entry per `<stem>-<key>`; the sidecar records the source checkpoint's path and the
   size and sha256 of each file;
-- `ov_cache/<stem>-<key>.<part>/`: OpenVINO's compiled blobs of one graph, with their sizes and
+- `onnx/<stem>-<key>.<part>.int8-<key2>.xml` + `.bin` + sidecar: a graph quantized for `--precision int8`
+  (`export.quantize.int8_path`: keyed by the fp32 graph, the calibration set and the recipe), part
+  of the entry `<stem>-<key>`;
+- `ov_cache/<stem>-<key>.<part>[.int8-<key2>]/`: OpenVINO's compiled blobs of one graph, with their sizes and
   digests in `ov_cache/<stem>-<key>.<part>.json` (`export.backends.graph.compiled_model_cache`), one entry
   per graph; loose files in `ov_cache/` were written by older versions and are never used;
 - `digests.json`: sha256 digests remembered per file version (`reference.plumbing.digests`);
@@ -118,6 +121,21 @@ def _onnx_staleness(name: str, source: str | None, onnx_dir: Path) -> str:
     return ""
 
 
+def _ir_of(f: Path) -> Path | None:
+    """The int8 IR (`<name>.xml`) a file of an ONNX entry belongs to (the IR, its `.bin`, its sidecar), or None."""
+    if ".int8-" not in f.name:
+        return None
+    base = f.name.split(".int8-", 1)
+    return f.with_name(f"{base[0]}.int8-{base[1].split('.', 1)[0]}.xml")
+
+
+def _graph_of(folder: Path, compiled: str) -> Path:
+    """The graph a compiled-model folder `ov_cache/<graph>` was compiled from: `onnx/<graph>.onnx`,
+    or the int8 IR `onnx/<graph>.xml` (`export.quantize`)."""
+    name = Path(compiled).name
+    return folder / ONNX_DIR / (name + (".xml" if ".int8-" in name else ".onnx"))
+
+
 def _damage(entry: Entry, folder: Path) -> str:
     """What is wrong with an entry's files against the sizes and digests recorded when they were
     written ("" when nothing): the graphs of an ONNX entry (`export.backends.graph.graph_problems`), the blobs
@@ -130,10 +148,13 @@ def _damage(entry: Entry, folder: Path) -> str:
         paths = {part: folder / f"{entry.name}.{part}.onnx" for part in PARTS}
         problems = {part: probs for part, probs in graph_problems(paths).items()
                     if probs != ["missing"] or any(f.name.startswith(paths[part].name) for f in entry.files)}
-        return "; ".join(f"{paths[part].name}: {', '.join(probs)}" for part, probs in problems.items())
+        lines = [f"{paths[part].name}: {', '.join(probs)}" for part, probs in problems.items()]
+        for ir in sorted({_ir_of(f) for f in entry.files if _ir_of(f)}):  # int8 graphs (export.quantize)
+            if probs := verify_artifact(ir):
+                lines.append(f"{ir.name}: {', '.join(probs)}")
+        return "; ".join(lines)
     if entry.kind == "compiled" and (folder / entry.name).is_dir():
-        graph = folder / ONNX_DIR / (Path(entry.name).name + ".onnx")
-        return ", ".join(compiled_problems(folder / entry.name, graph))
+        return ", ".join(compiled_problems(folder / entry.name, _graph_of(folder, entry.name)))
     if entry.kind == "checkpoint":
         return ", ".join(verify_artifact(folder / entry.name))
     return ""
@@ -202,9 +223,9 @@ def scan(folder: Path | None = None, now: float | None = None, verify: bool = Fa
         if entry.kind == "onnx":
             entry.stale = _onnx_staleness(stem, entry.source, folder / ONNX_DIR)
         elif entry.kind == "compiled":
-            graph = Path(entry.name).name + ".onnx"
-            if not (folder / ONNX_DIR / graph).is_file():
-                entry.stale = f"its graph {ONNX_DIR}/{graph} is gone"
+            graph = _graph_of(folder, entry.name)
+            if not graph.is_file():
+                entry.stale = f"its graph {ONNX_DIR}/{graph.name} is gone"
         if verify and not entry.stale:
             entry.damaged = _damage(entry, folder)
             if entry.damaged:

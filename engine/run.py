@@ -245,7 +245,15 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "(AMX-BF16 or AVX512-BF16, read from its flags), else fp32). Inputs, latents and images "
                         "are fp32 in every precision; the style affines, demodulation and mapping stay fp32. "
                         "fp32 is exact (official outputs at 1e-4); bf16/fp16 are within 1e-2 (latents) and "
-                        "2e-2 (images) relative error of fp32")
+                        "2e-2 (images) relative error of fp32. int8 (backend openvino; never chosen by auto): "
+                        "NNCF post-training quantization, made once per checkpoint and calibration set and cached; "
+                        "check it on your weights and faces first: python -m export.parity --precision int8 "
+                        "--checkpoint CKPT --faces DIR")
+    p.add_argument("--calibration", type=Path, default=None, metavar="DIR",
+                   help="--precision int8: a folder of example inputs (a few dozen images of the kind the checkpoint "
+                        "encodes; required for sketch and segmentation checkpoints) to calibrate the quantization on; "
+                        "default: a set the model makes itself (W+ through its mapping network and the images its "
+                        "generator renders). Never calibrate on the images you check accuracy on")
 
 
 def plan_for(args: argparse.Namespace) -> api.LoadPlan:
@@ -255,7 +263,7 @@ def plan_for(args: argparse.Namespace) -> api.LoadPlan:
         UsageError: an unavailable --device, or a --backend / --precision that cannot run here.
     """
     return api.plan_load(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
-                         trust_pickle=args.trust_pickle)
+                         trust_pickle=args.trust_pickle, calibration=getattr(args, "calibration", None))
 
 
 def load_engine(args: argparse.Namespace, what: str, plan: api.LoadPlan | None = None) -> api.Engine:

@@ -5,11 +5,16 @@ passes) and `shared/golden/README.md` (fp32 paths match the official outputs at 
 the bounds of the one table, `export.compare.TOL` (the precision parity contract of issue 9).
 
 `python -m export.parity --checkpoint CKPT --backends reference,engine,onnxruntime,openvino
---precision fp32,bf16 [--golden FILE.npz] [--faces DIR] [--json out.json]` runs each backend x
+--precision fp32,bf16,int8 [--golden FILE.npz] [--faces DIR] [--calibration DIR] [--json out.json]` runs each backend x
 precision of the registry (`export.backends`) on the same inputs, compares `w_plus` and `img` with
 the fp32 reference backend (and with the golden arrays when `--golden` is given: then the
 checkpoint must be the golden one, `make_checkpoint("ffhq_encode_256", 0)`), prints a table and
 saves the report as JSON. Exit code 1 when any comparison fails.
+
+int8 (openvino) is how a user checks the quantization on their own weights and faces before using
+it: `python -m export.parity --backends openvino --precision int8 --checkpoint USER.pt --faces DIR`
+(calibrated on the set the model makes itself, or on `--calibration DIR`, which must not hold any
+of the faces it is checked on).
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ def parity_inputs(shared: str | Path) -> torch.Tensor:
 
 def run_parity(checkpoint: str | Path, backends: list[str], precisions: list[str] = ("fp32",),
                x: torch.Tensor | None = None, golden: dict | None = None, device: str = "cpu",
-               allow_emulated: bool = False, say=print) -> tuple[list[Comparison], list[str]]:
+               allow_emulated: bool = False, say=print,
+               calibration: str | Path | None = None) -> tuple[list[Comparison], list[str]]:
     """Run every backend x precision of the registry on the same inputs and compare with the fp32 reference.
 
     Each comparison is `export.compare.compare` with the parity contract's bounds for the
@@ -80,6 +86,7 @@ def run_parity(checkpoint: str | Path, backends: list[str], precisions: list[str
         device: "cpu" or "cuda".
         allow_emulated: run bf16 on a CPU without bf16 units (emulated by the runtime: slow).
         say: receives progress lines.
+        calibration: int8: the folder of example inputs to calibrate on (None: the self-made set).
 
     Returns:
         `(comparisons, skipped)`: one `Comparison` per backend x precision x output (x golden),
@@ -94,7 +101,8 @@ def run_parity(checkpoint: str | Path, backends: list[str], precisions: list[str
     path = Path(checkpoint)
 
     def load(choice: Choice):
-        return load_model(choice, path, dev, False, cache_dir(), say)
+        return load_model(choice, path, dev, False, cache_dir(), say,
+                          calibration if choice.precision == "int8" else None)
 
     ref = load(resolve(BASELINE, dev, "fp32"))
     if x is None:
@@ -118,7 +126,11 @@ def run_parity(checkpoint: str | Path, backends: list[str], precisions: list[str
                                "than fp32); pass --allow-emulated to run it anyway")
                 continue
             say(f"parity: {name} {precision}")
-            model = load(choice)
+            try:
+                model = load(choice)
+            except UsageError as e:  # a precision this CPU cannot run (openvino bf16 / int8 capabilities)
+                skipped.append(f"{name}:{precision}: {e}")
+                continue
             with torch.inference_mode():
                 w_plus = model.encode(x.to(dev))
                 img = model.synthesize(w_plus)
@@ -163,6 +175,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--golden", help="public_ffhq_encode_256_seed0.npz: its faces are inputs and the official "
                    "latents and images are compared too (needs its checkpoint, make_checkpoint('ffhq_encode_256', 0))")
     p.add_argument("--faces", metavar="DIR", help="also run every image of DIR (e.g. shared/data/faces/aligned)")
+    p.add_argument("--calibration", metavar="DIR", help="int8: calibrate the quantization on the images of DIR "
+                   "(default: a set the model makes itself); none of them may be among the faces checked")
     p.add_argument("--batch", type=int_at_least(1), default=2, help="random inputs when neither --golden nor --faces")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda")
     p.add_argument("--allow-emulated", action="store_true",
@@ -171,14 +185,34 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def check_disjoint(calibration: str | Path | None, faces: str | Path | None) -> None:
+    """Refuse a calibration folder that holds any image (by content) of the faces the contract is checked on.
+
+    Raises:
+        UsageError: a shared image (named).
+    """
+    if not calibration or not faces:
+        return
+    from reference.plumbing.digests import file_sha256
+    from reference.plumbing.files import scan_folder
+
+    checked = {file_sha256(f): f for f in scan_folder(faces)}
+    for f in scan_folder(calibration):
+        if file_sha256(f) in checked:
+            raise UsageError(f"--calibration {calibration} holds {f.name}, which is also among the --faces checked "
+                             f"({checked[file_sha256(f)]}); calibrate on other images than the ones you check on")
+
+
 def _body(args: argparse.Namespace) -> int:
+    check_disjoint(args.calibration, args.faces)
     golden = dict(np.load(args.golden)) if args.golden else None
     parts = ([golden_inputs(golden)] if golden is not None else []) + ([face_inputs(args.faces)] if args.faces else [])
     x = torch.cat(parts) if parts else None
     if x is None and args.batch != 2:
         x = torch.rand(args.batch, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
     results, skipped = run_parity(args.checkpoint, args.backends.split(","), args.precision.split(","), x, golden,
-                                  args.device, args.allow_emulated, say=lambda m: print(m, file=sys.stderr))
+                                  args.device, args.allow_emulated, say=lambda m: print(m, file=sys.stderr),
+                                  calibration=args.calibration)
     print(format_table(results))
     for line in skipped:
         print(f"skipped {line}")

@@ -193,11 +193,15 @@ def sidecar_path(artifact: str | os.PathLike) -> Path:
 
 def artifact_files(artifact: str | os.PathLike) -> list[Path]:
     """The files an artifact consists of: itself (a file, or every file in it when it is a folder,
-    such as a compiled-model cache) and its companions that exist (`<artifact>.data`)."""
+    such as a compiled-model cache) and its companions that exist (`<artifact>.data`; an OpenVINO IR
+    `<name>.xml`: `<name>.bin`)."""
     artifact = Path(artifact)
     if artifact.is_dir():
         return sorted(p for p in artifact.iterdir() if p.is_file())
-    return [artifact] + [c for c in (artifact.with_name(artifact.name + s) for s in COMPANION_SUFFIXES) if c.is_file()]
+    companions = [artifact.with_name(artifact.name + s) for s in COMPANION_SUFFIXES]
+    if artifact.suffix == ".xml":  # an OpenVINO IR: its weights `<name>.bin`
+        companions.append(artifact.with_suffix(".bin"))
+    return [artifact] + [c for c in companions if c.is_file()]
 
 
 def write_sidecar(artifact: str | os.PathLike, description: ModelDescription | None, kind: str,

@@ -60,14 +60,13 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter as PromCounter, Gauge, Histogram, generate_latest
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from reference.plumbing.cli import int_at_least, run_cli, say
 from reference.plumbing.errors import PSPError, UsageError
-from reference.images import input_channels, read_input, tensor_to_uint8, to_input_tensor
+from reference.images import input_channels, png_bytes, read_input, tensor_to_uint8, to_input_tensor  # png_bytes: engine.run's .png bytes
 
 from export.backends import BACKENDS, PRECISIONS
 
@@ -137,13 +136,6 @@ class ApiError(Exception):
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """`[H, W, 3]` uint8 -> PNG bytes, as `reference.images.atomic_write_image` saves a `.png`."""
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # -- metrics (this replica's process: each replica imports this module and keeps its own) ------------

@@ -5,7 +5,7 @@ AOTInductor, TensorRT builds, Triton repositories) and checks (`export.compare`,
 stay in `export/` itself."""
 
 from .registry import (AUTO_ORDER, BACKENDS, BASELINE, PRECISIONS, Backend, BackendModel, Choice, LoadRequest,
-                       auto_precision, help_text, load_model, markdown_table, resolve)
+                       auto_precision, check_calibration, help_text, load_model, markdown_table, resolve)
 
 __all__ = ["AUTO_ORDER", "BACKENDS", "BASELINE", "PRECISIONS", "Backend", "BackendModel", "Choice", "LoadRequest",
-           "auto_precision", "help_text", "load_model", "markdown_table", "resolve"]
+           "auto_precision", "check_calibration", "help_text", "load_model", "markdown_table", "resolve"]

@@ -13,7 +13,10 @@ per image) at no cost in speed (static weights: the per-image cost does not depe
 
 Precision: ONNX Runtime runs fp32. OpenVINO runs fp32 (`INFERENCE_PRECISION_HINT=f32`: pinned, since
 on CPUs with AVX512-BF16 or AMX the plugin would otherwise pick bf16 by itself) or bf16 where the
-CPU plugin reports BF16 among its capabilities (the same fp32 graphs, compiled with the bf16 hint).
+CPU plugin reports BF16 among its capabilities (the same fp32 graphs, compiled with the bf16 hint),
+or int8 where it reports INT8: the NNCF-quantized graphs of `export.quantize` (made once per
+checkpoint and calibration set, cached beside the fp32 ones), their float layers compiled with the
+bf16 hint where the plugin has BF16, else f32.
 Compiled OpenVINO models are cached in `<cache>/ov_cache/<graph>/`, so a second process starts fast.
 
 Integrity: the graphs' files and OpenVINO's blobs are checked against the sizes and sha256 recorded
@@ -29,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,15 +283,41 @@ def ort_runner(onnx_path: Path, input_name: str, output_name: str, precision: st
 
 def openvino_has_bf16() -> bool:
     """Whether OpenVINO's CPU plugin can run bf16 on this CPU (`OPTIMIZATION_CAPABILITIES` has BF16)."""
+    return "BF16" in openvino_capabilities()
+
+
+def openvino_capabilities() -> list[str]:
+    """OpenVINO's CPU plugin `OPTIMIZATION_CAPABILITIES` on this CPU (e.g. FP32, BF16, INT8)."""
     import openvino as ov
 
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def check_openvino_precision(precision: str) -> None:
+    """Refuse a precision OpenVINO's CPU plugin does not report among its capabilities on this CPU.
+
+    Raises:
+        UsageError: bf16 without BF16 (AVX512-BF16 or AMX needed), int8 without INT8.
+    """
+    caps = openvino_capabilities()
+    need = {"bf16": ("BF16", "it needs AVX512-BF16 or AMX"), "int8": ("INT8", "it needs AVX2, AVX512 or AMX")}
+    if precision in need and need[precision][0] not in caps:
+        from reference.plumbing.platform import cpu_model
+
+        cap, why = need[precision]
+        raise UsageError(f"backend 'openvino' cannot run {precision} on this CPU ({cpu_model()}: OpenVINO reports no "
+                         f"{cap} capability, only {', '.join(caps)}; {why}); use --precision fp32")
 
 
 def compiled_cache_dir(onnx_path: Path, cache: Path) -> Path:
     """The folder of OpenVINO's compiled blobs of one cached graph: `<cache>/ov_cache/<graph name
-    without .onnx>` (OpenVINO's `CACHE_DIR` for that graph only, so its blobs can be told apart)."""
-    return cache / COMPILED_DIR / onnx_path.name.removesuffix(".onnx")
+    without .onnx or .xml>` (OpenVINO's `CACHE_DIR` for that graph only, so its blobs can be told apart)."""
+    return cache / COMPILED_DIR / graph_stem(onnx_path.name)
+
+
+def graph_stem(name: str) -> str:
+    """A cached graph's file name without its suffix: `.onnx` (fp32 graphs) or `.xml` (int8 IR)."""
+    return name.removesuffix(".onnx").removesuffix(".xml")
 
 
 def compiled_problems(folder: Path, onnx_path: Path) -> list[str]:
@@ -365,59 +395,130 @@ def compiled_model_cache(onnx_path: Path, cache: Path, announce: Callable[[str],
         lock.release()
 
 
+MAX_STREAMS = 4  # OpenVINO streams of a batch call at most: each holds one image's activations (1024 px: ~0.5 GB)
+
+
+def openvino_streams(threads: int) -> int:
+    """How many OpenVINO streams run the images of a call with >= 2 images: one per core, at most
+    `MAX_STREAMS` (each stream holds one image's activations), so `threads // streams` threads per
+    stream. 1 (no streams: every call on the latency path) where `threads` is 1. Measured on 2 cores
+    (benchmarks/RESULTS.md "Issue 20: OpenVINO streams"): 2 streams of 1 thread."""
+    return max(1, min(int(threads), MAX_STREAMS))
+
+
+class OpenVINORunner:
+    """An OpenVINO CPU compiled model of one cached graph as a callable `a [B, ...] float32 -> [B, ...]
+    float32` (see `openvino_runner`, which builds it).
+
+    Two compiled models of the same graph: the latency one (LATENCY hint, one stream of `threads`
+    threads, one request: a call of 1 image, or any call when `streams` is 1), compiled at
+    construction; and the streams one (THROUGHPUT hint, `NUM_STREAMS=streams`, `threads // streams`
+    threads per stream), compiled on the first call with >= 2 images, which runs those images one per
+    request on an `openvino.AsyncInferQueue` of `streams` requests, so `streams` images run at once,
+    each on its own cores, and returns them in input order.
+
+    Attributes:
+        streams: streams of the calls with >= 2 images; 1 runs every call on the latency path
+            (benchmarks set it to compare the two paths on one compiled model).
+        last_path: the path the last call took: "latency" or "streams" (None before the first call).
+    """
+
+    def __init__(self, onnx_path: Path, input_name: str, output_name: str, float_hint: str, cache: Path,
+                 threads: int, streams: int, release_pages: bool, announce: Callable[[str], None] | None):
+        self.path, self.input_name, self.output_name = Path(onnx_path), input_name, output_name
+        self.float_hint, self.cache, self.threads, self.streams = float_hint, cache, int(threads), int(streams)
+        self.release_pages, self.announce = release_pages, announce
+        self._mapped_before = mapped_files()
+        self._lock = threading.Lock()  # the lazy compile of the streams model
+        latency = self._compile({"PERFORMANCE_HINT": "LATENCY"})
+        self._request, self._latency_output = latency.create_infer_request(), latency.output(output_name)
+        self._queue = None  # the streams model's AsyncInferQueue, once a call with >= 2 images came
+        self._paged_out = [False, False]  # latency, streams: their first call gave back the mapped pages
+        self.last_path: str | None = None
+
+    def _compile(self, props: dict):
+        import openvino as ov
+
+        core = ov.Core()
+        with compiled_model_cache(self.path, self.cache, self.announce) as cache_dir:
+            if cache_dir is not None:
+                core.set_property({"CACHE_DIR": str(cache_dir)})
+            compiled = core.compile_model(str(self.path), "CPU", {
+                "INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": self.float_hint, **props})
+        return compiled
+
+    def _page_out(self, which: int) -> None:
+        # A model's first inference reordered the weights into the plugin's own buffers; the mapped
+        # file (the graph's .onnx.data, or its compiled blob in the cache) stays resident although it
+        # is never read again: give its pages back (1.0 GiB for the 1024 px demo; benchmarks/RESULTS.md
+        # "ONNX export, first run ...").
+        if self.release_pages and not self._paged_out[which]:
+            self._paged_out[which] = True
+            page_out(mapped_files() - self._mapped_before)
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        if len(a) < 2 or self.streams < 2:
+            res = self._request.infer({self.input_name: a})  # copies the outputs (share_outputs=False)
+            out = np.array(res[self._latency_output], dtype=np.float32, copy=True)
+            self._page_out(0)
+            self.last_path = "latency"
+            return out
+        with self._lock:
+            if self._queue is None:
+                import openvino as ov
+
+                compiled = self._compile({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self.streams})
+                self._queue = ov.AsyncInferQueue(compiled, self.streams)
+                self._streams_output = compiled.output(self.output_name)
+            queue, output = self._queue, self._streams_output
+            outs: list[np.ndarray | None] = [None] * len(a)
+
+            def done(request, i: int) -> None:  # on OpenVINO's thread as request i ends: copy its output
+                outs[i] = np.array(request.get_tensor(output).data, dtype=np.float32, copy=True)
+
+            queue.set_callback(done)
+            for i in range(len(a)):  # one image per request; start_async waits for a free request
+                queue.start_async({self.input_name: a[i : i + 1]}, i)
+            queue.wait_all()
+            self._page_out(1)
+            self.last_path = "streams"
+        if any(o is None for o in outs):
+            raise RuntimeError(f"OpenVINO returned no output for an image of {self.path.name}")
+        return np.concatenate(outs)
+
+
 def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precision: str, cache: Path,
                     threads: int | None = None, release_pages: bool = True,
-                    announce: Callable[[str], None] | None = None) -> Runner:
-    """An OpenVINO CPU compiled model of `onnx_path` as a callable: latency hint (one stream, `threads`
-    threads on one request, default `physical_cores()`), precision hint f32 or bf16, compiled blobs
+                    announce: Callable[[str], None] | None = None, streams: int | None = None) -> OpenVINORunner:
+    """An OpenVINO CPU compiled model of `onnx_path` (an ONNX graph, or the IR `.xml` of an int8 one) as
+    a callable `OpenVINORunner`: a call of 1 image on the latency path (LATENCY hint, one stream,
+    `threads` threads on one request, default `physical_cores()`); a call of >= 2 images on `streams`
+    streams at once, one image per request (default `openvino_streams(threads)`: 2 streams of 1
+    thread on 2 cores; 1 keeps every call on the latency path). Precision hint f32 or bf16 (int8: bf16
+    where the plugin has BF16, else f32, for the layers left float), compiled blobs
     cached under `<cache>/ov_cache/<graph>` and checked before use (`compiled_model_cache`; a
     cache that cannot be written: compiled every time, with one warning to `announce`).
-    After the first call, the pages of the weight files the compile mapped are given back
+    After each compiled model's first call, the pages of the weight files the compiles mapped are given back
     (`reference.plumbing.platform.page_out`): results are unchanged, the resident set is ~1 GiB smaller for
     the 1024 px model (`release_pages=False` keeps them: `benchmarks/openvino_memory.py` compares).
 
+    Source: OpenVINO Runtime Python API (`Core.compile_model`, `AsyncInferQueue`; CPU plugin
+    properties `PERFORMANCE_HINT`, `NUM_STREAMS`, `INFERENCE_NUM_THREADS`, `INFERENCE_PRECISION_HINT`).
+
     Raises:
-        UsageError: bf16 asked for where the CPU plugin has no BF16 capability.
+        UsageError: bf16 (int8) asked for where the CPU plugin has no BF16 (INT8) capability.
     """
-    import openvino as ov
-
-    core = ov.Core()
-    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        from reference.plumbing.platform import cpu_model
-
-        raise UsageError(f"backend 'openvino' cannot run bf16 on this CPU ({cpu_model()}: OpenVINO reports no BF16 "
-                         "capability; it needs AVX512-BF16 or AMX); use --precision fp32")
-    mapped_before = mapped_files()
-    with compiled_model_cache(Path(onnx_path), cache, announce) as cache_dir:
-        if cache_dir is not None:
-            core.set_property({"CACHE_DIR": str(cache_dir)})
-        compiled = core.compile_model(str(onnx_path), "CPU", {
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": int(threads or physical_cores()),
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-        })
-    # the weight files the compile mapped (the graph's .onnx.data, or its compiled blob in the cache)
-    weight_files = mapped_files() - mapped_before
-    request = compiled.create_infer_request()
-    output = compiled.output(output_name)
-    first_call = [True]
-
-    def run(a: np.ndarray) -> np.ndarray:
-        res = request.infer({input_name: a})  # copies the outputs (share_outputs=False)
-        out = np.array(res[output], dtype=np.float32, copy=True)
-        if first_call[0] and release_pages:
-            # The first inference reordered the weights into the plugin's own buffers; the mapped file
-            # stays resident although the encoder never reads it again: give its pages back
-            # (1.0 GiB for the 1024 px demo; benchmarks/RESULTS.md "ONNX export, first run ...").
-            first_call[0] = False
-            page_out(weight_files)
-        return out
-
-    return run
+    check_openvino_precision(precision)
+    float_hint = "bf16" if precision == "bf16" or (precision == "int8" and openvino_has_bf16()) else "f32"
+    threads = int(threads or physical_cores())
+    return OpenVINORunner(Path(onnx_path), input_name, output_name, float_hint, cache, threads,
+                          openvino_streams(threads) if streams is None else int(streams), release_pages, announce)
 
 
 # runtime name -> (compile, max images per encoder call, per generator call); chunk sizes measured
-# (benchmarks/RESULTS.md "CPU engines": OpenVINO peak RSS 5.0 GiB with chunks (8, 2), 3.8 GiB with (2, 1))
+# (benchmarks/RESULTS.md "CPU engines": OpenVINO peak RSS 5.0 GiB with chunks (8, 2), 3.8 GiB with (2, 1)).
+# OpenVINO's chunks apply to its latency path only: with streams, a call's images run one per request,
+# `streams` at once (`OpenVINORunner`).
 RUNTIMES: dict[str, tuple[Callable[..., Runner], int, int]] = {
     "onnxruntime": (ort_runner, 8, 2),
     "openvino": (openvino_runner, 2, 1),
@@ -428,13 +529,16 @@ class GraphPSP(nn.Module):
     """pSp on an ONNX runtime (CPU): `encode` and `synthesize` run the exported encoder and generator.
 
     Args:
-        encoder_onnx, generator_onnx: the exported fp32 parts (their sidecars give the description).
+        encoder_onnx, generator_onnx: the exported fp32 parts (their sidecars give the description),
+            or for int8 the parts `export.quantize.cached_int8_graphs` gives (IR `.xml` or fp32 `.onnx`).
         runtime: a `RUNTIMES` name ("onnxruntime" or "openvino").
-        precision: "fp32", or "bf16" (openvino on a CPU with bf16 units).
+        precision: "fp32", "bf16" (openvino on a CPU with bf16 units) or "int8" (openvino).
         cache: the engine cache (OpenVINO's compiled-model cache lives under it).
         threads: intra-op threads (default: the CPUs available to this process).
         announce: receives one-line notes of the compile (a damaged compiled-model cache not used, a
             cache that cannot be written).
+        streams: openvino only: streams of the calls with >= 2 images (default
+            `openvino_streams(threads)`; 1: every call on the latency path, in chunks).
 
     Attributes:
         description: the model description (precision and backend set).
@@ -445,18 +549,25 @@ class GraphPSP(nn.Module):
     """
 
     def __init__(self, encoder_onnx: Path, generator_onnx: Path, runtime: str, precision: str, cache: Path,
-                 threads: int | None = None, announce: Callable[[str], None] | None = None):
+                 threads: int | None = None, announce: Callable[[str], None] | None = None,
+                 streams: int | None = None):
         super().__init__()
         compile_graph, self.max_encoder_batch, self.max_generator_batch = RUNTIMES[runtime]
-        description, _ = read_sidecar(generator_onnx, "onnx")
+        description, _ = read_sidecar(generator_onnx)
         self.description: ModelDescription = description.replace(precision=precision, backend=runtime)
-        self.encoder = compile_graph(Path(encoder_onnx), "x", "w_plus", precision, cache, threads, announce=announce)
+        more = {} if streams is None else {"streams": streams}
+        self.encoder = compile_graph(Path(encoder_onnx), "x", "w_plus", precision, cache, threads, announce=announce,
+                                     **more)
         self.generator = compile_graph(Path(generator_onnx), "w_plus", "img", precision, cache, threads,
-                                       announce=announce)
+                                       announce=announce, **more)
 
     @staticmethod
     def _chunks(run: Runner, a: torch.Tensor, n: int) -> torch.Tensor:
+        """`run` on `a` in chunks of at most `n` images, in order; a runner with streams
+        (`OpenVINORunner.streams` >= 2) takes a call of >= 2 images whole (one image per request)."""
         a = np.ascontiguousarray(a.detach().cpu().numpy(), np.float32)
+        if a.shape[0] >= 2 and getattr(run, "streams", 1) >= 2:
+            n = a.shape[0]
         return torch.cat([torch.from_numpy(np.asarray(run(np.ascontiguousarray(a[i : i + n])), np.float32))
                           for i in range(0, a.shape[0], n)])
 
@@ -473,6 +584,14 @@ def load_graph_backend(runtime: str, checkpoint: Path, load_reference: Callable[
                        precision: str = "fp32", announce: Callable[[str], None] | None = None,
                        threads: int | None = None) -> GraphPSP:
     """`GraphPSP` of `checkpoint` on `runtime`: the cached graphs, exported first if missing
-    (`load_reference` is called only then)."""
+    (`load_reference` is called only then). int8 is loaded by the registry's loader, which
+    quantizes these graphs first (`export.quantize.cached_int8_graphs`).
+
+    Raises:
+        UsageError: a precision this runtime cannot run on this CPU (checked before any export);
+            see also `cached_graphs`.
+    """
+    if runtime == "openvino":
+        check_openvino_precision(precision)
     paths = cached_graphs(checkpoint, load_reference, cache / "onnx", announce)
     return GraphPSP(paths["encoder"], paths["generator"], runtime, precision, cache, threads, announce)

@@ -11,7 +11,9 @@ Each loader returns a *backend model*: an object with
 - optionally `mapping(z)`: z `[B, 512]` -> w `[B, 512]` (else the engine builds it from the checkpoint).
 
 Precision: "fp32", "bf16" or "fp16" is the activation dtype; the style affines, demodulation,
-mapping and PixelNorm stay fp32 in every precision and the IO is fp32. `resolve` picks the backend
+mapping and PixelNorm stay fp32 in every precision and the IO is fp32. "int8" (openvino only) runs
+NNCF-quantized graphs (`export.quantize`: int8 convolutions where the recipe quantizes, the rest in
+bf16 where the CPU has bf16 units, else fp32); `auto` never picks it. `resolve` picks the backend
 and precision for "auto" and says why.
 """
 
@@ -29,7 +31,7 @@ from reference.plumbing.errors import UsageError
 from reference.plumbing.files import cache_dir
 from reference.plumbing.platform import bf16_units, cpu_model
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 BASELINE = "reference"  # the row every other row is compared against (parity, benchmarks): the official formulation
 
 
@@ -58,6 +60,8 @@ class LoadRequest:
         trust_pickle: allow full unpickling of an old checkpoint (see `reference.read_checkpoint`).
         cache: the engine cache folder (`reference.plumbing.files.cache_dir()`).
         announce: one-line progress notes (exports, builds), or None.
+        calibration: int8 only: a folder of example inputs to calibrate the quantization on (None:
+            the self-made set, `export.quantize.Calibration`).
     """
 
     path: Path
@@ -66,6 +70,7 @@ class LoadRequest:
     trust_pickle: bool
     cache: Path
     announce: Callable[[str], None] | None = None
+    calibration: Path | None = None
 
     def reference(self):
         """The `reference.PSP` of `path` on `device` (fp32, eval)."""
@@ -178,13 +183,20 @@ def _graph_loader(runtime: str) -> Callable[[LoadRequest], object]:
     def load(req: LoadRequest):
         from reference.checkpoint import read_checkpoint
 
-        from .graph import ReferenceLoader, load_graph_backend
+        from .graph import GraphPSP, ReferenceLoader, cached_graphs, check_openvino_precision, load_graph_backend
 
         if not req.path.is_file():
             read_checkpoint(req.path)  # raises the CheckpointError naming the problem
-        # the export (first use only) runs in a child process: its torch memory does not stay here
-        return load_graph_backend(runtime, req.path, ReferenceLoader(req.path, req.trust_pickle), req.cache,
-                                  req.precision, req.announce)
+        loader = ReferenceLoader(req.path, req.trust_pickle)
+        if req.precision != "int8":
+            # the export (first use only) runs in a child process: its torch memory does not stay here
+            return load_graph_backend(runtime, req.path, loader, req.cache, req.precision, req.announce)
+        from ..quantize import Calibration, cached_int8_graphs
+
+        check_openvino_precision("int8")  # before any export or quantization
+        paths = cached_int8_graphs(cached_graphs(req.path, loader, req.cache / "onnx", req.announce), req.path,
+                                   Calibration(req.calibration), announce=req.announce)
+        return GraphPSP(paths["encoder"], paths["generator"], runtime, "int8", req.cache, announce=req.announce)
 
     load.__doc__ = f"The cached ONNX graphs of the engine formulation on {runtime} (exported on first use)."
     return load
@@ -207,7 +219,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             None, _load_engine),
     Backend("onnxruntime", "that formulation as ONNX graphs (cached) on ONNX Runtime", {"cpu": ("fp32",)},
             "onnxruntime", _graph_loader("onnxruntime")),
-    Backend("openvino", "the same ONNX graphs compiled by OpenVINO's CPU plugin", {"cpu": ("bf16", "fp32")},
+    Backend("openvino", "the same ONNX graphs compiled by OpenVINO's CPU plugin (int8: NNCF-quantized, opt-in)",
+            {"cpu": ("bf16", "fp32", "int8")},
             "openvino", _graph_loader("openvino")),
     Backend("triton", "engine formulation with the synthesis on the Triton kernels (CPU only under "
             "TRITON_INTERPRET=1, for tests)", {"cuda": ("fp16", "fp32"), "cpu": ("fp32",)}, "triton", _load_triton,
@@ -223,6 +236,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
 AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
     ("cpu", "fp32"): ("openvino", "onnxruntime", "engine"),
     ("cpu", "bf16"): ("openvino", "engine"),
+    ("cpu", "int8"): ("openvino",),  # only when asked for: auto_precision never picks int8
     ("cuda", "fp16"): ("triton", "engine"),
     ("cuda", "bf16"): ("engine",),
     ("cuda", "fp32"): ("engine",),
@@ -247,7 +261,8 @@ def resolve(backend: str, device: torch.device, precision: str = "auto") -> Choi
     Args:
         backend: "auto" or a `BACKENDS` name.
         device: the torch device.
-        precision: "auto" or one of `PRECISIONS`.
+        precision: "auto" (never "int8": its error on a user's trained weights cannot be proven here;
+            `python -m export.parity --precision int8` checks it) or one of `PRECISIONS`.
 
     Returns:
         `Choice(backend, precision, reason)` (a named tuple).
@@ -286,13 +301,25 @@ def resolve(backend: str, device: torch.device, precision: str = "auto") -> Choi
     return Choice(backend, precision, f"precision {precision}: {why}; backend {backend}: asked for")
 
 
+def check_calibration(precision: str, calibration: object) -> None:
+    """Refuse a calibration folder for a precision that is not quantized.
+
+    Raises:
+        UsageError: `calibration` given and `precision` is not "int8".
+    """
+    if calibration is not None and precision != "int8":
+        raise UsageError(f"--calibration applies to --precision int8 only (this run's precision is {precision}); "
+                         "leave it out or add --precision int8")
+
+
 def load_model(choice: Choice, path: Path, device: torch.device, trust_pickle: bool = False,
-               cache: Path | None = None, announce: Callable[[str], None] | None = None) -> BackendModel:
+               cache: Path | None = None, announce: Callable[[str], None] | None = None,
+               calibration: Path | None = None) -> BackendModel:
     """Load `path` with the row `choice` names, in the precision it resolved (no second resolution).
 
     Args:
         choice: from `resolve` (for this `device`).
-        path, device, trust_pickle, announce: as in `LoadRequest`; cache: default
+        path, device, trust_pickle, announce, calibration: as in `LoadRequest`; cache: default
             `reference.plumbing.files.cache_dir()`.
 
     Returns:
@@ -301,12 +328,15 @@ def load_model(choice: Choice, path: Path, device: torch.device, trust_pickle: b
         record the precision they were built in).
 
     Raises:
-        UsageError, CheckpointError: as the row's loader raises them.
+        UsageError, CheckpointError: as the row's loader raises them; UsageError: a calibration
+            folder for a precision other than int8.
         TypeError: a loader whose model does not present the interface or misstates its facts (a
             bug of that loader, named).
     """
     row = BACKENDS[choice.backend]
-    model = row.load(LoadRequest(Path(path), device, choice.precision, trust_pickle, cache or cache_dir(), announce))
+    check_calibration(choice.precision, calibration)
+    model = row.load(LoadRequest(Path(path), device, choice.precision, trust_pickle, cache or cache_dir(), announce,
+                                 None if calibration is None else Path(calibration)))
     d = getattr(model, "description", None)
     problems = [] if isinstance(model, BackendModel) else ["no encode/synthesize/description"]
     if d is not None and d.backend != choice.backend:
