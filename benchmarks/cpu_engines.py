@@ -18,6 +18,13 @@ loaded once, in turn, median of `--repeats`: img/s and the ratio run / invert (i
 `queue_depth=0` (the stages one after another), and as before issue 20 (`queue_depth=0` and PNG at
 Pillow's default level 6, `reference.images.PNG_COMPRESS_LEVEL` patched for that run only).
 
+OpenVINO streams (`--ov-streams [--sizes 256,1024] [--batches 4] [--precisions fp32]`): each openvino
+variant loaded once and run three ways, interleaved per repeat: `latency` (every call on one request
+of all threads, dynamic batch: as before issue 20's part 2), `streams` (calls of >= 2 images one
+image per request on one stream per core, `export.backends.graph.openvino_streams`) and `static`
+(the latency path with the generator compiled for a static batch of its chunk); s/image per stage
+and ratios against `latency`, then peak RSS of a child per mode at `--rss-batch`.
+
 PNG levels (`--png-levels`): Pillow's PNG encoder (`reference.images.save_image`'s) at
 compress_level 0..9 and with optimize on, on the faces resized to 1024x1024: median ms per image
 and mean file size, against the default level 6 and the level the project writes
@@ -96,10 +103,35 @@ def variants(precisions: list[str] | None, backends: list[str] | None = None) ->
 
 
 def load(variant: str, size: int):
+    """`engine.load` of `backend:precision` on the rule checkpoint of `size`; `openvino:P:latency`
+    routes every call of that engine to OpenVINO's latency path (as before its streams, `--ov-streams`)."""
     import engine
 
-    backend, precision = variant.split(":")
-    return engine.load(checkpoint_for(size), backend=backend, precision=precision)
+    backend, precision, *mode = variant.split(":")
+    if mode:  # an --ov-streams mode: "latency", "streams" or "static"
+        import export.backends.graph as xg
+
+        xg.OPENVINO_STATIC_GENERATOR = mode == ["static"]
+    eng = engine.load(checkpoint_for(size), backend=backend, precision=precision)
+    if mode:
+        n = 1 if mode != ["streams"] else ov_streams()
+        set_openvino_streams(eng, {"encoder": n, "generator": n})
+    return eng
+
+
+def ov_streams() -> int:
+    """The streams `--ov-streams` measures: `export.backends.graph.openvino_streams` of this machine's cores
+    (at least 2)."""
+    from export.backends.graph import openvino_streams, physical_cores
+
+    return max(2, openvino_streams(physical_cores()))
+
+
+def set_openvino_streams(eng, streams: dict[str, int]) -> None:
+    """Set the streams of an openvino engine's runners (`export.backends.graph.OpenVINORunner.streams`),
+    by part ("encoder", "generator"): 1 runs every call of that part on the latency path."""
+    for part, n in streams.items():
+        getattr(eng.model, part).streams = n
 
 
 def inputs(batch: int) -> torch.Tensor:
@@ -168,6 +200,9 @@ def main() -> int:
     p.add_argument("--faces", type=Path, default=None,
                    help="end to end and PNG levels: folder of face images (default $PSP_SHARED/data/faces/aligned)")
     p.add_argument("--png-levels", action="store_true", help="only the PNG compression-level table")
+    p.add_argument("--ov-streams", action="store_true",
+                   help="only OpenVINO's latency path (one request, all threads) against its streams (one image "
+                        "per request, streams at once) on the same loaded engine, and peak RSS of each")
     p.add_argument("--rss-child", nargs=3, metavar=("VARIANT", "SIZE", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:
@@ -182,6 +217,8 @@ def main() -> int:
     print(f"CPU: {cpu_summary()}")
     if args.png_levels:
         results += png_levels(faces_dir(args.faces), args.repeats)
+    elif args.ov_streams:
+        results += streams_rows(args, [n for n in names if n.startswith("openvino:")])
     elif args.end_to_end:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; variants: {', '.join(names)}")
         for n in notes:
@@ -254,6 +291,77 @@ def engine_rows(args: argparse.Namespace, names: list[str], notes: list[str]) ->
                 print(f"[{size}px b{args.rss_batch}] {v:17s} peak RSS {rss:.0f} MiB")
                 results.append({"size": size, "batch": args.rss_batch, "variant": v, "peak_rss_mib": rss})
     return results
+
+
+def streams_rows(args: argparse.Namespace, names: list[str]) -> list[dict]:
+    """`--ov-streams`: per size, openvino variant and batch, encode and synthesize (with resize) of the
+    same loaded engine three ways: `latency` (as before issue 20's part 2: one request of all threads,
+    dynamic batch), `streams` (`ov_streams()` streams, one image per request), `static` (the latency
+    path with the generator compiled for a static batch of its chunk; its encoder is `latency`'s, a
+    noise control), interleaved per repeat (a warm-up each apart, which also compiles the streams
+    model), medians; then peak RSS of a fresh child per mode at `--rss-batch` (one load + one batch;
+    only the compiled models of that mode)."""
+    from export.backends.graph import openvino_runner
+    from reference.plumbing.files import cache_dir
+
+    rows = []
+    n = ov_streams()
+    for size in [int(s) for s in args.sizes.split(",")]:
+        for v in names:
+            t0 = time.perf_counter()
+            eng = load(v + ":latency", size)
+            dynamic = eng.model.generator
+            static = openvino_runner(dynamic.path, "w_plus", "img", v.split(":")[1], cache_dir(), streams=1,
+                                     static_batch=eng.model.max_generator_batch)
+            print(f"[{size}px] loaded {v} in {time.perf_counter() - t0:.1f} s; {n} streams")
+            modes = {"latency": (1, dynamic), "streams": (n, dynamic), "static": (1, static)}
+
+            def use(mode: str) -> None:
+                streams, generator = modes[mode]
+                eng.model.generator = generator
+                set_openvino_streams(eng, {"encoder": streams, "generator": streams})
+
+            for batch in [int(b) for b in args.batches.split(",")]:
+                x = inputs(batch)
+                w = eng.encode(x)
+                stages = {"encode": lambda: eng.encode(x), "synthesize": lambda: eng.synthesize(w, resize=True)}
+                ts = {(m, st): [] for m in modes for st in stages}
+                with torch.inference_mode():
+                    for m in modes:  # warm-up (and the streams model's compile), not counted
+                        use(m)
+                        for fn in stages.values():
+                            fn()
+                    for _ in range(max(args.repeats, 1)):
+                        for m in modes:
+                            use(m)
+                            for st, fn in stages.items():
+                                t1 = time.perf_counter()
+                                fn()
+                                ts[(m, st)].append(time.perf_counter() - t1)
+                use("latency")
+                med = {k: statistics.median(t) / batch for k, t in ts.items()}
+                rows.append({"size": size, "batch": batch, "variant": v, "streams": n,
+                             "s_per_image": {f"{m}/{st}": s for (m, st), s in med.items()},
+                             "seconds": {f"{m}/{st}": t for (m, st), t in ts.items()}})
+                for st in [*stages, "both"]:
+                    sec = {m: med[(m, st)] if st != "both" else sum(med[(m, s)] for s in stages) for m in modes}
+                    print(f"[{size}px b{batch}] {v:13s} {st:10s} latency {sec['latency']:.3f} s/img; "
+                          + ", ".join(f"{m} {sec[m]:.3f} s/img = {sec['latency'] / sec[m]:.2f}x" for m in modes
+                                      if m != "latency"))
+            eng = dynamic = static = None  # freed before the RSS children start
+            modes.clear()
+            if args.rss_batch:
+                for m in ("latency", "streams", "static"):
+                    child = f"{v}:{m}"
+                    out = subprocess.run([sys.executable, "-m", "benchmarks.cpu_engines", "--rss-child", child, str(size),
+                                          str(args.rss_batch)], capture_output=True, text=True)
+                    if out.returncode != 0:
+                        print(f"[{size}px] {child}: peak RSS failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+                        continue
+                    rss = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+                    print(f"[{size}px b{args.rss_batch}] {child:21s} peak RSS {rss:.0f} MiB")
+                    rows.append({"size": size, "batch": args.rss_batch, "variant": child, "peak_rss_mib": rss})
+    return rows
 
 
 def faces_dir(given: Path | None) -> Path:

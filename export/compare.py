@@ -9,7 +9,7 @@ comparator for every backend, per-output tolerances, results as JSON.
 
 Pieces:
   * `TOL`: bounds keyed by `(what, dtype)`; `dtype` a torch dtype name ("float32", "bfloat16",
-    "float16"); `what` an op or path name of the tests, or an output (`w_plus`, `img`) for the
+    "float16") or "int8" (openvino's quantized graphs: a looser opt-in row); `what` an op or path name of the tests, or an output (`w_plus`, `img`) for the
     parity contract; `golden` the bound against the official outputs.
   * `compare(out, ref, tolerance, ...)` -> `Comparison`: max |diff| and where, relative error,
     NaN/Inf counts, for images the uint8 share, and whether every bound given holds.
@@ -41,9 +41,11 @@ TOL: dict[tuple[str, str], dict[str, float]] = {
     ("img", "bfloat16"): {"rel": 2e-2},
     ("w_plus", "float16"): {"rel": 1e-2},
     ("img", "float16"): {"rel": 2e-2},
-    # int8 (openvino, `export.quantize`; opt-in, never auto): held to the bf16 contract
-    ("w_plus", "int8"): {"rel": 1e-2},
-    ("img", "int8"): {"rel": 2e-2},
+    # int8 (openvino, `export.quantize`; opt-in, never auto): the looser opt-in row of issue 20. No
+    # quantization choice measured held the bf16 contract above (benchmarks/RESULTS.md "Issue 20:
+    # int8": int8 weights alone, per channel, put w_plus 0.9e-2 off on the rule checkpoint)
+    ("w_plus", "int8"): {"rel": 3e-2},
+    ("img", "int8"): {"rel": 5e-2},
     # against the official implementation's outputs (shared/golden/README.md: atol 1e-4)
     ("golden", "float32"): {"atol": 1e-4},
     # a TensorRT fp32 plan (TF32 off) against the same fp32 ONNX in ONNX Runtime: summation order

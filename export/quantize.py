@@ -91,8 +91,9 @@ class Recipe:
         return json.dumps(d, sort_keys=True)
 
 
-HEADS = (r"/encoder/(coarse|middle|fine)/", r"/encoder/latlayer", r"/encoder/(output|linear|Gemm)")  # map2style heads, FPN laterals
-BODY = (r"/encoder/backbone/",)  # the IR-SE-50 body
+# NNCF matches ignored-scope patterns from the start of an operation's name (`re.match`)
+HEADS = (r".*/encoder/(coarse|middle|fine)/", r".*/encoder/latlayer", r".*/encoder/(output|linear|Gemm)")  # map2style heads, FPN
+BODY = (r".*/encoder/backbone/",)  # the IR-SE-50 body
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("nncf-default", "NNCF's defaults: every quantizable input of both parts (the W+ input and the style "
@@ -101,12 +102,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("encoder-convs", "the encoder's convolutions; the generator float", ("encoder",)),
     Recipe("encoder-convs-mixed", "as encoder-convs with NNCF's mixed preset (asymmetric activations)", ("encoder",),
            preset="mixed"),
-    Recipe("encoder-body", "the convolutions of the encoder's IR-SE-50 body; its map2style heads and the generator "
-           "float", ("encoder",), float_patterns={"encoder": HEADS}),
-    Recipe("encoder-heads", "the convolutions of the encoder's map2style heads; its body and the generator float",
-           ("encoder",), float_patterns={"encoder": BODY}),
+    Recipe("encoder-body", "the convolutions of the encoder's IR-SE-50 body, mixed preset; its map2style heads and "
+           "the generator float", ("encoder",), float_patterns={"encoder": HEADS}, preset="mixed"),
+    Recipe("encoder-heads", "the convolutions of the encoder's map2style heads, mixed preset; its body and the "
+           "generator float", ("encoder",), float_patterns={"encoder": BODY}, preset="mixed"),
 )}
-DEFAULT_RECIPE = "encoder-convs"
+DEFAULT_RECIPE = "encoder-convs-mixed"
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def nncf_missing() -> str | None:
     import importlib.util
 
     if importlib.util.find_spec("nncf") is None:
-        return "--precision int8 needs NNCF (pip install nncf; it is in psp-engine's dependencies)"
+        return "--precision int8 needs NNCF: pip install 'psp-engine[int8]' (or pip install nncf)"
     return None
 
 

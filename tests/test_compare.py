@@ -89,8 +89,11 @@ def test_the_precision_parity_contract_is_in_the_table():
     assert parity_tolerance("w_plus", "fp32") == {"rel": 1e-5}
     assert parity_tolerance("img", "fp32", "golden") == {"rel": 1e-5, "atol": 1e-4}
     assert TOL[("golden", "float32")] == {"atol": 1e-4}
+    # int8: the looser opt-in row of issue 20 (no quantization choice held the bf16 contract)
+    assert parity_tolerance("w_plus", "int8") == {"rel": 3e-2}
+    assert parity_tolerance("img", "int8") == {"rel": 5e-2}
     with pytest.raises(KeyError):
-        parity_tolerance("img", "int8")
+        parity_tolerance("img", "int4")
 
 
 def test_relative_error_at_the_bound():

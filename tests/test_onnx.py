@@ -364,6 +364,8 @@ def test_openvino_gives_back_the_pages_of_its_weight_files(exported, tmp_path, m
 
     monkeypatch.setattr(xg, "page_out", recording)
     run = xg.openvino_runner(path, "w_plus", "img", "fp32", tmp_path)
+    assert len(calls) == 1 and str(xo.data_path(path)) in calls[0], "the compile's pages, right after it"
+    calls.clear()
     w_plus = torch.randn(2, psp.n_styles, 512, generator=torch.Generator().manual_seed(3))
     first = run(w_plus.numpy())
     assert len(calls) == 1 and str(xo.data_path(path)) in calls[0], calls

@@ -68,7 +68,7 @@ from reference.plumbing.cli import int_at_least, run_cli, say
 from reference.plumbing.errors import PSPError, UsageError
 from reference.images import input_channels, png_bytes, read_input, tensor_to_uint8, to_input_tensor  # png_bytes: engine.run's .png bytes
 
-from export.backends import BACKENDS, PRECISIONS
+from export.backends import BACKENDS, PRECISIONS, check_calibration
 
 from .. import demo
 from .. import latents as lt
@@ -88,7 +88,7 @@ class ServeOptions:
         checkpoint: pSp checkpoint file; None: the built-in demo checkpoint (`engine.demo`, as
             `engine.run` without --checkpoint), resolved by `start` before any replica starts.
         is_demo: the checkpoint is the demo's (set by `start`; `/v1/info` reports it).
-        backend, device, precision, trust_pickle: as `engine.load`.
+        backend, device, precision, trust_pickle, calibration: as `engine.load`.
         edit_dir: folder of edit directions (`<name>.npy`, as `--edit` takes), or None.
         replicas: model replicas (each loads the engine once).
         cpus_per_replica: CPUs each replica reserves and runs torch on.
@@ -110,6 +110,7 @@ class ServeOptions:
     device: str = "cpu"
     precision: str = "auto"
     trust_pickle: bool = False
+    calibration: str | None = None
     edit_dir: str | None = None
     replicas: int = 1
     cpus_per_replica: int = 1
@@ -451,7 +452,7 @@ class PSPService:
         try:
             self.stage = f"loading {Path(opts.checkpoint).name} (backend {opts.backend}, {opts.device})"
             eng = load(opts.checkpoint, backend=opts.backend, device=opts.device, precision=opts.precision,
-                       trust_pickle=opts.trust_pickle)
+                       trust_pickle=opts.trust_pickle, calibration=opts.calibration)
             self.edits = load_edit_dir(opts.edit_dir, eng.n_styles) if opts.edit_dir else {}
             self.stage = f"warming up ({eng.backend}, {eng.precision}, {eng.output_size} px)"
             w = eng.encode(torch.zeros(1, eng.input_nc, eng.encoder_size, eng.encoder_size))
@@ -752,9 +753,11 @@ def start(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8000, verbose
         The options deployed (`resolve_checkpoint`'s).
 
     Raises:
-        UsageError: a missing checkpoint or edit folder (checked before any replica starts).
+        UsageError: a missing checkpoint or edit folder, a --calibration without --precision int8
+            (checked before any replica starts).
     """
     opts = resolve_checkpoint(opts)
+    check_calibration(opts.precision, opts.calibration)
     if opts.edit_dir is not None and not Path(opts.edit_dir).is_dir():
         raise UsageError(f"--edit-dir {opts.edit_dir}: no such folder")
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": opts.request_timeout_s + PROXY_MARGIN_S},
@@ -816,6 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="as engine.run (default auto)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default cpu)")
     p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS], help="as engine.run (default auto)")
+    p.add_argument("--calibration", metavar="DIR", default=None, help="as engine.run: --precision int8's calibration images")
     p.add_argument("--trust-pickle", action="store_true", help="as engine.run: only for checkpoints you trust")
     p.add_argument("--edit-dir", metavar="DIR", default=None, help="folder of edit directions <name>.npy for the sliders")
     p.add_argument("--replicas", type=_positive_int, default=1, help="model replicas (default 1)")
@@ -862,7 +866,7 @@ def _quiet_ray(verbose: bool) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(checkpoint=args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
-                        trust_pickle=args.trust_pickle, edit_dir=args.edit_dir, replicas=args.replicas,
+                        trust_pickle=args.trust_pickle, calibration=args.calibration, edit_dir=args.edit_dir, replicas=args.replicas,
                         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
                         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout,
                         max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,

@@ -3,13 +3,16 @@
 Source: `export.onnx` (the `encoder` and `generator` parts, fp32, dynamic batch), the ONNX Runtime
 Python API (`InferenceSession`, `SessionOptions`) and the OpenVINO Runtime Python API
 (`Core.compile_model` with the CPU plugin properties `PERFORMANCE_HINT`, `INFERENCE_NUM_THREADS`,
-`INFERENCE_PRECISION_HINT`, `CACHE_DIR`; `OPTIMIZATION_CAPABILITIES` tells whether the CPU has bf16).
+`NUM_STREAMS`, `INFERENCE_PRECISION_HINT`, `CACHE_DIR`; `Model.reshape`, `AsyncInferQueue`;
+`OPTIMIZATION_CAPABILITIES` tells whether the CPU has bf16).
 
 One implementation, `GraphPSP`, runs both: the graphs are exported once per checkpoint into the
 engine cache (`cached_graphs`) and shared by the two runtimes; a runtime is a small adapter that
 compiles a graph into a callable. Each part runs in chunks of images: a runtime keeps the buffers
 of the largest batch it has run, so chunking bounds peak memory (1024 px activations are ~0.5 GB
 per image) at no cost in speed (static weights: the per-image cost does not depend on the batch).
+OpenVINO compiles the generator for a static batch of its chunk (1), which it plans ahead (1.3-1.4x);
+its streams (several images at once, one per core) are measured but not the default (memory).
 
 Precision: ONNX Runtime runs fp32. OpenVINO runs fp32 (`INFERENCE_PRECISION_HINT=f32`: pinned, since
 on CPUs with AVX512-BF16 or AMX the plugin would otherwise pick bf16 by itself) or bf16 where the
@@ -399,10 +402,14 @@ MAX_STREAMS = 4  # OpenVINO streams of a batch call at most: each holds one imag
 
 
 def openvino_streams(threads: int) -> int:
-    """How many OpenVINO streams run the images of a call with >= 2 images: one per core, at most
-    `MAX_STREAMS` (each stream holds one image's activations), so `threads // streams` threads per
-    stream. 1 (no streams: every call on the latency path) where `threads` is 1. Measured on 2 cores
-    (benchmarks/RESULTS.md "Issue 20: OpenVINO streams"): 2 streams of 1 thread."""
+    """How many OpenVINO streams to ask of `openvino_runner` (`streams=`) for calls with >= 2 images:
+    one per core, at most `MAX_STREAMS` (each stream holds one image's activations), so
+    `threads // streams` threads per stream; 1 (no streams) where `threads` is 1. Not the default:
+    on 2 Zen 3 cores 2 streams ran 1.09-1.15x (encoder) and 1.17-1.31x (generator) faster than the
+    latency path but raised the peak RSS at batch 8 at 1024 px from 2.9 to 3.7 GiB (a second
+    compiled model holds a second copy of the weights), where the static generator gives 1.40x for
+    +0.16 GiB (benchmarks/RESULTS.md "Issue 20: OpenVINO streams"); `python -m benchmarks.cpu_engines
+    --ov-streams` measures it again."""
     return max(1, min(int(threads), MAX_STREAMS))
 
 
@@ -410,12 +417,13 @@ class OpenVINORunner:
     """An OpenVINO CPU compiled model of one cached graph as a callable `a [B, ...] float32 -> [B, ...]
     float32` (see `openvino_runner`, which builds it).
 
-    Two compiled models of the same graph: the latency one (LATENCY hint, one stream of `threads`
-    threads, one request: a call of 1 image, or any call when `streams` is 1), compiled at
-    construction; and the streams one (THROUGHPUT hint, `NUM_STREAMS=streams`, `threads // streams`
-    threads per stream), compiled on the first call with >= 2 images, which runs those images one per
-    request on an `openvino.AsyncInferQueue` of `streams` requests, so `streams` images run at once,
-    each on its own cores, and returns them in input order.
+    The latency model (LATENCY hint, one stream of `threads` threads, one request; with
+    `static_batch`, compiled for that batch) is compiled at construction and runs a call of 1 image,
+    or any call when `streams` is 1. With `streams` >= 2, the first call of >= 2 images compiles the
+    streams model (THROUGHPUT hint, `NUM_STREAMS=streams`, `threads // streams` threads per stream;
+    a second copy of the weights), which runs such calls one image per request on an
+    `openvino.AsyncInferQueue` of `streams` requests, `streams` images at once, each on its own
+    cores, and returns them in input order.
 
     Attributes:
         streams: streams of the calls with >= 2 images; 1 runs every call on the latency path
@@ -424,27 +432,38 @@ class OpenVINORunner:
     """
 
     def __init__(self, onnx_path: Path, input_name: str, output_name: str, float_hint: str, cache: Path,
-                 threads: int, streams: int, release_pages: bool, announce: Callable[[str], None] | None):
+                 threads: int, streams: int, release_pages: bool, announce: Callable[[str], None] | None,
+                 static_batch: int | None = None):
         self.path, self.input_name, self.output_name = Path(onnx_path), input_name, output_name
         self.float_hint, self.cache, self.threads, self.streams = float_hint, cache, int(threads), int(streams)
+        self.static_batch = static_batch
         self.release_pages, self.announce = release_pages, announce
         self._mapped_before = mapped_files()
         self._lock = threading.Lock()  # the lazy compile of the streams model
-        latency = self._compile({"PERFORMANCE_HINT": "LATENCY"})
+        latency = self._compile({"PERFORMANCE_HINT": "LATENCY"}, static_batch)
         self._request, self._latency_output = latency.create_infer_request(), latency.output(output_name)
         self._queue = None  # the streams model's AsyncInferQueue, once a call with >= 2 images came
         self._paged_out = [False, False]  # latency, streams: their first call gave back the mapped pages
         self.last_path: str | None = None
 
-    def _compile(self, props: dict):
+    def _compile(self, props: dict, batch: int | None = None):
+        """The graph compiled with `props` over the runner's threads and precision hint; with `batch`,
+        its input reshaped to that static batch first (`Model.reshape`)."""
         import openvino as ov
 
         core = ov.Core()
         with compiled_model_cache(self.path, self.cache, self.announce) as cache_dir:
             if cache_dir is not None:
                 core.set_property({"CACHE_DIR": str(cache_dir)})
-            compiled = core.compile_model(str(self.path), "CPU", {
+            model = str(self.path)
+            if batch is not None:
+                model = core.read_model(model)
+                model.reshape({self.input_name: [batch, *model.input(self.input_name).get_partial_shape()[1:]]})
+            compiled = core.compile_model(model, "CPU", {
                 "INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": self.float_hint, **props})
+            del model
+        if self.release_pages:  # the weight pages the compile read (a static reshape reads the graph's)
+            page_out(mapped_files() - self._mapped_before)
         return compiled
 
     def _page_out(self, which: int) -> None:
@@ -458,8 +477,15 @@ class OpenVINORunner:
 
     def __call__(self, a: np.ndarray) -> np.ndarray:
         if len(a) < 2 or self.streams < 2:
-            res = self._request.infer({self.input_name: a})  # copies the outputs (share_outputs=False)
-            out = np.array(res[self._latency_output], dtype=np.float32, copy=True)
+            n = self.static_batch or len(a)
+            outs = []
+            for i in range(0, len(a), n):
+                chunk = a[i : i + n]
+                if len(chunk) < n:  # a static batch: the last chunk padded with its last image
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], n - len(chunk), axis=0)])
+                res = self._request.infer({self.input_name: chunk})  # copies the outputs (share_outputs=False)
+                outs.append(np.array(res[self._latency_output], dtype=np.float32, copy=True)[: len(a) - i])
+            out = outs[0] if len(outs) == 1 else np.concatenate(outs)
             self._page_out(0)
             self.last_path = "latency"
             return out
@@ -467,7 +493,8 @@ class OpenVINORunner:
             if self._queue is None:
                 import openvino as ov
 
-                compiled = self._compile({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self.streams})
+                compiled = self._compile({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self.streams},
+                                         1 if self.static_batch else None)
                 self._queue = ov.AsyncInferQueue(compiled, self.streams)
                 self._streams_output = compiled.output(self.output_name)
             queue, output = self._queue, self._streams_output
@@ -489,16 +516,26 @@ class OpenVINORunner:
 
 def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precision: str, cache: Path,
                     threads: int | None = None, release_pages: bool = True,
-                    announce: Callable[[str], None] | None = None, streams: int | None = None) -> OpenVINORunner:
+                    announce: Callable[[str], None] | None = None, streams: int = 1,
+                    static_batch: int | None = None) -> OpenVINORunner:
     """An OpenVINO CPU compiled model of `onnx_path` (an ONNX graph, or the IR `.xml` of an int8 one) as
-    a callable `OpenVINORunner`: a call of 1 image on the latency path (LATENCY hint, one stream,
-    `threads` threads on one request, default `physical_cores()`); a call of >= 2 images on `streams`
-    streams at once, one image per request (default `openvino_streams(threads)`: 2 streams of 1
-    thread on 2 cores; 1 keeps every call on the latency path). Precision hint f32 or bf16 (int8: bf16
-    where the plugin has BF16, else f32, for the layers left float), compiled blobs
-    cached under `<cache>/ov_cache/<graph>` and checked before use (`compiled_model_cache`; a
-    cache that cannot be written: compiled every time, with one warning to `announce`).
-    After each compiled model's first call, the pages of the weight files the compiles mapped are given back
+    a callable `OpenVINORunner` `a [B, ...] float32 -> [B, ...] float32`, in input order.
+
+    Paths: the latency path (LATENCY hint, one stream, `threads` threads on one request, default
+    `physical_cores()`) runs every call when `streams` is 1 (the default), else calls of 1 image;
+    with `streams` >= 2 (`openvino_streams` gives one per core) a call of >= 2 images runs on a
+    second compiled model with that many streams, one image per request, `streams` at once (faster
+    on 2 Zen 3 cores, but a second copy of the weights: not the default, see `openvino_streams`).
+    `static_batch`: the latency model is compiled for that fixed batch (`Model.reshape` before the
+    compile; calls run in chunks of it, a short last chunk padded): the generator with its chunk of
+    1 ran 1.29x (256 px) and 1.40x (1024 px) faster than with a dynamic batch on 2 Zen 3 cores, for
+    +0.16 GiB peak RSS at 1024 px batch 8 (benchmarks/RESULTS.md "Issue 20: OpenVINO streams").
+
+    Precision hint f32 or bf16 (int8: bf16 where the plugin has BF16, else f32, for the layers left
+    float); compiled blobs cached under `<cache>/ov_cache/<graph>` (one per compile setting) and
+    checked before use (`compiled_model_cache`; a cache that cannot be written: compiled every time,
+    with one warning to `announce`). After each compile and after each compiled model's first call,
+    the pages of the weight files the compiles mapped are given back
     (`reference.plumbing.platform.page_out`): results are unchanged, the resident set is ~1 GiB smaller for
     the 1024 px model (`release_pages=False` keeps them: `benchmarks/openvino_memory.py` compares).
 
@@ -510,15 +547,21 @@ def openvino_runner(onnx_path: Path, input_name: str, output_name: str, precisio
     """
     check_openvino_precision(precision)
     float_hint = "bf16" if precision == "bf16" or (precision == "int8" and openvino_has_bf16()) else "f32"
-    threads = int(threads or physical_cores())
-    return OpenVINORunner(Path(onnx_path), input_name, output_name, float_hint, cache, threads,
-                          openvino_streams(threads) if streams is None else int(streams), release_pages, announce)
+    return OpenVINORunner(Path(onnx_path), input_name, output_name, float_hint, cache, int(threads or physical_cores()),
+                          int(streams), release_pages, announce, static_batch)
 
 
 # runtime name -> (compile, max images per encoder call, per generator call); chunk sizes measured
 # (benchmarks/RESULTS.md "CPU engines": OpenVINO peak RSS 5.0 GiB with chunks (8, 2), 3.8 GiB with (2, 1)).
-# OpenVINO's chunks apply to its latency path only: with streams, a call's images run one per request,
-# `streams` at once (`OpenVINORunner`).
+# OpenVINO's chunks apply to its latency path only: with streams (not the default), a call's images run
+# one per request, `streams` at once (`OpenVINORunner`).
+# openvino's generator compiled for a static batch of its chunk (1): 1.29x (256 px) / 1.40x (1024 px)
+# synthesis on 2 Zen 3 cores, +0.16 GiB peak RSS (benchmarks/RESULTS.md "Issue 20: OpenVINO streams").
+# The encoder keeps a dynamic batch: its chunk of 2 would need a second compile (weights) or padding.
+# A quantized generator (int8 IR `.xml`) keeps a dynamic batch too: its static compile's images differ
+# from its dynamic one's by 2-5e-2 relative (fp32: 9e-7), not yet checked against the int8 contract;
+# int8's default recipe leaves the generator float (its fp32 `.onnx`), which gets the static batch.
+OPENVINO_STATIC_GENERATOR = True
 RUNTIMES: dict[str, tuple[Callable[..., Runner], int, int]] = {
     "onnxruntime": (ort_runner, 8, 2),
     "openvino": (openvino_runner, 2, 1),
@@ -537,8 +580,8 @@ class GraphPSP(nn.Module):
         threads: intra-op threads (default: the CPUs available to this process).
         announce: receives one-line notes of the compile (a damaged compiled-model cache not used, a
             cache that cannot be written).
-        streams: openvino only: streams of the calls with >= 2 images (default
-            `openvino_streams(threads)`; 1: every call on the latency path, in chunks).
+        streams: openvino only: streams of the calls with >= 2 images (default 1: every call on
+            the latency path, in chunks; see `openvino_streams`).
 
     Attributes:
         description: the model description (precision and backend set).
@@ -558,6 +601,8 @@ class GraphPSP(nn.Module):
         more = {} if streams is None else {"streams": streams}
         self.encoder = compile_graph(Path(encoder_onnx), "x", "w_plus", precision, cache, threads, announce=announce,
                                      **more)
+        if runtime == "openvino" and OPENVINO_STATIC_GENERATOR and Path(generator_onnx).suffix == ".onnx":
+            more["static_batch"] = self.max_generator_batch
         self.generator = compile_graph(Path(generator_onnx), "w_plus", "img", precision, cache, threads,
                                        announce=announce, **more)
 
