@@ -281,16 +281,21 @@ def engine_rows(args: argparse.Namespace, names: list[str], notes: list[str]) ->
         del engines
         if args.rss_batch:
             for v in [v for v in names if v not in refused]:
-                out = subprocess.run([sys.executable, "-m", "benchmarks.cpu_engines", "--rss-child", v, str(size),
-                                      str(args.rss_batch)],
-                                     capture_output=True, text=True)
-                if out.returncode != 0:  # refused at load (--rss-only loads nothing here)
-                    print(f"[{size}px] {v}: peak RSS skipped: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
-                    continue
-                rss = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
-                print(f"[{size}px b{args.rss_batch}] {v:17s} peak RSS {rss:.0f} MiB")
-                results.append({"size": size, "batch": args.rss_batch, "variant": v, "peak_rss_mib": rss})
+                results += rss_rows(v, size, args.rss_batch)
     return results
+
+
+def rss_rows(variant: str, size: int, batch: int) -> list[dict]:
+    """Peak RSS of `variant` (`backend:precision[:mode]`) in a fresh child (`--rss-child`), printed, as
+    a one-row list; [] with the reason printed where the child failed (a variant refused at load)."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.cpu_engines", "--rss-child", variant, str(size), str(batch)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"[{size}px] {variant}: peak RSS skipped: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        return []
+    rss = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    print(f"[{size}px b{batch}] {variant:21s} peak RSS {rss:.0f} MiB")
+    return [{"size": size, "batch": batch, "variant": variant, "peak_rss_mib": rss}]
 
 
 def streams_rows(args: argparse.Namespace, names: list[str]) -> list[dict]:
@@ -352,15 +357,7 @@ def streams_rows(args: argparse.Namespace, names: list[str]) -> list[dict]:
             modes.clear()
             if args.rss_batch:
                 for m in ("latency", "streams", "static"):
-                    child = f"{v}:{m}"
-                    out = subprocess.run([sys.executable, "-m", "benchmarks.cpu_engines", "--rss-child", child, str(size),
-                                          str(args.rss_batch)], capture_output=True, text=True)
-                    if out.returncode != 0:
-                        print(f"[{size}px] {child}: peak RSS failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
-                        continue
-                    rss = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
-                    print(f"[{size}px b{args.rss_batch}] {child:21s} peak RSS {rss:.0f} MiB")
-                    rows.append({"size": size, "batch": args.rss_batch, "variant": child, "peak_rss_mib": rss})
+                    rows += rss_rows(f"{v}:{m}", size, args.rss_batch)
     return rows
 
 

@@ -249,11 +249,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "NNCF post-training quantization, made once per checkpoint and calibration set and cached; "
                         "check it on your weights and faces first: python -m export.parity --precision int8 "
                         "--checkpoint CKPT --faces DIR")
-    p.add_argument("--calibration", type=Path, default=None, metavar="DIR",
-                   help="--precision int8: a folder of example inputs (a few dozen images of the kind the checkpoint "
-                        "encodes; required for sketch and segmentation checkpoints) to calibrate the quantization on; "
-                        "default: a set the model makes itself (W+ through its mapping network and the images its "
-                        "generator renders). Never calibrate on the images you check accuracy on")
+    p.add_argument("--calibration", type=Path, default=None, metavar="DIR", help=(
+        "--precision int8: calibrate the quantization on the images of DIR (a few dozen of the kind the checkpoint "
+        "encodes; sketch and segmentation checkpoints need it), not on the images you check accuracy on; default: "
+        "a set the model makes itself (W+ through its mapping network, the images its generator renders)"))
 
 
 def plan_for(args: argparse.Namespace) -> api.LoadPlan:

@@ -35,21 +35,21 @@ def test_a_batch_on_streams_equals_its_images_one_at_a_time(small_w_graphs, tmp_
                         threads=2, streams=2)
     assert model.generator.static_batch == (model.max_generator_batch if static else None)
     x = torch.rand(5, 3, 256, 256, generator=torch.Generator().manual_seed(20)) * 2 - 1
-    singles = torch.cat([model.encode(x[i : i + 1]) for i in range(5)])
-    assert model.encoder.last_path == "latency"
-    batch = model.encode(x)
-    assert model.encoder.last_path == "streams"
-    assert_close(batch, singles, "w_plus")
-    # in order: each image's w_plus is its own, not a neighbour's (the images differ)
-    assert all(not torch.allclose(singles[i], singles[i + 1]) for i in range(4))
-
+    singles = _batch_equals_singles(model.encode, model.encoder, x, "w_plus")
     w_plus = singles + 0.1 * torch.randn(singles.shape, generator=torch.Generator().manual_seed(21))
-    singles_img = torch.cat([model.synthesize(w_plus[i : i + 1]) for i in range(5)])
-    assert model.generator.last_path == "latency"
-    batch_img = model.synthesize(w_plus)
-    assert model.generator.last_path == "streams"
-    assert_close(batch_img, singles_img, "img")
-    assert all(not torch.allclose(singles_img[i], singles_img[i + 1]) for i in range(4))
+    _batch_equals_singles(model.synthesize, model.generator, w_plus, "img")
+
+
+def _batch_equals_singles(run, runner, a: torch.Tensor, what: str) -> torch.Tensor:
+    """`run` of each item alone (latency path) then of all at once (streams path): equal, in order."""
+    singles = torch.cat([run(a[i : i + 1]) for i in range(len(a))])
+    assert runner.last_path == "latency"
+    batch = run(a)
+    assert runner.last_path == "streams"
+    assert_close(batch, singles, what)
+    # in order: each item's output is its own, not a neighbour's (the items differ)
+    assert all(not torch.allclose(singles[i], singles[i + 1]) for i in range(len(a) - 1))
+    return singles
 
 
 @pytest.mark.slow
