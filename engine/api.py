@@ -97,7 +97,7 @@ class Facts:
     Attributes (read-only):
         backend, precision: what runs ("engine", "bf16", ...), from the description; reason: why
             (auto's choice, or asked for), from the plan's `Choice`.
-        checkpoint, device, is_demo, trust_pickle: from the plan.
+        checkpoint, device, is_demo, trust_pickle, calibration: from the plan.
         input_nc: encoder input channels (3 RGB, 1 sketch, label_nc for segmentation).
         label_nc: 0 RGB, 1 sketch, >1 number of segmentation classes.
         output_size: generator resolution R (256, 512 or 1024).
@@ -128,6 +128,7 @@ class Facts:
     device = property(lambda self: self.plan.device)
     is_demo = property(lambda self: self.plan.is_demo)
     trust_pickle = property(lambda self: self.plan.trust_pickle)
+    calibration = property(lambda self: self.plan.calibration)
 
 
 class Engine(Facts):

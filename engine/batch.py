@@ -109,7 +109,8 @@ class RunOptions:
 
         Mixing and editing keys appear only when used, so runs without them keep the fingerprint
         they had before these options existed. Edits are identified by the SHA-256 of each
-        direction file and their strengths, in order."""
+        direction file and their strengths, in order; int8 runs by their calibration set's identity
+        and quantization recipe (`export.quantize`)."""
         config = {
             "checkpoint": checkpoint_identity(eng.checkpoint),
             "backend": eng.backend,
@@ -129,6 +130,10 @@ class RunOptions:
                                "faces": "all" if self.all_faces else {"min_score": MIN_SCORE, "min_size": MIN_FACE_SIZE}}
         if self.degrade_factor is not None:
             config["degrade_factor"] = self.degrade_factor
+        if eng.precision == "int8":  # the quantized graphs depend on the calibration set and the recipe
+            from export.quantize import DEFAULT_RECIPE, Calibration
+
+            config["int8"] = {"calibration": Calibration(getattr(eng, "calibration", None)).identity(), "recipe": DEFAULT_RECIPE}
         return config
 
 

@@ -246,9 +246,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "are fp32 in every precision; the style affines, demodulation and mapping stay fp32. "
                         "fp32 is exact (official outputs at 1e-4); bf16/fp16 are within 1e-2 (latents) and "
                         "2e-2 (images) relative error of fp32. int8 (backend openvino; never chosen by auto): "
-                        "NNCF post-training quantization, made once per checkpoint and calibration set and cached; "
-                        "check it on your weights and faces first: python -m export.parity --precision int8 "
-                        "--checkpoint CKPT --faces DIR")
+                        "NNCF post-training quantization, made once per checkpoint and calibration set and cached, "
+                        "held only to a looser bound: 3e-2 (latents) and 5e-2 (images); check it on your weights "
+                        "and faces first: python -m export.parity --precision int8 --checkpoint CKPT --faces DIR")
     p.add_argument("--calibration", type=Path, default=None, metavar="DIR", help=(
         "--precision int8: calibrate the quantization on the images of DIR (a few dozen of the kind the checkpoint "
         "encodes; sketch and segmentation checkpoints need it), not on the images you check accuracy on; default: "

@@ -224,3 +224,23 @@ def test_damaged_int8_graph_is_listed_and_rebuilt(small_w, tmp_path):
     assert any(f"damaged int8 graph {ir.name}" in n for n in notes), notes
     assert compare(model.encode(x), w_before, {"rel": 1e-4}).passed  # rebuilt from the same calibration set
     assert not [e for e in scan(cache, verify=True) if e.stale]
+
+
+def test_manifest_config_keys_int8_runs_by_calibration_set(small_w, tmp_path, shared):
+    """A rerun with another calibration set makes other images: its manifest config differs, so
+    `engine.run` does not take the first run's outputs for its own; fp32 runs keep their config."""
+    from engine import api
+    from engine.batch import RunOptions
+    from reference.description import describe_opts
+    from reference.psp import psp_opts
+
+    def config(precision: str, calibration: Path | None) -> dict:
+        plan = api.plan_load(small_w, backend="openvino", precision=precision, calibration=calibration)
+        facts = api.Facts(describe_opts(psp_opts(small_w), small_w, precision, "openvino"), plan)
+        return RunOptions(tmp_path / "out").config(facts)
+
+    own = config("int8", None)
+    assert own["int8"]["calibration"].startswith("self:") and own["int8"]["recipe"] == DEFAULT_RECIPE
+    theirs = config("int8", _faces(shared, tmp_path / "calib"))
+    assert theirs["int8"]["calibration"].startswith("dir:") and theirs != own
+    assert "int8" not in config("fp32", None)
