@@ -172,7 +172,6 @@ def test_int8_contract_on_golden_inputs_and_real_faces(ffhq256_checkpoint, share
     assert not skipped, skipped
     assert [(c.output, c.passed) for c in results] == [("w_plus", True), ("img", True)], \
         [(c.output, c.rel, c.tolerance) for c in results]
-    assert any("quantizing" in line for line in lines) or any("parity" in line for line in lines)
     notes = []
     eng = engine.load(ffhq256_checkpoint, backend="openvino", precision="int8", announce=notes.append)
     assert eng.precision == "int8" and not any("quantizing" in n for n in notes), notes
